@@ -1,0 +1,230 @@
+"""Checkpoint: a lazy view of a Hugging Face safetensors checkpoint (local folder or Hub cache, single or sharded).
+
+Tensors are never loaded whole unless asked: a TensorRef reads any range of rows straight from the file with
+`os.pread`, so memory holds only the rows being converted (no mmap that grows with the page cache, no torch).
+The checkpoint also records which tensors were consumed, so a family mapping that forgets a tensor fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from builder.errors import CheckpointError, UnsupportedModelError
+
+_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+_MAX_HEADER = 100 * 1024 * 1024
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor inside one safetensors file; reads rows on demand."""
+
+    name: str
+    path: Path
+    dtype: str  # safetensors dtype tag, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(_DTYPES[self.dtype])
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.numpy_dtype.itemsize
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start:stop) along axis 0 in the stored dtype (a 0-d/1-d tensor reads whole when stop is None)."""
+        shape = self.shape or (1,)
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        itemsize = self.numpy_dtype.itemsize
+        count = (stop - start) * row_items * itemsize
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), count, self.offset + start * row_items * itemsize)
+        if len(data) != count:
+            raise CheckpointError(f"{self.path.name}: tensor {self.name} is truncated (wanted {count} bytes at offset "
+                                  f"{self.offset}, file ended early). Re-download the file.")
+        array = np.frombuffer(data, dtype=self.numpy_dtype).reshape((stop - start, *shape[1:]))
+        return array if self.shape else array.reshape(())
+
+    def read_float(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows as float32 (bf16/fp16 widen exactly)."""
+        return self.read(start, stop).astype(np.float32)
+
+
+def read_header(path: Path) -> dict[str, TensorRef]:
+    """Parse one safetensors file's header, checking that every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {len(prefix)} bytes). Re-download it.")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or header_len + 8 > size:
+                raise CheckpointError(f"{path}: corrupt safetensors header (header length {header_len}, file size "
+                                      f"{size}). The file is truncated or not safetensors; re-download it.")
+            header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc}). Re-download the file.") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror}).") from None
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    refs = {}
+    for name, info in header.items():
+        dtype = info.get("dtype")
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype}, which ortbuild cannot read.")
+        start, end = info["data_offsets"]
+        ref = TensorRef(name, path, dtype, tuple(int(d) for d in info["shape"]), base + start)
+        if end - start != ref.nbytes or base + end > size:
+            raise CheckpointError(f"{path.name}: tensor {name} (shape {list(ref.shape)}, {dtype}) extends past the end "
+                                  f"of the file ({size} bytes): the file is truncated. Re-download it.")
+        refs[name] = ref
+    return refs
+
+
+class Checkpoint:
+    """A folder holding config.json and safetensors weights (single file or sharded with an index)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.config = self._read_config()
+        self._refs = self._index_tensors()
+        self._consumed: set[str] = set()
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def resolve(cls, model: str, input_dir: str | None = None, cache_dir: str | None = None) -> "Checkpoint":
+        """`-i` folder, else `-m` as a local folder, else `-m` as a Hub id (download or cache, HF_HUB_OFFLINE)."""
+        if input_dir:
+            folder = Path(input_dir)
+            if not folder.is_dir():
+                raise CheckpointError(f"input folder {folder} does not exist (-i/--input).")
+            return cls(folder)
+        if Path(model).is_dir():
+            return cls(Path(model))
+        if Path(model).exists() or model.startswith((".", "/")) or model.count("/") > 1:
+            raise CheckpointError(f"model {model!r} is neither a folder nor a Hub id (owner/name).")
+        return cls(download(model, cache_dir))
+
+    def _read_config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{self.folder}: no config.json. Point -m/-i at the folder holding the checkpoint's "
+                                  "config.json and *.safetensors files.")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: invalid JSON ({exc}).") from None
+        if config.get("auto_map"):
+            raise UnsupportedModelError(
+                f"{path}: the config asks for custom code (auto_map: {sorted(config['auto_map'])}), i.e. "
+                "trust_remote_code. ortbuild never runs checkpoint code; only built-in architectures are supported.")
+        return config
+
+    def _index_tensors(self) -> dict[str, TensorRef]:
+        index_path = self.folder / "model.safetensors.index.json"
+        refs: dict[str, TensorRef] = {}
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+            headers = {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = self.folder / shard
+                if not shard_path.is_file():
+                    raise CheckpointError(f"{index_path.name} lists shard {shard}, which is missing from "
+                                          f"{self.folder}. Download every shard of the checkpoint.")
+                headers[shard] = read_header(shard_path)
+            for name, shard in weight_map.items():
+                if name not in headers[shard]:
+                    raise CheckpointError(f"tensor {name} missing from {shard} (index says it is there). The "
+                                          "checkpoint is incomplete or its index is stale; re-download it.")
+                refs[name] = headers[shard][name]
+            return refs
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
+            if pickles:
+                raise CheckpointError(
+                    f"{self.folder} holds only pickle weights ({', '.join(pickles[:3])}), which can execute code when "
+                    "loaded; ortbuild refuses them. Convert the checkpoint to safetensors first "
+                    "(transformers: model.save_pretrained(dir, safe_serialization=True)).")
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights found.")
+        for path in files:
+            refs.update(read_header(path))
+        return refs
+
+    # -- access ------------------------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise CheckpointError(f"{self.folder / 'config.json'} has no 'architectures' entry; cannot tell which "
+                                  "model this is.")
+        return archs[0]
+
+    def names(self) -> list[str]:
+        return sorted(self._refs)
+
+    def has(self, name: str) -> bool:
+        return name in self._refs
+
+    def tensor(self, name: str) -> TensorRef:
+        ref = self._refs.get(name)
+        if ref is None:
+            raise CheckpointError(f"{self.architecture}: tensor {name} missing from the checkpoint in {self.folder}.")
+        self._consumed.add(name)
+        return ref
+
+    def ignore(self, *names: str) -> None:
+        """Mark tensors as knowingly unused (e.g. a vision tower when exporting the text decoder)."""
+        self._consumed.update(n for n in names if n in self._refs)
+
+    def unconsumed(self) -> list[str]:
+        return sorted(set(self._refs) - self._consumed)
+
+    def read_json(self, filename: str) -> dict | None:
+        path = self.folder / filename
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def download(repo_id: str, cache_dir: str | None) -> Path:
+    """Resolve a Hub id to a local snapshot: only config, tokenizer and safetensors files; honours HF_HUB_OFFLINE."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError("huggingface_hub is not installed; pass a local folder with -m or -i.") from None
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}: not in the Hugging Face cache{' ' + cache_dir if cache_dir else ''} and downloads are off "
+            "(HF_HUB_OFFLINE) or unreachable. Download it first or pass a local folder with -m/-i.") from None
+    except Exception as exc:  # huggingface_hub raises many kinds; all mean the same to the user
+        raise CheckpointError(f"{repo_id}: could not fetch from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+                              "Check the id and your network, or pass a local folder with -m/-i.") from None

@@ -1,0 +1,156 @@
+"""Command line: `ortbuild -m MODEL -o OUT -p PRECISION -e EP [--extra_options k=v ...]`, plus subcommands.
+
+The top-level flags follow the common model-builder convention so existing command lines keep working;
+`ortbuild export ...` is the same thing spelled as a subcommand. Errors print one paragraph (no traceback unless
+--verbose) and exit with a code per failure class (see builder/errors.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from builder import options as opts
+from builder.errors import OrtBuildError, UsageError
+from builder.progress import Progress
+from builder.settings import EPS, PRECISIONS
+
+EXIT_CODES_HELP = ("Exit codes: 0 ok, 2 usage, 3 unsupported model, 4 bad checkpoint, 5 output/I-O, "
+                   "6 verification failed, 130 interrupted.")
+
+
+def normalize_extra_options(argv: list[str]) -> list[str]:
+    """`--extra_options a=1 b=2` (several values after one flag) -> `--extra_options a=1 --extra_options b=2`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("--extra_options", "--extra-options"):
+            i += 1
+            taken = 0
+            while i < len(argv) and not argv[i].startswith("-") and "=" in argv[i]:
+                out += ["--extra_options", argv[i]]
+                i += 1
+                taken += 1
+            if not taken:
+                raise UsageError("--extra_options needs at least one key=value (e.g. --extra_options int4_block_size=64).")
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def export_options(fn):
+    decorators = [
+        click.option("-m", "--model", "--model_name", "model", help="Hub id (owner/name) or local checkpoint folder."),
+        click.option("-i", "--input", "input_dir", default=None,
+                     help="Folder holding the checkpoint (config.json + *.safetensors); -m then only names it."),
+        click.option("-o", "--output", "output", help="Output folder (created; must be empty unless --overwrite)."),
+        click.option("-p", "--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
+        click.option("-e", "--execution_provider", "--ep", "ep", type=click.Choice(EPS), default="cpu",
+                     show_default=True),
+        click.option("-c", "--cache_dir", "cache_dir", default=None, help="Hugging Face cache folder for Hub ids."),
+        click.option("--extra_options", "extra", multiple=True, metavar="KEY=VALUE ...",
+                     help="Extra options (see the list below)."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only on success)."),
+        click.option("--dry-run", "dry_run", is_flag=True,
+                     help="Print the resolved plan (architecture, per-weight formats) and exit without writing."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress output."),
+        click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors."),
+    ]
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def run_export(model, input_dir, output, precision, ep, cache_dir, extra, overwrite, dry_run, quiet, verbose):
+    from builder.export import export, prepare
+    from builder.report import describe
+
+    if not model and not input_dir:
+        raise UsageError("missing -m/--model (a Hub id or a local folder) or -i/--input.")
+    if dry_run:
+        click.echo(describe(prepare(model or input_dir, precision, ep, list(extra), input_dir=input_dir,
+                                    cache_dir=cache_dir)))
+        return
+    if not output:
+        raise UsageError("missing -o/--output (the folder to write the ONNX model into).")
+    export(model or input_dir, output, precision, ep, list(extra), input_dir=input_dir, cache_dir=cache_dir,
+           overwrite=overwrite, progress=Progress(quiet=quiet))
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=opts.help_text().replace("\n", "\n\n\b\n", 1) + "\n\n" + EXIT_CODES_HELP)
+@export_options
+@click.pass_context
+def cli(ctx, **kwargs):
+    """Export a Hugging Face LLM checkpoint to an ONNX Runtime / onnxruntime-genai model.
+
+    \b
+    ortbuild -m Qwen/Qwen3-0.6B -o out/qwen3-int4 -p int4 -e cpu
+    ortbuild -m my-model -i ./checkpoint -o out/m -p fp16 -e cuda --extra_options fuse_qk_norm_gqa=true
+    """
+    if ctx.invoked_subcommand is None:
+        if not kwargs["model"] and not kwargs["input_dir"]:
+            click.echo(ctx.get_help())
+            return
+        run_export(**kwargs)
+
+
+@cli.command("export", epilog=opts.help_text().replace("\n", "\n\n\b\n", 1))
+@export_options
+def export_cmd(**kwargs):
+    """Export a checkpoint (same flags as the top-level command)."""
+    run_export(**kwargs)
+
+
+@cli.command("inspect")
+@click.option("-m", "--model", "model", required=True, help="Hub id or local checkpoint folder.")
+@click.option("-p", "--precision", type=click.Choice(PRECISIONS), default="int4", show_default=True)
+@click.option("-e", "--execution_provider", "--ep", "ep", type=click.Choice(EPS), default="cpu", show_default=True)
+@click.option("-c", "--cache_dir", default=None)
+@click.option("--extra_options", "extra", multiple=True, metavar="KEY=VALUE ...")
+def inspect_cmd(model, precision, ep, cache_dir, extra):
+    """Print the architecture and the per-weight quantization plan, reading no weights."""
+    from builder.export import prepare
+    from builder.report import describe
+
+    click.echo(describe(prepare(model, precision, ep, list(extra), cache_dir=cache_dir)))
+
+
+def _register_optional_commands() -> None:
+    """Subcommands owned by their own modules (verify, batch) register here when present."""
+    import importlib
+
+    for module in ("builder.verify_cli", "builder.batch"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        _register_optional_commands()
+        cli.main(args=normalize_extra_options(argv), prog_name="ortbuild", standalone_mode=False)
+    except OrtBuildError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"ortbuild: {exc.kind}: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(UsageError.exit_code if isinstance(exc, click.UsageError) else exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("ortbuild: interrupted; no output was written.", err=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,93 @@
+"""Assemble the decoder graph from a ModelSpec: inputs, embedding, layers, final norm, lm_head, KV outputs.
+
+Inputs follow onnxruntime-genai's decoder convention: input_ids [batch, sequence_length] int64,
+attention_mask [batch, total_sequence_length] int64, past_key_values.{i}.key/.value
+[batch, kv_heads, past_sequence_length, head_dim]; outputs logits [batch, sequence_length, vocab] and
+present.{i}.key/.value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+import builder
+from builder.graph import GraphBuilder
+from builder.layers import LayerContext
+from builder.layers.attention import AttentionInputs, attention
+from builder.layers.embedding import embedding
+from builder.layers.lm_head import lm_head
+from builder.layers.mlp import gated_mlp
+from builder.layers.norm import rms_norm, skip_rms_norm
+from builder.settings import ExportSettings
+from builder.spec import LayerSpec, MlpSpec, ModelSpec
+from builder.weights import WeightMap
+
+
+def _step_inputs(g: GraphBuilder, attention_mask: ir.Value) -> AttentionInputs:
+    with g.scope("attn_mask"):
+        total = g.op("ReduceSum", [attention_mask, g.ints("const.axis1", [1])], keepdims=0)
+        seqlens = g.op("Cast", [g.op("Sub", [total, g.constant("const.one_i64", np.array(1, np.int64))])],
+                       to=ir.DataType.INT32)
+        length = g.op("Gather", [g.op("Shape", [attention_mask]), g.constant("const.idx1", np.array(1, np.int64))],
+                      axis=0)
+        total_len = g.op("Cast", [length], to=ir.DataType.INT32)
+    return AttentionInputs(seqlens_k=seqlens, total_sequence_length=total_len)
+
+
+def _ffn(ctx: LayerContext, x: ir.Value, index: int, layer: LayerSpec) -> ir.Value:
+    if isinstance(layer.ffn, MlpSpec):
+        with ctx.g.scope("mlp"):
+            return gated_mlp(ctx, x, f"layers.{index}.mlp", layer.ffn, index)
+    from builder.layers.moe import moe_block  # MoE families only
+
+    with ctx.g.scope("moe"):
+        return moe_block(ctx, x, index, layer.ffn)
+
+
+def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap, on_written=None) -> ir.Model:
+    g = GraphBuilder()
+    g.on_written = on_written  # progress: bytes of each streamed initializer
+    ctx = LayerContext(g, spec, settings, weights)
+    dtype = settings.ir_dtype
+    attn0 = spec.attention
+    input_ids = g.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    attention_mask = g.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
+    kv_shape = lambda i, length: ["batch_size", spec.layers[i].attention.num_kv_heads, length,  # noqa: E731
+                                  spec.layers[i].attention.head_dim]
+    pasts = [(g.input(f"past_key_values.{i}.key", dtype, kv_shape(i, "past_sequence_length")),
+              g.input(f"past_key_values.{i}.value", dtype, kv_shape(i, "past_sequence_length")))
+             for i in range(spec.num_layers)]
+    step = _step_inputs(g, attention_mask)
+
+    hidden = embedding(ctx, input_ids)
+    residual, pending = hidden, None
+    presents = []
+    for i, layer in enumerate(spec.layers):
+        with g.scope(f"layers.{i}"):
+            with g.scope("attn_norm"):
+                if pending is None:
+                    x = rms_norm(ctx, hidden, f"layers.{i}.attn_norm.weight")
+                else:
+                    x, residual = skip_rms_norm(ctx, pending, residual, f"layers.{i}.attn_norm.weight")
+            with g.scope("attn"):
+                attn_out, present_key, present_value = attention(ctx, x, i, layer.attention, step, *pasts[i])
+            presents.append((present_key, present_value))
+            if layer.norm_scheme == "sandwich":
+                with g.scope("post_attn_norm"):
+                    attn_out = rms_norm(ctx, attn_out, f"layers.{i}.post_attn_norm.weight")
+            with g.scope("ffn_norm"):
+                x, residual = skip_rms_norm(ctx, attn_out, residual, f"layers.{i}.ffn_norm.weight")
+            pending = _ffn(ctx, x, i, layer)
+            if layer.norm_scheme == "sandwich":
+                with g.scope("post_ffn_norm"):
+                    pending = rms_norm(ctx, pending, f"layers.{i}.post_ffn_norm.weight")
+    with g.scope("final_norm"):
+        x, _ = skip_rms_norm(ctx, pending, residual, "final_norm.weight")
+    logits = lm_head(ctx, x)
+
+    g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
+    for i, (key, value) in enumerate(presents):
+        g.output(key, f"present.{i}.key", dtype, kv_shape(i, "total_sequence_length"))
+        g.output(value, f"present.{i}.value", dtype, kv_shape(i, "total_sequence_length"))
+    return ir.Model(g.graph, ir_version=10, producer_name="ortbuild", producer_version=builder.__version__)

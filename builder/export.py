@@ -1,0 +1,66 @@
+"""The export pipeline: options -> checkpoint -> family spec + weights -> decoder graph -> output folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.checkpoint import Checkpoint
+from builder.decoder import build_decoder
+from builder.genai_config import genai_config
+from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
+from builder.progress import Progress
+from builder.settings import ExportSettings
+from builder.spec import ModelSpec
+from builder.weights import WeightMap
+from builders import family_for, text_config
+from builders.common import reject_unconsumed
+
+
+@dataclass
+class Prepared:
+    """Everything decided before a weight is read (what `inspect` prints)."""
+
+    checkpoint: Checkpoint
+    spec: ModelSpec
+    settings: ExportSettings
+    weights: WeightMap
+    config: dict
+
+
+def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_dir: str | None = None,
+            cache_dir: str | None = None) -> Prepared:
+    settings = ExportSettings.resolve(precision, ep, extra_options)
+    checkpoint = Checkpoint.resolve(model, input_dir, cache_dir)
+    family = family_for(checkpoint.architecture)
+    config = text_config(family, checkpoint.config)
+    spec = family.make_spec(config)
+    settings = settings.with_plan(spec.num_layers)
+    weights = family.map_weights(spec, checkpoint, config)
+    return Prepared(checkpoint, spec, settings, weights, config)
+
+
+def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "cpu", extra_options=None, *,
+           input_dir: str | None = None, cache_dir: str | None = None, overwrite: bool = False,
+           progress: Progress | None = None) -> Path:
+    progress = progress or Progress(quiet=True)
+    output = Path(output)
+    settings = ExportSettings.resolve(precision, ep, extra_options)  # usage errors before any work
+    check_destination(output, overwrite)
+    progress.stage(f"reading checkpoint {input_dir or model}")
+    prepared = prepare(model, precision, ep, settings.extra, input_dir=input_dir, cache_dir=cache_dir)
+    spec, settings = prepared.spec, prepared.settings
+    for note in settings.plan.notes:
+        progress.note(note)
+    progress.stage(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
+                   f"{spec.vocab_size}; -p {precision} -e {ep}")
+    model_ir = build_decoder(spec, settings, prepared.weights, on_written=progress.wrote)
+    reject_unconsumed(prepared.checkpoint, spec.architecture)
+    filename = settings.extra["filename"]
+    with atomic_folder(output, overwrite) as folder:
+        save_model(model_ir, folder, filename, progress)
+        generation = prepared.checkpoint.read_json("generation_config.json")
+        write_json(folder / "genai_config.json", genai_config(spec, settings, prepared.config, generation, filename))
+        copy_tokenizer(prepared.checkpoint.folder, folder)
+    progress.stage(f"done: {output}")
+    return output

@@ -1,0 +1,64 @@
+"""genai_config.json: what onnxruntime-genai needs to run the exported decoder (I/O names, sizes, search defaults)."""
+
+from __future__ import annotations
+
+from builder.settings import ExportSettings
+from builder.spec import ModelSpec
+
+# HF model_type -> the type onnxruntime-genai 0.18 knows; anything else runs as its generic "decoder".
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt_oss": "gptoss",
+               "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "gemma3": "gemma3_text",
+               "gemma4_text": "gemma4_text", "gemma4": "gemma4_text"}
+
+SEARCH_KEYS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+               "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "diversity_penalty": 0.0}
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def token_ids(config: dict, generation: dict | None) -> tuple[int | None, int | list | None, int | None]:
+    generation = generation or {}
+    bos = generation.get("bos_token_id", config.get("bos_token_id"))
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    pad = generation.get("pad_token_id", config.get("pad_token_id"))
+    if pad is None:
+        pad = _first(eos)
+    return bos, eos, pad
+
+
+def genai_config(spec: ModelSpec, settings: ExportSettings, config: dict, generation: dict | None,
+                 filename: str) -> dict:
+    bos, eos, pad = token_ids(config, generation)
+    attn = spec.attention
+    provider_options = [{"cuda": {}}] if settings.ep == "cuda" else []
+    search = {key: (generation or {}).get(key, default) for key, default in SEARCH_KEYS.items()}
+    search.update({"max_length": spec.context_length, "min_length": 0, "early_stopping": True,
+                   "past_present_share_buffer": True})
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+        "filename": filename,
+        "head_size": attn.head_dim,
+        "hidden_size": spec.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "num_attention_heads": attn.num_heads,
+        "num_hidden_layers": spec.num_layers,
+        "num_key_value_heads": attn.num_kv_heads,
+    }
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": spec.context_length,
+            "decoder": decoder,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": GENAI_TYPES.get(spec.model_type, "decoder"),
+            "vocab_size": spec.vocab_size,
+        },
+        "search": search,
+    }

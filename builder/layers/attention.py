@@ -1,0 +1,102 @@
+"""Self-attention through com.microsoft GroupQueryAttention (rotary inside the op, KV cache in/out).
+
+One packed QKV projection feeds the op. Per-head q/k RMSNorm is either fused into the op (CUDA: q_norm_weight /
+k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it (CPU rejects the inputs).
+Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from builder.layers import LayerContext
+from builder.layers.linear import linear
+from builder.layers.norm import norm_weight, rms_norm
+from builder.layers.rotary import cos_sin_cache
+from builder.spec import AttentionSpec, RopeSpec
+from builder.weights import Concatenated
+
+
+@dataclass
+class AttentionInputs:
+    """Per-step values every attention layer shares, computed once by the decoder."""
+
+    seqlens_k: ir.Value  # int32 [batch]: total length - 1
+    total_sequence_length: ir.Value  # int32 scalar
+
+
+def rotary_caches(ctx: LayerContext, rope: RopeSpec) -> tuple[ir.Value, ir.Value]:
+    """cos/sin caches, shared by every layer with the same rope (named by order of first use)."""
+    caches = ctx.rope_caches
+    if rope not in caches:
+        suffix = "" if not caches else f"_{len(caches)}"
+        cos, sin = cos_sin_cache(rope)
+        dtype = ctx.settings.numpy_dtype
+        caches[rope] = (ctx.g.constant(f"cos_cache{suffix}", cos.astype(dtype)),
+                        ctx.g.constant(f"sin_cache{suffix}", sin.astype(dtype)))
+    return caches[rope]
+
+
+def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> ir.Value:
+    g = ctx.g
+    heads = g.op("Reshape", [x, g.ints(f"shape.heads.{head_dim}", [0, 0, -1, head_dim])])
+    normed = rms_norm(ctx, heads, name, size=head_dim)
+    return g.op("Reshape", [normed, g.ints("shape.merge_heads", [0, 0, -1])])
+
+
+def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: AttentionInputs,
+              past_key: ir.Value, past_value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Returns (output [B, S, hidden], present_key, present_value)."""
+    g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
+    prefix = f"layers.{layer}.attn"
+    plan = ctx.settings.plan
+    q_size, kv_size = attn.q_size, attn.kv_size
+    qkv_weight = Concatenated((w.get(f"{prefix}.q.weight", (q_size, hidden)),
+                               w.get(f"{prefix}.k.weight", (kv_size, hidden)),
+                               w.get(f"{prefix}.v.weight", (kv_size, hidden))))
+    qkv_bias = None
+    if attn.qkv_bias:
+        qkv_bias = Concatenated((w.get(f"{prefix}.q.bias", (q_size,)), w.get(f"{prefix}.k.bias", (kv_size,)),
+                                 w.get(f"{prefix}.v.bias", (kv_size,))))
+    with g.scope("qkv_proj"):
+        qkv = linear(ctx, x, f"{prefix}.qkv", qkv_weight, plan.format_for("attn.q", layer), qkv_bias)
+
+    q_norm = k_norm = None
+    if attn.qk_norm and ctx.settings.fuse_qk_norm:
+        q, k, v = qkv, None, None
+        q_norm = norm_weight(ctx, f"{prefix}.q_norm.weight", attn.head_dim)
+        k_norm = norm_weight(ctx, f"{prefix}.k_norm.weight", attn.head_dim)
+    elif attn.qk_norm:
+        q, k, v = g.op("Split", [qkv, g.ints(f"split.qkv.{q_size}.{kv_size}", [q_size, kv_size, kv_size])],
+                       axis=-1, outputs=3)
+        with g.scope("q_norm"):
+            q = _per_head_norm(ctx, q, f"{prefix}.q_norm.weight", attn.head_dim)
+        with g.scope("k_norm"):
+            k = _per_head_norm(ctx, k, f"{prefix}.k_norm.weight", attn.head_dim)
+    else:
+        q, k, v = qkv, None, None
+
+    cos = sin = None
+    if attn.rope is not None:
+        cos, sin = rotary_caches(ctx, attn.rope)
+    sinks = ctx.float_initializer(f"{prefix}.sinks", w.get(f"{prefix}.sinks", (attn.num_heads,))) if attn.sinks else None
+    inputs = [q, k, v, past_key, past_value, step.seqlens_k, step.total_sequence_length, cos, sin,
+              None, None, sinks, None, None, q_norm, k_norm]
+    while inputs[-1] is None:
+        inputs.pop()
+    scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(attn.head_dim)
+    out, present_key, present_value = g.ms(
+        "GroupQueryAttention", inputs, outputs=3,
+        num_heads=attn.num_heads, kv_num_heads=attn.num_kv_heads, scale=float(scale),
+        do_rotary=int(attn.rope is not None), rotary_interleaved=int(bool(attn.rope and attn.rope.interleaved)),
+        local_window_size=attn.sliding_window if attn.sliding_window else -1,
+        softcap=float(attn.softcap) if attn.softcap else None,
+        qk_norm_epsilon=float(ctx.spec.norm_eps) if q_norm is not None else None)
+    with g.scope("o_proj"):
+        o_bias = w.get(f"{prefix}.o.bias", (hidden,)) if attn.o_bias else None
+        out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, q_size)),
+                     plan.format_for("attn.o", layer), o_bias)
+    return out, present_key, present_value

@@ -1,0 +1,104 @@
+"""Linear projections: float MatMul, or MatMulNBits with weights quantized block by block while they stream.
+
+The format of each weight (float / int4 method / int8) comes from the QuantPlan; this module only realises it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from builder.layers import LayerContext
+from builder.quant.plan import WeightFormat
+from builder.weights import Weight, row_blocks
+
+
+class QuantizedSource:
+    """Quantizes a [N, K] weight in row blocks once; the packed codes stream to disk, scales/zero points are kept.
+
+    The packed initializer is registered (and so written) before its scales, so each weight is read and quantized
+    exactly once; the scales (1/4 of the packed size at 4 bits) are held until the writer reaches them.
+    """
+
+    def __init__(self, weight: Weight, fmt: WeightFormat):
+        self.weight = weight
+        self.fmt = fmt
+        self._scales: list[np.ndarray] = []
+        self._zero_points: list[np.ndarray] = []
+        self._complete = False
+
+    def _quantize(self, rows: np.ndarray):
+        from builder.quant.blockwise import quantize_blockwise
+        from builder.quant.kquant import quantize_kquant
+
+        if self.fmt.method == "k_quant":
+            return quantize_kquant(rows, bits=self.fmt.bits, block_size=self.fmt.block_size)
+        return quantize_blockwise(rows, bits=self.fmt.bits, block_size=self.fmt.block_size,
+                                  symmetric=self.fmt.symmetric, method=self.fmt.method)
+
+    def packed_blocks(self):
+        self._scales, self._zero_points = [], []
+        for _, rows in row_blocks(self.weight):
+            q = self._quantize(rows)
+            self._scales.append(q.scales)
+            if q.zero_points is not None:
+                self._zero_points.append(q.zero_points)
+            yield q.packed
+        self._complete = True
+
+    def _ensure(self) -> None:
+        if not self._complete:
+            for _ in self.packed_blocks():
+                pass
+
+    def scales(self) -> np.ndarray:
+        self._ensure()
+        return np.concatenate(self._scales, axis=0)
+
+    def zero_points(self) -> np.ndarray:
+        self._ensure()
+        return np.concatenate(self._zero_points, axis=0)
+
+    def release(self) -> None:
+        self._scales, self._zero_points = [], []
+
+
+def quantized_shapes(n: int, k: int, fmt: WeightFormat) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """MatMulNBits B, scales and packed zero-point shapes for an [N, K] weight."""
+    blocks = -(-k // fmt.block_size)
+    return (n, blocks, fmt.block_size * fmt.bits // 8), (n, blocks), (n, -(-blocks * fmt.bits // 8))
+
+
+def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: WeightFormat):
+    """Register packed codes, scales (model dtype) and zero points (if asymmetric); returns the three Values."""
+    n, k = weight.shape
+    source = QuantizedSource(weight, fmt)
+    b_shape, s_shape, zp_shape = quantized_shapes(n, k, fmt)
+    g = ctx.g
+    packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, source.packed_blocks)
+    numpy_dtype = ctx.settings.numpy_dtype
+    scales = g.streamed(f"{name}.scales", ctx.settings.ir_dtype, s_shape,
+                        lambda: iter([source.scales().astype(numpy_dtype)]))
+    zero_points = None
+    if not fmt.symmetric:
+        zero_points = g.streamed(f"{name}.zero_points", ir.DataType.UINT8, zp_shape,
+                                 lambda: iter([source.zero_points()]))
+    return packed, scales, zero_points
+
+
+def linear(ctx: LayerContext, x: ir.Value, name: str, weight: Weight, fmt: WeightFormat,
+           bias: Weight | None = None) -> ir.Value:
+    """y = x @ W.T (+ b) for a weight in HF orientation [N, K]."""
+    g = ctx.g
+    n, k = weight.shape
+    if fmt.is_float:
+        w = ctx.float_initializer(f"{name}.weight", weight, transpose=True)
+        y = g.op("MatMul", [x, w])
+    else:
+        packed, scales, zero_points = add_quantized_weight(ctx, name, weight, fmt)
+        inputs = [x, packed, scales] + ([zero_points] if zero_points is not None else [])
+        y = g.ms("MatMulNBits", inputs, K=k, N=n, bits=fmt.bits, block_size=fmt.block_size,
+                 accuracy_level=fmt.accuracy_level)
+    if bias is not None:
+        y = g.op("Add", [y, ctx.float_initializer(f"{name}.bias", bias)])
+    return y

@@ -1,0 +1,35 @@
+"""Final projection to vocabulary logits (tied or own weight), with optional final logit softcapping.
+
+A float lm_head is a Gemm with transB=1 over the [vocab, hidden] weight as stored, so a tied head shares the
+embedding initializer and nothing is transposed in memory; a quantized head is MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from builder.layers import LayerContext
+from builder.layers.linear import linear
+
+
+def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
+    g, spec = ctx.g, ctx.spec
+    name = "embed" if spec.tie_embeddings else "lm_head"
+    weight = ctx.weights.get(f"{name}.weight", (spec.vocab_size, spec.hidden_size))
+    bias = ctx.weights.get("lm_head.bias", (spec.vocab_size,)) if spec.lm_head_bias else None
+    fmt = ctx.settings.plan.format_for("lm_head")
+    with g.scope("lm_head"):
+        if fmt.is_float:
+            table = ctx.float_initializer(f"{name}.weight", weight)
+            flat = g.op("Reshape", [x, g.ints("shape.flat_hidden", [-1, spec.hidden_size])])
+            inputs = [flat, table] + ([ctx.float_initializer("lm_head.bias", bias)] if bias is not None else [])
+            logits = g.op("Gemm", inputs, transB=1)
+            batch_seq = g.op("Slice", [g.op("Shape", [x]), g.ints("const.0", [0]), g.ints("const.2", [2])])
+            out_shape = g.op("Concat", [batch_seq, g.ints("shape.vocab", [spec.vocab_size])], axis=0)
+            logits = g.op("Reshape", [logits, out_shape])
+        else:
+            logits = linear(ctx, x, "lm_head", weight, fmt, bias)
+        if spec.final_softcap:
+            cap = ctx.scalar("final_softcap", spec.final_softcap)
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
+    return logits

@@ -1,0 +1,89 @@
+"""Rotary embedding caches (cos/sin [positions, rotary_dim/2]) for each Hugging Face rope type, in numpy.
+
+The maths follows transformers' rope initialisation (float32 inverse frequencies, the attention factor folded into
+cos/sin); tests compare against transformers' own ROPE_INIT_FUNCTIONS for every type handled here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from builder.errors import UnsupportedModelError
+from builder.spec import RopeSpec
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+def _llama3(inv_freq: np.ndarray, rope: RopeSpec) -> np.ndarray:
+    factor = rope.param("factor")
+    low, high = rope.param("low_freq_factor"), rope.param("high_freq_factor")
+    old_context = rope.param("original_max_position_embeddings")
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(rope: RopeSpec) -> tuple[np.ndarray, float]:
+    dim, base = rope.rotary_dim, rope.theta
+    factor = rope.param("factor")
+    original = rope.param("original_max_position_embeddings") or rope.max_positions
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.param("attention_factor")
+    if attention_factor is None:
+        m, m_all = rope.param("mscale"), rope.param("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = rope.param("beta_fast") or 32, rope.param("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.param("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def inverse_frequencies(rope: RopeSpec) -> tuple[np.ndarray, float]:
+    """(inv_freq [rotary_dim/2] float32, attention factor)."""
+    kind = rope.rope_type
+    if kind == "yarn":
+        return _yarn(rope)
+    inv_freq = _base_inv_freq(rope.theta, rope.rotary_dim)
+    if kind in ("default", "dynamic"):
+        # dynamic NTK only changes frequencies past the trained length; the exported cache covers that length.
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(rope.param("factor"))).astype(np.float32), 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, rope), 1.0
+    raise UnsupportedModelError(f"rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}).")
+
+
+def cos_sin_cache(rope: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin caches [max_positions, rotary_dim/2] in float32, attention factor applied."""
+    inv_freq, factor = inverse_frequencies(rope)
+    positions = np.arange(rope.max_positions, dtype=np.float32)
+    freqs = np.outer(positions, inv_freq).astype(np.float32)
+    return (np.cos(freqs) * np.float32(factor)).astype(np.float32), (np.sin(freqs) * np.float32(factor)).astype(np.float32)

@@ -1,0 +1,184 @@
+"""The one table of `--extra_options`: names, types, defaults, allowed values, help and legacy spellings.
+
+Everything that knows about extra options reads this table: the parser (with "did you mean"), `--help`,
+the table in quantization.md (a test checks it is in sync) and the resolved ExportOptions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from builder.errors import UsageError
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false (or 1/0)")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    kind: str  # "bool" | "int" | "str"
+    default: Any
+    help: str
+    choices: tuple | None = None
+    # Extra validation beyond `choices` (returns an error message or None).
+    check: Callable[[Any], str | None] | None = None
+    # Accepted legacy spellings of values, mapped to what they mean (documented as deprecated).
+    legacy_values: tuple[str, ...] = ()
+
+    def parse(self, text: str) -> Any:
+        try:
+            if self.kind == "bool":
+                value: Any = _parse_bool(text)
+            elif self.kind == "int":
+                value = _parse_int(text)
+            else:
+                value = text.strip()
+        except ValueError as exc:
+            raise UsageError(f"extra option {self.name}={text!r}: {exc}. {self.help}") from None
+        allowed = tuple(self.choices or ()) + self.legacy_values
+        if self.choices is not None and value not in allowed:
+            shown = ", ".join(str(c) for c in allowed)
+            raise UsageError(f"extra option {self.name}={text!r} is not allowed; choose one of: {shown}.")
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise UsageError(f"extra option {self.name}={text!r}: {problem}")
+        return value
+
+    @property
+    def allowed_text(self) -> str:
+        if self.choices is not None:
+            text = ", ".join(str(c) for c in self.choices)
+            if self.legacy_values:
+                text += " (legacy: " + ", ".join(self.legacy_values) + ")"
+            return text
+        if self.kind == "bool":
+            return "true, false"
+        return {"int": "integer", "str": "text"}[self.kind]
+
+
+def _qmoe_block_size_check(value: int) -> str | None:
+    if value > 0 and value not in BLOCK_SIZES:
+        return f"use one of {', '.join(map(str, BLOCK_SIZES))} for block-wise scales, or 0 (or any value <= 0) for per-channel."
+    return None
+
+
+def _mixed_precision_check(value: str) -> str | None:
+    from builder.quant.plan import parse_mixed_precision  # local import: plan imports this module
+
+    try:
+        parse_mixed_precision(value)
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("int4_algo_config", "str", "default",
+           "INT4 base method for MatMul weights: default (ORT's MLAS block quantizer), rtn (round to nearest), "
+           "k_quant (searched scale/min per block, asymmetric).",
+           choices=("default", "rtn", "k_quant"),
+           legacy_values=("rtn_last", "k_quant_last", "k_quant_mixed", "k_quant_linear")),
+    Option("int4_block_size", "int", 32, "Block size along K for int4/int8 MatMulNBits weights.", choices=BLOCK_SIZES),
+    Option("int4_is_symmetric", "bool", True,
+           "Symmetric int4 (signed scales, no zero points) or asymmetric (zero points). k_quant is always asymmetric."),
+    Option("int4_accuracy_level", "int", None,
+           "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. "
+           "Default: 4 on cpu, 0 on cuda.", choices=(0, 1, 2, 3, 4)),
+    Option("last_matmul_weight_int8", "bool", False, "Quantize the lm_head (last MatMul) to 8 bits instead of 4."),
+    Option("int8_mixed_layers", "bool", False,
+           "Quantize the attention and MLP projections of the first and last layers (the 'mixed layers' set "
+           "defined in quantization.md) to 8 bits instead of 4."),
+    Option("int8_linear_attn", "bool", False,
+           "Quantize linear-attention projections of hybrid models to 8 bits (models without linear attention "
+           "report that the flag has no target)."),
+    Option("matmul_mixed_precision", "str", "",
+           "Other tools' spelling of the INT8 placement flags: comma list of last_matmul:int8, mixed_layers:int8, "
+           "linear_attn:int8.", check=_mixed_precision_check),
+    Option("quantize_embeddings", "bool", False,
+           "With int4/int8, store the token embedding quantized (GatherBlockQuantized); a tied lm_head shares it."),
+    Option("fuse_qk_norm_gqa", "bool", None,
+           "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
+           "CUDA only; default true on cuda, false on cpu."),
+    Option("moe_quant_bits", "int", None,
+           "Bits for MoE expert weights (QMoE). Default: 4 for -p int4, 8 for -p int8.", choices=(4, 8)),
+    Option("qmoe_block_size", "int", 32,
+           "QMoE expert scales: block size along K (16..256), or <= 0 for per-channel scales.",
+           check=_qmoe_block_size_check),
+    Option("qmoe_weights_prepacked", "int", -1,
+           "CUDA QMoE weight layout: -1 auto (attribute omitted), 0 raw (ORT prepacks at load), "
+           "1 offline CUTLASS mixed-GEMM prepacked layout. CUDA only.", choices=(-1, 0, 1)),
+    Option("qmoe_prepack_arch", "int", 90, "GPU architecture of the offline QMoE prepack layout (SM80 or SM90).",
+           choices=(80, 90)),
+    Option("filename", "str", "model.onnx", "File name of the ONNX model inside the output folder."),
+)
+
+BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+def split_pairs(items: Iterable[str]) -> list[tuple[str, str]]:
+    """Split `key=value` tokens (several may share one token, separated by spaces or commas-free)."""
+    pairs = []
+    for item in items:
+        for token in item.split():
+            if "=" not in token:
+                raise UsageError(f"extra option {token!r} is not of the form key=value (e.g. int4_block_size=64).")
+            key, _, value = token.partition("=")
+            pairs.append((key.strip(), value))
+    return pairs
+
+
+def parse_extra_options(items: Iterable[str]) -> dict[str, Any]:
+    """Parse and validate `key=value` strings into typed values; unknown keys get a "did you mean"."""
+    values: dict[str, Any] = {}
+    for key, text in split_pairs(items):
+        option = BY_NAME.get(key)
+        if option is None:
+            close = difflib.get_close_matches(key, BY_NAME, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UsageError(f"unknown extra option '{key}'.{hint} Run `ortbuild --help` for the list.")
+        if key in values:
+            raise UsageError(f"extra option '{key}' is given twice.")
+        values[key] = option.parse(text)
+    return values
+
+
+def defaults() -> dict[str, Any]:
+    return {opt.name: opt.default for opt in OPTIONS}
+
+
+def help_text() -> str:
+    lines = ["Extra options (--extra_options key=value ...):"]
+    for opt in OPTIONS:
+        default = "auto" if opt.default is None else opt.default
+        lines.append(f"  {opt.name} [{opt.allowed_text}] (default: {default})")
+        lines.append(f"      {opt.help}")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The options table as Markdown, embedded in quantization.md (kept in sync by a test)."""
+    rows = ["| option | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = "auto" if opt.default is None else (str(opt.default).lower() if opt.kind == "bool" else
+                                                      (opt.default if opt.default != "" else '""'))
+        rows.append(f"| `{opt.name}` | {opt.kind} | {default} | {opt.allowed_text} | {opt.help} |")
+    return "\n".join(rows)

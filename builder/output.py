@@ -1,0 +1,90 @@
+"""The output folder: written whole into a sibling temporary folder and renamed into place only on success.
+
+A failed or interrupted export removes its temporary folder and never touches an existing output.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx_ir as ir
+
+from builder.errors import OutputError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "config.json")
+EXTERNAL_DATA_SUFFIX = ".data"
+
+
+def check_destination(output: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output folder (unless overwrite) before any work starts."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output path {output} exists and is not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {output} exists and is not empty. Pass --overwrite to replace it, or choose "
+                          "another -o.")
+    parent = output.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {parent}: {exc.strerror}.") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {parent} (permission denied). Choose a writable -o.")
+
+
+def _describe_oserror(exc: OSError, where: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"disk full while writing {where}. Free space (the export needs about the model's size "
+                           "twice while it writes) or choose another -o.")
+    return OutputError(f"cannot write {where}: {exc.strerror or exc}.")
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite: bool):
+    """Yield a temporary folder beside `output`; on success it replaces `output`, on any failure it is removed."""
+    output = Path(output)
+    check_destination(output, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.resolve().parent))
+    try:
+        yield tmp
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _describe_oserror(exc, output) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model: ir.Model, folder: Path, filename: str, progress=None) -> None:
+    """model.onnx + one external data file, tensors written in graph order, one at a time."""
+    if progress is not None:
+        progress.begin_weights(sum(v.const_value.nbytes for v in model.graph.initializers.values()))
+    ir.save(model, folder / filename, external_data=filename + EXTERNAL_DATA_SUFFIX, size_threshold_bytes=1024)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=4) + "\n")
+
+
+def copy_tokenizer(source: Path, folder: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+            copied.append(name)
+    return copied

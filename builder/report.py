@@ -1,0 +1,46 @@
+"""Human-readable description of a prepared export: architecture, settings and the per-weight plan.
+
+Printed by `ortbuild inspect` and `--dry-run` before any weight is read.
+"""
+
+from __future__ import annotations
+
+from builder.spec import MlpSpec, MoeSpec
+
+
+def plan_rows(prepared) -> list[tuple[str, str]]:
+    """(weight, format) for every weight the plan decides, in graph order."""
+    spec, plan = prepared.spec, prepared.settings.plan
+    rows = [("embed", plan.format_for("embed").describe())]
+    for i, layer in enumerate(spec.layers):
+        rows.append((f"layers.{i}.attn.qkv", plan.format_for("attn.q", i).describe()))
+        rows.append((f"layers.{i}.attn.o", plan.format_for("attn.o", i).describe()))
+        if isinstance(layer.ffn, MlpSpec):
+            rows.append((f"layers.{i}.mlp.gate_up", plan.format_for("mlp.gate", i).describe()))
+            rows.append((f"layers.{i}.mlp.down", plan.format_for("mlp.down", i).describe()))
+        elif isinstance(layer.ffn, MoeSpec):
+            moe = prepared.settings.moe
+            experts = "float (MoE)" if moe.bits is None else (
+                f"int{moe.bits} QMoE " + (f"block {moe.block_size}" if moe.block_size > 0 else "per-channel"))
+            rows.append((f"layers.{i}.moe.router", plan.format_for("moe.router", i).describe()))
+            rows.append((f"layers.{i}.moe.experts", experts))
+    rows.append(("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head").describe()))
+    return rows
+
+
+def describe(prepared) -> str:
+    spec, settings = prepared.spec, prepared.settings
+    attn = spec.attention
+    lines = [
+        f"architecture: {spec.architecture} (model_type {spec.model_type})",
+        f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, heads {attn.num_heads} "
+        f"(kv {attn.num_kv_heads}, head_dim {attn.head_dim}), context {spec.context_length}",
+        f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
+        f"fused q/k norm: {settings.fuse_qk_norm}",
+    ]
+    lines += [f"note: {note}" for note in settings.plan.notes]
+    rows = plan_rows(prepared)
+    width = max(len(name) for name, _ in rows)
+    lines.append("plan:")
+    lines += [f"  {name.ljust(width)}  {fmt}" for name, fmt in rows]
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""ExportSettings: EP x precision x extra options resolved once into a frozen object that layers read.
+
+Every cross-option rule lives here (bf16 needs CUDA, fused Q/K-norm needs CUDA, ...), so graph code never
+re-checks `ep == "cuda"`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import onnx_ir as ir
+
+from builder import options as opts
+from builder.errors import UsageError
+from builder.graph import FLOAT_DTYPES
+from builder.quant.plan import QuantPlan
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
+EPS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class MoeQuant:
+    bits: int | None  # None: float experts (MoE op); 4/8: QMoE
+    block_size: int  # <= 0: per-channel
+    prepacked: int  # -1 omit attribute, 0 raw, 1 offline prepacked (CUDA only)
+    prepack_arch: int
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    precision: str
+    ep: str
+    io_dtype: str  # "float32" | "float16" | "bfloat16": activations, KV cache, float weights
+    fuse_qk_norm: bool
+    moe: MoeQuant
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    plan: QuantPlan | None = None  # set once the number of layers is known (see with_plan)
+
+    @property
+    def ir_dtype(self) -> ir.DataType:
+        return FLOAT_DTYPES[self.io_dtype][0]
+
+    @property
+    def numpy_dtype(self):
+        return FLOAT_DTYPES[self.io_dtype][1]
+
+    @classmethod
+    def resolve(cls, precision: str, ep: str, extra_items: list[str] | dict | None = None) -> "ExportSettings":
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}.")
+        if ep not in EPS:
+            raise UsageError(f"execution provider {ep!r} is not supported; choose one of {', '.join(EPS)}.")
+        given = dict(extra_items) if isinstance(extra_items, Mapping) else opts.parse_extra_options(extra_items or [])
+        extra = {**opts.defaults(), **given}
+        if precision == "bf16" and ep != "cuda":
+            raise UsageError("-p bf16 needs -e cuda: ONNX Runtime's CPU kernels for attention and MatMul have no "
+                             "bfloat16 support. Use -p fp32 (or int4/int8) for cpu.")
+        if precision in ("fp32", "int4", "int8"):
+            io_dtype = "float32" if (precision == "fp32" or ep == "cpu") else "float16"
+        else:
+            io_dtype = {"fp16": "float16", "bf16": "bfloat16"}[precision]
+        fuse = extra["fuse_qk_norm_gqa"]
+        if fuse and ep != "cuda":
+            raise UsageError("fuse_qk_norm_gqa=true needs -e cuda: ONNX Runtime's CPU GroupQueryAttention rejects the "
+                             "q_norm_weight/k_norm_weight inputs, so CPU models keep separate norm nodes. Drop the option "
+                             "or export with -e cuda.")
+        if fuse is None:
+            fuse = ep == "cuda"
+        if ep != "cuda" and "qmoe_weights_prepacked" in given and given["qmoe_weights_prepacked"] != -1:
+            raise UsageError("qmoe_weights_prepacked applies to -e cuda only (the CPU QMoE kernel has a single layout "
+                             "and the attribute would be ignored). Drop the option or export with -e cuda.")
+        moe_bits = None
+        if precision in ("int4", "int8"):
+            moe_bits = extra["moe_quant_bits"] or (4 if precision == "int4" else 8)
+        moe = MoeQuant(moe_bits, extra["qmoe_block_size"], extra["qmoe_weights_prepacked"], extra["qmoe_prepack_arch"])
+        return cls(precision=precision, ep=ep, io_dtype=io_dtype, fuse_qk_norm=bool(fuse), moe=moe,
+                   extra=MappingProxyType(extra))
+
+    def with_plan(self, num_layers: int) -> "ExportSettings":
+        from dataclasses import replace
+
+        plan = QuantPlan.from_options(self.precision, dict(self.extra), self.ep, num_layers)
+        return replace(self, plan=plan)

@@ -1,0 +1,123 @@
+"""ModelSpec: everything the decoder graph needs to know about a model, as plain frozen data.
+
+Family builders translate a Hugging Face config into these objects; the graph code reads only these and never a
+HF config. A new architecture feature is a new field here plus a small layer variant that any family can switch on.
+
+Canonical weight names (what family weight maps produce, what layers consume); linear weights keep the Hugging Face
+orientation [out_features, in_features]:
+    embed.weight                       [vocab, hidden]
+    layers.{i}.attn_norm.weight        norm before attention
+    layers.{i}.post_attn_norm.weight   norm on the attention output (sandwich norms only)
+    layers.{i}.ffn_norm.weight         norm before the MLP / MoE
+    layers.{i}.post_ffn_norm.weight    norm on the MLP output (sandwich norms only)
+    layers.{i}.attn.{q,k,v,o}.weight / .bias
+    layers.{i}.attn.{q_norm,k_norm}.weight   per-head RMSNorm weights [head_dim]
+    layers.{i}.attn.sinks              [num_heads]
+    layers.{i}.mlp.{gate,up,down}.weight / .bias
+    layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
+    layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden], gate/up rows interleaved (g0, u0, g1, u1, ...)
+    layers.{i}.moe.fc2.weight / .bias         [E, hidden, I]
+    layers.{i}.moe.shared.{gate,up,down}.weight, layers.{i}.moe.shared_gate.weight
+    final_norm.weight
+    lm_head.weight / .bias             absent when tie_embeddings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    rotary_dim: int  # dimensions rotated per head (head_dim unless partial rotary)
+    # Hugging Face rope type and its parameters: "default", "linear", "llama3", "yarn", "dynamic", ...
+    rope_type: str = "default"
+    params: tuple[tuple[str, object], ...] = ()  # sorted (name, value) pairs, hashable
+    interleaved: bool = False
+    max_positions: int = 4096
+
+    def param(self, name: str, default=None):
+        return dict(self.params).get(name, default)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeSpec | None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, Gemma 3)
+    scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
+    softcap: float = 0.0  # attention logit softcapping (Gemma 2)
+    sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)
+    sinks: bool = False  # learned per-head attention sinks (GPT-OSS)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    intermediate_size: int
+    activation: str = "silu"  # gated: act(gate(x)) * up(x); "silu" | "gelu_tanh" | "gelu"
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    # "silu": SwiGLU silu(g) * u;  "gpt_oss": clamp(g, max=limit) * sigmoid(alpha * g) * (clip(u, +-limit) + beta)
+    activation: str = "silu"
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
+    swiglu_beta: float = 0.0
+    expert_bias: bool = False
+    router_bias: bool = False
+    # Renormalise the top-k routing weights to sum to one (Mixtral, Qwen3-MoE norm_topk_prob, GPT-OSS)
+    normalize_topk: bool = True
+    shared_expert_size: int = 0  # Qwen2-MoE shared expert intermediate size, 0 when absent
+    shared_expert_gated: bool = False  # sigmoid(shared_expert_gate(x)) scales the shared expert
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    attention: AttentionSpec
+    ffn: MlpSpec | MoeSpec
+    # "pre": x + attn(norm(x)), x + ffn(norm(x)).  "sandwich": x + post_norm(attn(norm(x))) (Gemma 2/3)
+    norm_scheme: str = "pre"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str  # the HF architectures[0] name
+    model_type: str  # the HF model_type, used for genai_config "type"
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[LayerSpec, ...]
+    context_length: int
+    norm_eps: float = 1e-6
+    norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applied as (1 + w)
+    embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden) (in model dtype)
+    tie_embeddings: bool = False
+    lm_head_bias: bool = False
+    final_softcap: float = 0.0
+    extras: tuple[tuple[str, object], ...] = field(default=())  # family-specific, read by named layer variants
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attention(self) -> AttentionSpec:
+        """The first layer's attention: num_heads, head_dim and KV layout are uniform across layers here."""
+        return self.layers[0].attention

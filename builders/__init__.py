@@ -1,0 +1,75 @@
+"""Registry of architecture families: HF `architectures` name -> Family (config -> ModelSpec, tensors -> weights).
+
+Family modules in this package register themselves when imported; every module here is imported on first use,
+so adding an architecture is adding one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+from builder.checkpoint import Checkpoint
+from builder.errors import UnsupportedModelError
+from builder.spec import ModelSpec
+from builder.weights import WeightMap
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    make_spec: Callable[[dict], ModelSpec]  # HF config (text part) -> ModelSpec
+    map_weights: Callable[[ModelSpec, Checkpoint, dict], WeightMap]  # (spec, checkpoint, text config) -> weights
+    # Multimodal wrappers keep the text model's config under this key (e.g. "text_config").
+    text_config_key: str | None = None
+    notes: str = ""
+
+
+_REGISTRY: dict[str, Family] = {}
+_loaded = False
+
+
+def register(family: Family) -> Family:
+    for arch in family.architectures:
+        if arch in _REGISTRY:
+            raise ValueError(f"architecture {arch} registered twice ({_REGISTRY[arch].name}, {family.name})")
+        _REGISTRY[arch] = family
+    return family
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+            if not module.startswith("_") and module != "common":
+                importlib.import_module(f"{__name__}.{module}")
+
+
+def supported_architectures() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def families() -> list[Family]:
+    _load_all()
+    return sorted({id(f): f for f in _REGISTRY.values()}.values(), key=lambda f: f.name)
+
+
+def family_for(architecture: str) -> Family:
+    _load_all()
+    family = _REGISTRY.get(architecture)
+    if family is None:
+        raise UnsupportedModelError(f"architecture {architecture} is not supported. Supported architectures: "
+                                    f"{', '.join(supported_architectures())}.")
+    return family
+
+
+def text_config(family: Family, config: dict) -> dict:
+    """The config that describes the text decoder (the wrapper's text_config for multimodal checkpoints)."""
+    if family.text_config_key and family.text_config_key in config:
+        return {**config[family.text_config_key], "architectures": config.get("architectures")}
+    return config

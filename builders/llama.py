@@ -1,0 +1,91 @@
+"""Dense decoders that share the Llama layout: Llama, Mistral, Qwen2, Qwen3.
+
+They differ only in data: q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding windows (Mistral, Qwen
+layer_types), rope scaling (Llama 3), tied embeddings.
+"""
+
+from __future__ import annotations
+
+from builder.checkpoint import Checkpoint
+from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
+from builder.weights import WeightMap
+from builders import Family, register
+from builders.common import head_dim, map_table, reject_fields, rope_spec
+
+DENSE_TABLE = {
+    "embed.weight": "model.embed_tokens.weight",
+    "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attn.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attn.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.attn.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.attn.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "layers.{i}.attn.o.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "layers.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "layers.{i}.mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "final_norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+# Per-architecture data. fixed_bias: (q/k/v bias, o bias) regardless of config; otherwise all four follow
+# config.attention_bias.
+VARIANTS = {
+    "LlamaForCausalLM": dict(qk_norm=False, fixed_bias=None),
+    "MistralForCausalLM": dict(qk_norm=False, fixed_bias=(False, False)),
+    "Qwen2ForCausalLM": dict(qk_norm=False, fixed_bias=(True, False)),
+    "Qwen3ForCausalLM": dict(qk_norm=True, fixed_bias=None),
+}
+
+
+def sliding_windows(config: dict) -> list[int | None]:
+    """Per-layer sliding window: from layer_types when present, else Mistral's global sliding_window."""
+    n, window = config["num_hidden_layers"], config.get("sliding_window")
+    types = config.get("layer_types")
+    if types:
+        return [window if t == "sliding_attention" and window else None for t in types]
+    if config.get("use_sliding_window") is False:
+        return [None] * n
+    return [window or None] * n
+
+
+def make_spec(config: dict) -> ModelSpec:
+    arch = config["architectures"][0]
+    variant = VARIANTS[arch]
+    reject_fields(config, arch, {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1})
+    dim = head_dim(config)
+    rope = rope_spec(config, dim)
+    bias = bool(config.get("attention_bias", False))
+    qkv_bias, o_bias = variant["fixed_bias"] or (bias, bias)
+    layers = tuple(
+        LayerSpec(
+            attention=AttentionSpec(
+                num_heads=config["num_attention_heads"],
+                num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                head_dim=dim, rope=rope, qkv_bias=qkv_bias, o_bias=o_bias,
+                qk_norm=variant["qk_norm"], sliding_window=window),
+            ffn=MlpSpec(intermediate_size=config["intermediate_size"], activation="silu"))
+        for window in sliding_windows(config))
+    return ModelSpec(architecture=arch, model_type=config["model_type"], vocab_size=config["vocab_size"],
+                     hidden_size=config["hidden_size"], layers=layers,
+                     context_length=config.get("max_position_embeddings", 4096),
+                     norm_eps=config.get("rms_norm_eps", 1e-6),
+                     tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+    weights = WeightMap(spec.architecture)
+    map_table(ckpt, weights, DENSE_TABLE, spec.num_layers)
+    if spec.tie_embeddings:
+        ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
+    return weights
+
+
+register(Family("llama", tuple(VARIANTS), make_spec, map_weights,
+                notes="Llama 2/3 (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias), "
+                      "Qwen3 (q/k norm)"))
