@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import builder
 from builder.checkpoint import Checkpoint
 from builder.decoder import build_decoder
 from builder.genai_config import genai_config
@@ -15,6 +16,21 @@ from builder.spec import ModelSpec
 from builder.weights import WeightMap
 from builders import family_for, text_config
 from builders.common import reject_unconsumed
+
+
+# Written last inside the atomic folder: records how the model was made (read by `ortbuild verify` for the
+# precision-dependent tolerance and the default reference, and by `ortbuild batch` to tell a finished export of the
+# same recipe from a stale one).
+MANIFEST = "ortbuild.json"
+
+
+def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: ExportSettings) -> dict:
+    source = input_dir or model
+    if Path(source).is_dir():
+        source = str(Path(source).resolve())  # so `verify` finds the reference from any working directory
+    return {"producer": "ortbuild", "version": builder.__version__, "source": source,
+            "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
+            "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra)}
 
 
 @dataclass
@@ -62,5 +78,6 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
         generation = prepared.checkpoint.read_json("generation_config.json")
         write_json(folder / "genai_config.json", genai_config(spec, settings, prepared.config, generation, filename))
         copy_tokenizer(prepared.checkpoint.folder, folder)
+        write_json(folder / MANIFEST, manifest(model, input_dir, spec, settings))
     progress.stage(f"done: {output}")
     return output

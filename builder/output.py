@@ -8,8 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,16 +26,23 @@ EXTERNAL_DATA_SUFFIX = ".data"
 def check_destination(output: Path, overwrite: bool) -> None:
     """Refuse a non-empty output folder (unless overwrite) before any work starts."""
     if output.exists() and not output.is_dir():
-        raise OutputError(f"output path {output} exists and is not a folder.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputError(f"output path {output} exists and is not a folder (--overwrite only replaces folders). "
+                          "Remove the file or choose another -o.")
+    try:
+        non_empty = output.is_dir() and any(output.iterdir())
+    except OSError as exc:
+        raise OutputError(f"cannot list output folder {output}: {exc.strerror}. Choose another -o.") from None
+    if non_empty and not overwrite:
         raise OutputError(f"output folder {output} exists and is not empty. Pass --overwrite to replace it, or choose "
                           "another -o.")
     parent = output.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {output}: {parent} is a file, not a folder. Choose another -o.")
     if not parent.exists():
         try:
             parent.mkdir(parents=True)
         except OSError as exc:
-            raise OutputError(f"cannot create {parent}: {exc.strerror}.") from None
+            raise OutputError(f"cannot create {parent} for -o {output}: {exc.strerror}. Choose a writable -o.") from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent} (permission denied). Choose a writable -o.")
 
@@ -44,7 +51,8 @@ def _describe_oserror(exc: OSError, where: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
         return OutputError(f"disk full while writing {where}. Free space (the export needs about the model's size "
                            "twice while it writes) or choose another -o.")
-    return OutputError(f"cannot write {where}: {exc.strerror or exc}.")
+    return OutputError(f"cannot write {where}: {exc.strerror or exc}. Check that -o is on a writable disk, or choose "
+                       "another -o.")
 
 
 @contextmanager
@@ -52,13 +60,22 @@ def atomic_folder(output: Path, overwrite: bool):
     """Yield a temporary folder beside `output`; on success it replaces `output`, on any failure it is removed."""
     output = Path(output)
     check_destination(output, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.resolve().parent))
+    # os.mkdir (not tempfile.mkdtemp, which makes 0700 folders) so the renamed output gets the usual umask mode.
+    tmp = output.resolve().parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise _describe_oserror(exc, output) from None
     try:
         yield tmp
         if output.exists():
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(old)
-            tmp.rename(output)
+            try:
+                tmp.rename(output)
+            except BaseException:
+                old.rename(output)  # put the previous good output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(output)

@@ -170,3 +170,26 @@ class WeightMap:
 
     def optional(self, name: str) -> Weight | None:
         return self._weights.get(name)
+
+
+@dataclass(frozen=True)
+class InterleavedGateUp:
+    """fc1 for fused SwiGLU experts: gate and up [E, I, ...] -> [E, 2I, ...] with rows g0, u0, g1, u1, ...
+
+    ORT's MoE/QMoE with swiglu_fusion=1 (the only layout its CPU kernel accepts) expects this interleave.
+    Works for weights [E, I, H] and biases [E, I]; read expert by expert.
+    """
+
+    gate: Weight
+    up: Weight
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        e, i, *rest = self.gate.shape
+        return (e, 2 * i, *rest)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        gate, up = self.gate.rows(start, stop), self.up.rows(start, stop)
+        out = np.empty((gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]), np.float32)
+        out[:, 0::2], out[:, 1::2] = gate, up
+        return out

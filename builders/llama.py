@@ -12,7 +12,8 @@ from builder.weights import WeightMap
 from builders import Family, register
 from builders.common import head_dim, map_table, reject_fields, rope_spec
 
-DENSE_TABLE = {
+# Embedding, norms, attention and head: shared by every family with the Llama layout (dense and MoE).
+BASE_TABLE = {
     "embed.weight": "model.embed_tokens.weight",
     "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
@@ -26,11 +27,13 @@ DENSE_TABLE = {
     "layers.{i}.attn.o.bias": "model.layers.{i}.self_attn.o_proj.bias",
     "layers.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
     "layers.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "final_norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+MLP_TABLE = {
     "layers.{i}.mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "layers.{i}.mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "layers.{i}.mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "final_norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
 }
 
 # Per-architecture data. fixed_bias: (q/k/v bias, o bias) regardless of config; otherwise all four follow
@@ -54,35 +57,46 @@ def sliding_windows(config: dict) -> list[int | None]:
     return [window or None] * n
 
 
-def make_spec(config: dict) -> ModelSpec:
-    arch = config["architectures"][0]
-    variant = VARIANTS[arch]
-    reject_fields(config, arch, {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1})
+def attention_specs(config: dict, *, qk_norm: bool, fixed_bias: tuple[bool, bool] | None) -> list[AttentionSpec]:
+    """Per-layer attention for the Llama layout; fixed_bias overrides config.attention_bias (q/k/v, o)."""
     dim = head_dim(config)
     rope = rope_spec(config, dim)
     bias = bool(config.get("attention_bias", False))
-    qkv_bias, o_bias = variant["fixed_bias"] or (bias, bias)
-    layers = tuple(
-        LayerSpec(
-            attention=AttentionSpec(
-                num_heads=config["num_attention_heads"],
-                num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                head_dim=dim, rope=rope, qkv_bias=qkv_bias, o_bias=o_bias,
-                qk_norm=variant["qk_norm"], sliding_window=window),
-            ffn=MlpSpec(intermediate_size=config["intermediate_size"], activation="silu"))
-        for window in sliding_windows(config))
-    return ModelSpec(architecture=arch, model_type=config["model_type"], vocab_size=config["vocab_size"],
-                     hidden_size=config["hidden_size"], layers=layers,
+    qkv_bias, o_bias = fixed_bias or (bias, bias)
+    return [AttentionSpec(num_heads=config["num_attention_heads"],
+                          num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                          head_dim=dim, rope=rope, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
+                          sliding_window=window)
+            for window in sliding_windows(config)]
+
+
+def model_spec(config: dict, layers: tuple[LayerSpec, ...]) -> ModelSpec:
+    return ModelSpec(architecture=config["architectures"][0], model_type=config["model_type"],
+                     vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], layers=layers,
                      context_length=config.get("max_position_embeddings", 4096),
                      norm_eps=config.get("rms_norm_eps", 1e-6),
                      tie_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_base(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
-    map_table(ckpt, weights, DENSE_TABLE, spec.num_layers)
+    map_table(ckpt, weights, BASE_TABLE, spec.num_layers)
     if spec.tie_embeddings:
         ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
+    return weights
+
+
+def make_spec(config: dict) -> ModelSpec:
+    arch = config["architectures"][0]
+    reject_fields(config, arch, {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1})
+    mlp = MlpSpec(intermediate_size=config["intermediate_size"], activation="silu")
+    attentions = attention_specs(config, **VARIANTS[arch])
+    return model_spec(config, tuple(LayerSpec(attention=a, ffn=mlp) for a in attentions))
+
+
+def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+    weights = map_base(spec, ckpt)
+    map_table(ckpt, weights, MLP_TABLE, spec.num_layers)
     return weights
 
 

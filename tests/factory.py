@@ -1,0 +1,514 @@
+"""Tiny, deterministic Hugging Face checkpoints for tests (no Hub access needed).
+
+Every test that exports a model needs a checkpoint that looks like a real one on disk: bf16 safetensors
+with the tensor names real checkpoints use (transformers' ``save_pretrained`` naming, which reverses its
+in-memory weight conversions), a config.json, generation_config.json and tokenizer files.  The weights are
+random but seeded, and every 1-D weight (norms, biases, sinks, router biases) is perturbed away from its
+initial ones/zeros so that a wrong formula (``w`` vs ``1 + w``, a dropped bias) changes the logits.
+
+Public API: ``ARCHS``, ``make_checkpoint``, ``make_tokenizer``, ``make_hub_cache``, ``load_reference``,
+``encode_mxfp4``, ``decode_mxfp4``, ``build_config``, ``special_token_ids``, ``LLAMA3_ROPE``, ``CHAT_TEMPLATE``.
+Tests normally use the session-cached ``tiny_checkpoint`` fixture from conftest.py instead of calling
+``make_checkpoint`` directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class ArchRecipe:
+    """How to build one tiny architecture: the HF config type, the class real checkpoints name, the kwargs.
+
+    ``text_config_key`` is set for multimodal configs, whose decoder settings live in a nested dict.
+    """
+
+    model_type: str
+    architecture: str
+    config: dict = field(default_factory=dict)
+    text_config_key: str | None = None
+
+
+_BASE = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_hidden_layers=2, intermediate_size=128, max_position_embeddings=256, rms_norm_eps=1e-6,
+             initializer_range=0.1)
+_SLIDING_WINDOW = 8  # a 12-token prompt crosses it
+
+# Overrides for tests of rope variants real checkpoints use (pass as rope_parameters=...).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _cfg(**kw: Any) -> dict:
+    return {**_BASE, **kw}
+
+
+# Gemma 3: 5:1 local:global in real checkpoints; here [local, local, global]; linear rope scaling on global
+# layers (as the 4b/12b/27b checkpoints); query_pre_attn_scalar != head_dim (as gemma-3-27b).
+_GEMMA3_TEXT = _cfg(
+    num_hidden_layers=3, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+    sliding_window=_SLIDING_WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    query_pre_attn_scalar=32, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})
+# Gemma 4 text: global layers use a wider head (global_head_dim) and proportional partial rope.
+_GEMMA4_TEXT = _cfg(
+    num_hidden_layers=3, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+    sliding_window=_SLIDING_WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    global_head_dim=32, hidden_size_per_layer_input=0, vocab_size_per_layer_input=512,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}})
+
+ARCHS: dict[str, ArchRecipe] = {
+    "llama": ArchRecipe("llama", "LlamaForCausalLM", _cfg(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "mistral": ArchRecipe("mistral", "MistralForCausalLM", _cfg(
+        tie_word_embeddings=False, sliding_window=_SLIDING_WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2": ArchRecipe("qwen2", "Qwen2ForCausalLM", _cfg(
+        tie_word_embeddings=True, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3": ArchRecipe("qwen3", "Qwen3ForCausalLM", _cfg(
+        tie_word_embeddings=True, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen1.5/2-MoE: shared expert with a sigmoid gate, qkv bias; decoder_sparse_step=2 makes layer 0 dense.
+    "qwen2_moe": ArchRecipe("qwen2_moe", "Qwen2MoeForCausalLM", _cfg(
+        tie_word_embeddings=False, use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64, decoder_sparse_step=2,
+        norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen3-MoE: normalized top-k, q/k norm; mlp_only_layers=[0] makes layer 0 dense.
+    "qwen3_moe": ArchRecipe("qwen3_moe", "Qwen3MoeForCausalLM", _cfg(
+        tie_word_embeddings=False, use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, mlp_only_layers=[0], norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mixtral": ArchRecipe("mixtral", "MixtralForCausalLM", _cfg(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # gpt-oss: attention sinks, biases everywhere, clamped swiglu experts, alternating sliding/full, yarn.
+    "gpt_oss": ArchRecipe("gpt_oss", "GptOssForCausalLM", _cfg(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        attention_bias=True, sliding_window=_SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "original_max_position_embeddings": 64, "truncate": False})),
+    "gemma": ArchRecipe("gemma", "GemmaForCausalLM", _cfg(
+        tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Gemma 2: softcaps, query_pre_attn_scalar != head_dim (as gemma-2-27b), alternating sliding/full.
+    "gemma2": ArchRecipe("gemma2", "Gemma2ForCausalLM", _cfg(
+        tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh", sliding_window=_SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "gemma3": ArchRecipe("gemma3_text", "Gemma3ForCausalLM", _GEMMA3_TEXT),
+    "gemma3_vlm": ArchRecipe("gemma3", "Gemma3ForConditionalGeneration", {
+        "text_config": _GEMMA3_TEXT,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
+                          "vision_use_head": False},
+        "mm_tokens_per_image": 4, "boi_token_index": 509, "eoi_token_index": 510, "image_token_index": 511,
+        "tie_word_embeddings": True,
+    }, text_config_key="text_config"),
+    "gemma4": ArchRecipe("gemma4_text", "Gemma4ForCausalLM", _GEMMA4_TEXT),
+    "gemma4_moe": ArchRecipe("gemma4_text", "Gemma4ForCausalLM", {
+        **_GEMMA4_TEXT, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+        "moe_intermediate_size": 32}),
+    "gemma4_vlm": ArchRecipe("gemma4", "Gemma4ForConditionalGeneration", {
+        "text_config": _GEMMA4_TEXT,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                          "patch_size": 4, "pooling_kernel_size": 2, "position_embedding_size": 64},
+        "boi_token_id": 506, "eoi_token_id": 507, "image_token_id": 508, "video_token_id": 509,
+        "boa_token_id": 510, "eoa_token_index": 511, "audio_token_id": 505, "tie_word_embeddings": True,
+    }, text_config_key="text_config"),
+}
+
+__all__ = [
+    "ARCHS",
+    "LLAMA3_ROPE",
+    "ArchRecipe",
+    "make_checkpoint",
+    "make_tokenizer",
+    "make_hub_cache",
+    "load_reference",
+    "encode_mxfp4",
+    "decode_mxfp4",
+    "build_config",
+    "special_token_ids",
+    "CHAT_TEMPLATE",
+]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NOISE_STD = 0.25  # perturbation of 1-D/0-D weights: big enough that w vs 1+w or a dropped bias shows up
+MIN_NOISE = 0.03
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+_SPECIALS = [UNK, BOS, EOS, PAD]  # trained first, so their ids are 0..3
+TOKENIZER_VOCAB = 384
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog while the small cat sleeps in the warm afternoon sun.
+A model turns numbers into words, and words into numbers again; the tokenizer is where that journey starts.
+Once upon a time there was a little village by the river. Every morning the baker opened his shop,
+the children ran to school, and the old fisherman pushed his boat into the cold, clear water.
+Hello! How are you today? I am fine, thank you. What is your name? My name is Ada, and I like to read.
+Weather report: cloudy in the north, sunny in the south, with light rain expected over the mountains tonight.
+To make bread, mix flour, water, salt and yeast. Let the dough rest for one hour, then bake it for forty minutes.
+The history of computing is a story of people who wanted machines to help them think faster and remember more.
+Numbers such as 1, 2, 3, 10, 42, 100 and 2024 appear in many texts, as do dates like March 5 and July 21.
+She said that the meeting would start at nine o'clock, but nobody arrived before half past nine.
+In the garden there are roses, tulips, apple trees and a tall green hedge that hides the road from view.
+Questions and answers: Why is the sky blue? Because air scatters blue light more than red light.
+Good morning, good evening, good night. Please, thank you, sorry, excuse me, welcome back, see you soon.
+The train left the station slowly, then faster and faster, until the houses outside became a grey blur.
+"""
+
+
+def special_token_ids() -> dict[str, int]:
+    """Ids of the special tokens in every factory tokenizer (fixed by training order)."""
+    return {tok: i for i, tok in enumerate(_SPECIALS)}
+
+
+def make_tokenizer(out_dir: Path) -> None:
+    """Train a small byte-level BPE on the built-in text and save it the way real checkpoints ship it.
+
+    Byte-level BPE never needs ``<unk>`` (every byte has a token), so any text round-trips.  The files are
+    tokenizer.json, tokenizer_config.json (with ``chat_template`` and a tokenizer_class that older readers
+    and onnxruntime-genai know), chat_template.jinja and special_tokens_map.json.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=list(_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_CORPUS.splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["model_max_length"] = _BASE["max_position_embeddings"]
+    cfg["add_bos_token"] = False
+    _write_json(cfg_path, cfg)
+    _write_json(out_dir / "special_tokens_map.json",
+                {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK})
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def build_config(arch: str, **config_overrides: Any):
+    """The transformers config object for ``arch`` with the tiny recipe plus ``config_overrides``.
+
+    For multimodal recipes an override whose key is not a top-level recipe key goes into ``text_config``
+    (that is where hidden_size, num_hidden_layers ... live), so the same override works for every arch.
+    """
+    from transformers import AutoConfig
+
+    recipe = _recipe(arch)
+    config = AutoConfig.for_model(recipe.model_type, **_config_kwargs(recipe, config_overrides))
+    config.architectures = [recipe.architecture]
+    return config
+
+
+def _config_kwargs(recipe: ArchRecipe, overrides: dict[str, Any]) -> dict[str, Any]:
+    cfg = copy.deepcopy(recipe.config)
+    tok = special_token_ids()
+    ids = {"bos_token_id": tok[BOS], "eos_token_id": tok[EOS], "pad_token_id": tok[PAD]}
+    text = cfg.setdefault(recipe.text_config_key, {}) if recipe.text_config_key else cfg
+    for key, value in ids.items():
+        text.setdefault(key, value)
+    for key, value in overrides.items():
+        if recipe.text_config_key and key not in cfg:
+            text[key] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def _config_json(arch: str, config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.json content: transformers' ``to_dict`` plus any key it consumed without storing.
+
+    Some configs turn legacy keys into new structures in ``__post_init__`` (Gemma 4 turns
+    ``global_head_dim`` into ``per_layer_config``); released checkpoints carry the legacy key, so keep both.
+    """
+    recipe = _recipe(arch)
+    given = _config_kwargs(recipe, overrides)
+    out = config.to_dict()
+    out.pop("transformers_version", None)  # keep files independent of the installed version
+    pairs = [(given, out)]
+    if recipe.text_config_key:
+        pairs.append((given[recipe.text_config_key], out[recipe.text_config_key]))
+    for src, dst in pairs:
+        for key, value in src.items():
+            dst.setdefault(key, value)
+    return out
+
+
+def _recipe(arch: str) -> ArchRecipe:
+    if arch not in ARCHS:
+        raise KeyError(f"unknown test architecture {arch!r}; tests/factory_recipes.py defines: {sorted(ARCHS)}")
+    return ARCHS[arch]
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def _build_model(config, seed: int):
+    """Instantiate the model with seeded init, then perturb every 1-D/0-D parameter with seeded noise."""
+    import transformers
+
+    cls = getattr(transformers, config.architectures[0])
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = cls(config)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # state_dict(keep_vars) covers parameters and persistent buffers (e.g. Gemma 4's layer_scalar)
+        for _, param in sorted(model.state_dict(keep_vars=True).items()):
+            if param.ndim <= 1 and param.is_floating_point():
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * NOISE_STD
+                # at least a few bf16 ulps away from the init value, so every element survives the cast moved
+                noise = torch.where(noise.abs() < MIN_NOISE, MIN_NOISE * torch.sign(noise + 1e-12), noise)
+                param.add_(noise.to(param.dtype))
+    return model
+
+
+def _on_disk_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors exactly as ``save_pretrained`` names them (tied weights dropped, conversions reversed)."""
+    from safetensors.torch import load_file
+
+    model = model.to(dtype)
+    with tempfile.TemporaryDirectory(prefix="factory-save-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            tensors.update(load_file(f))
+    return {k: v.contiguous() for k, v in sorted(tensors.items())}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int) -> None:
+    """One file, or ``shards`` files of whole tensors plus the index json real sharded checkpoints carry."""
+    from safetensors.torch import save_file
+
+    names = sorted(tensors)
+    if shards < 1 or shards > len(names):
+        raise ValueError(f"shards={shards} must be between 1 and the tensor count ({len(names)})")
+    meta = {"format": "pt"}
+    if shards == 1:
+        save_file({n: tensors[n] for n in names}, str(out_dir / "model.safetensors"), metadata=meta)
+        return
+    # Contiguous runs of the sorted names so each shard holds whole tensors and none is empty.
+    groups = [list(g) for g in np.array_split(np.array(names, dtype=object), shards)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, group in enumerate(groups, start=1):
+        fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, str(out_dir / fname), metadata=meta)
+        for n in group:
+            weight_map[n] = fname
+            total += tensors[n].numel() * tensors[n].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- MXFP4
+
+# e2m1 magnitudes indexed by the low three bits of a nibble; bit 3 is the sign (OCP MX spec, and the
+# lookup table transformers' integrations/mxfp4.py dequantizes with).
+_FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+_FP4_VALUES = np.concatenate([_FP4_MAGNITUDES, -_FP4_MAGNITUDES])
+MXFP4_BLOCK = 32
+
+
+def encode_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``w`` (..., K) to MXFP4 blocked along the last axis, the layout of openai/gpt-oss files.
+
+    Returns ``blocks`` uint8 (..., K/32, 16) — element 2j in the low nibble, 2j+1 in the high nibble —
+    and ``scales`` uint8 (..., K/32), an e8m0 exponent with bias 127 (value = 2**(scale - 127)).
+    The exponent is the smallest one for which the block's max magnitude fits fp4's max of 6.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.shape[-1] % MXFP4_BLOCK:
+        raise ValueError(f"encode_mxfp4: last axis {w.shape[-1]} is not a multiple of {MXFP4_BLOCK}")
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax = np.abs(blocks).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        exp = np.where(amax > 0, np.ceil(np.log2(amax / 6.0)), -127.0)
+    exp = np.clip(exp, -127, 127).astype(np.int32)
+    q = blocks / np.exp2(exp)[..., None].astype(np.float32)
+    mag_idx = np.abs(np.abs(q)[..., None] - _FP4_MAGNITUDES).argmin(axis=-1).astype(np.uint8)
+    codes = mag_idx | np.where((q < 0) & (mag_idx > 0), 8, 0).astype(np.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.astype(np.uint8), (exp + 127).astype(np.uint8)
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode_mxfp4`: (..., G, 16) uint8 + (..., G) uint8 -> float32 (..., G*32)."""
+    blocks = np.asarray(blocks, dtype=np.uint8)
+    scales = np.asarray(scales, dtype=np.uint8)
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != MXFP4_BLOCK // 2:
+        raise ValueError(f"decode_mxfp4: blocks {blocks.shape} and scales {scales.shape} do not match "
+                         f"(expected blocks = scales.shape + ({MXFP4_BLOCK // 2},))")
+    vals = np.empty(blocks.shape[:-1] + (MXFP4_BLOCK,), dtype=np.float32)
+    vals[..., 0::2] = _FP4_VALUES[blocks & 0x0F]
+    vals[..., 1::2] = _FP4_VALUES[blocks >> 4]
+    vals *= np.exp2(scales.astype(np.float32) - 127.0)[..., None]
+    return vals.reshape(*blocks.shape[:-2], -1)
+
+
+_MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def _to_mxfp4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace gpt-oss expert weights by ``*_blocks``/``*_scales`` as in the original openai checkpoints.
+
+    In memory (and in bf16 files) ``gate_up_proj`` is [E, hidden, 2*inter] and ``down_proj`` [E, inter,
+    hidden], i.e. (in, out); the MXFP4 files store (out, in) blocked along ``in``: gate_up blocks are
+    [E, 2*inter, hidden/32, 16], down blocks [E, hidden, inter/32, 16].  Gate/up stay interleaved.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            w = t.float().numpy().transpose(0, 2, 1)
+            blocks, scales = encode_mxfp4(w)
+            out[name + "_blocks"] = torch.from_numpy(np.ascontiguousarray(blocks))
+            out[name + "_scales"] = torch.from_numpy(np.ascontiguousarray(scales))
+        else:
+            out[name] = t
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+
+
+def make_checkpoint(arch: str, out_dir: Path, *, seed: int = 0, shards: int = 1, mxfp4: bool = False,
+                    dtype: str = "bfloat16", **config_overrides: Any) -> Path:
+    """Write a tiny checkpoint folder for ``arch`` (see ``ARCHS``) and return ``out_dir``.
+
+    Deterministic: the same arguments give byte-identical files.  ``mxfp4=True`` (gpt_oss only) stores the
+    experts as MXFP4 blocks/scales with a ``quantization_config`` like openai/gpt-oss-20b.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} not supported; use one of {sorted(_DTYPES)}")
+    if mxfp4 and arch != "gpt_oss":
+        raise ValueError(f"mxfp4=True is only meaningful for gpt_oss (got arch={arch!r})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("model*.safetensors"), *out_dir.glob("model.safetensors.index.json")]:
+        stale.unlink()  # a rebuild with another shard count must not leave a second copy of the weights
+    config = build_config(arch, **config_overrides)
+    config.dtype = dtype
+    model = _build_model(config, seed)
+    tensors = _on_disk_tensors(model, _DTYPES[dtype])
+    if mxfp4:
+        tensors = _to_mxfp4(tensors)
+    _write_safetensors(tensors, out_dir, shards)
+
+    cfg_dict = _config_json(arch, config, config_overrides)
+    if mxfp4:
+        cfg_dict["quantization_config"] = {"quant_method": "mxfp4",
+                                           "modules_to_not_convert": list(_MXFP4_NOT_CONVERTED)}
+    _write_json(out_dir / "config.json", cfg_dict)
+    tok = special_token_ids()
+    _write_json(out_dir / "generation_config.json", {
+        "bos_token_id": tok[BOS], "eos_token_id": tok[EOS], "pad_token_id": tok[PAD], "do_sample": False,
+    })
+    make_tokenizer(out_dir)
+    return out_dir
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_reference(checkpoint_dir: Path, dtype: torch.dtype = torch.float32):
+    """The transformers model (eval mode) for a factory folder; MXFP4 experts are dequantized on CPU."""
+    import transformers
+
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = json.loads((checkpoint_dir / "config.json").read_text())
+    cls = getattr(transformers, cfg["architectures"][0])
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.get("quantization_config", {}).get("quant_method") == "mxfp4":
+        kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model = cls.from_pretrained(str(checkpoint_dir), **kwargs)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- hub cache
+
+
+def make_hub_cache(checkpoint_dir: Path, cache_dir: Path, repo_id: str) -> Path:
+    """Lay ``checkpoint_dir`` out as huggingface_hub's cache does and return the snapshot folder.
+
+    ``models--{org}--{name}/blobs/<sha256>`` holds the bytes, ``snapshots/<commit>/<file>`` are relative
+    symlinks into blobs, and ``refs/main`` names the commit — what ``snapshot_download`` resolves offline.
+    The commit hash is derived from the file contents so the layout is deterministic.
+    """
+    checkpoint_dir, cache_dir = Path(checkpoint_dir), Path(cache_dir)
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo_id {repo_id!r} must look like 'org/name'")
+    repo_root = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file())
+    commit_hash = hashlib.sha1()
+    digests = {}
+    for p in files:
+        digest = _sha256(p)
+        rel = p.relative_to(checkpoint_dir).as_posix()
+        digests[rel] = digest
+        commit_hash.update(f"{rel}\0{digest}\n".encode())
+    commit = commit_hash.hexdigest()
+    blobs = repo_root / "blobs"
+    snapshot = repo_root / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    for rel, digest in digests.items():
+        blob = blobs / digest
+        if not blob.exists():
+            shutil.copyfile(checkpoint_dir / rel, blob)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo_root / "refs").mkdir(exist_ok=True)
+    (repo_root / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
