@@ -81,6 +81,17 @@ def _qmoe_block_size_check(value: int) -> str | None:
     return None
 
 
+def _filename_check(value: str) -> str | None:
+    """A bare file name: a path would write outside the temporary output folder (and survive a failed export)."""
+    from builder.output import TOKENIZER_FILES  # local import: keeps onnx_ir out of CLI start-up
+
+    if not value or value in (".", "..") or "/" in value or "\\" in value or value.startswith("."):
+        return "give a plain file name such as model.onnx (no folders, not hidden); -o chooses the folder."
+    if value in ("genai_config.json", *TOKENIZER_FILES):
+        return f"{value} is one of the files ortbuild writes beside the model; choose another name such as model.onnx."
+    return None
+
+
 def _mixed_precision_check(value: str) -> str | None:
     from builder.quant.plan import parse_mixed_precision  # local import: plan imports this module
 
@@ -124,11 +135,15 @@ OPTIONS: tuple[Option, ...] = (
            "QMoE expert scales: block size along K (16..256), or <= 0 for per-channel scales.",
            check=_qmoe_block_size_check),
     Option("qmoe_weights_prepacked", "int", -1,
-           "CUDA QMoE weight layout: -1 auto (attribute omitted), 0 raw (ORT prepacks at load), "
-           "1 offline CUTLASS mixed-GEMM prepacked layout. CUDA only.", choices=(-1, 0, 1)),
-    Option("qmoe_prepack_arch", "int", 90, "GPU architecture of the offline QMoE prepack layout (SM80 or SM90).",
-           choices=(80, 90)),
-    Option("filename", "str", "model.onnx", "File name of the ONNX model inside the output folder."),
+           "CUDA QMoE expert layout: -1 auto (ship the offline SM80 CUTLASS layout, attribute omitted — ORT reads an "
+           "omitted attribute as 'already prepacked'), 0 raw [E, N, K/pack] (ORT prepacks at session load), "
+           "1 offline prepacked with the attribute written. CUDA only.", choices=(-1, 0, 1)),
+    Option("qmoe_prepack_arch", "int", 80,
+           "Layout of offline-prepacked QMoE weights. ONNX Runtime 1.31's CUDA QMoE runs its SM80 grouped GEMM on "
+           "every GPU (Hopper included) and reads the SM80 layout; the SM90 layout (90) is only read by MatMulNBits, "
+           "so 90 is rejected for QMoE.", choices=(80, 90)),
+    Option("filename", "str", "model.onnx", "File name of the ONNX model inside the output folder.",
+           check=_filename_check),
 )
 
 BY_NAME = {opt.name: opt for opt in OPTIONS}

@@ -25,7 +25,7 @@ EPS = ("cpu", "cuda")
 class MoeQuant:
     bits: int | None  # None: float experts (MoE op); 4/8: QMoE
     block_size: int  # <= 0: per-channel
-    prepacked: int  # -1 omit attribute, 0 raw, 1 offline prepacked (CUDA only)
+    prepacked: int  # -1 auto (prepacked bytes, attribute omitted), 0 raw, 1 prepacked + attribute (CUDA only)
     prepack_arch: int
 
 
@@ -72,6 +72,10 @@ class ExportSettings:
         if ep != "cuda" and "qmoe_weights_prepacked" in given and given["qmoe_weights_prepacked"] != -1:
             raise UsageError("qmoe_weights_prepacked applies to -e cuda only (the CPU QMoE kernel has a single layout "
                              "and the attribute would be ignored). Drop the option or export with -e cuda.")
+        if extra["qmoe_prepack_arch"] == 90:
+            raise UsageError("qmoe_prepack_arch=90: ONNX Runtime's CUDA QMoE reads the SM80 CUTLASS layout on every GPU, "
+                             "Hopper (SM90) included; SM90-layout expert weights give wrong results (measured on an "
+                             "H100). Use qmoe_prepack_arch=80 (the default).")
         moe_bits = None
         if precision in ("int4", "int8"):
             moe_bits = extra["moe_quant_bits"] or (4 if precision == "int4" else 8)
@@ -79,8 +83,9 @@ class ExportSettings:
         return cls(precision=precision, ep=ep, io_dtype=io_dtype, fuse_qk_norm=bool(fuse), moe=moe,
                    extra=MappingProxyType(extra))
 
-    def with_plan(self, num_layers: int) -> "ExportSettings":
+    def with_plan(self, num_layers: int, **model_facts) -> "ExportSettings":
+        """Attach the QuantPlan; model_facts (tied_embeddings, linear_attn_layers, model) come from the spec."""
         from dataclasses import replace
 
-        plan = QuantPlan.from_options(self.precision, dict(self.extra), self.ep, num_layers)
+        plan = QuantPlan.from_options(self.precision, dict(self.extra), self.ep, num_layers, **model_facts)
         return replace(self, plan=plan)

@@ -54,6 +54,11 @@ class ExpertQuantSource:
         return np.concatenate(self._scales, axis=0)
 
 
+def prepacked_layout(ctx: LayerContext) -> bool:
+    """CUDA QMoE reads an omitted weights_prepacked as "already prepacked" (ORT 1.31), so auto ships prepacked bytes."""
+    return ctx.settings.ep == "cuda" and ctx.settings.moe.prepacked != 0
+
+
 def _expert_weights(ctx: LayerContext, name: str, weight: Weight) -> tuple[ir.Value, ir.Value | None]:
     """Float initializer, or (packed, scales) for QMoE."""
     moe = ctx.settings.moe
@@ -61,9 +66,11 @@ def _expert_weights(ctx: LayerContext, name: str, weight: Weight) -> tuple[ir.Va
         return ctx.float_initializer(name, weight), None
     e, n, k = weight.shape
     block = moe.block_size if moe.block_size > 0 else 0
-    prepack = moe.prepack_arch if (ctx.settings.ep == "cuda" and moe.prepacked == 1) else None
+    prepack = moe.prepack_arch if prepacked_layout(ctx) else None
     source = ExpertQuantSource(weight, moe.bits, block, name, prepack)
-    packed = ctx.g.streamed(f"{name}.qweight", ir.DataType.UINT8, (e, n, k * moe.bits // 8), source.packed_blocks)
+    # the CUTLASS layout is stored [E, K, N*bits/8], the shape ORT's own packers emit
+    shape = (e, k, n * moe.bits // 8) if prepack else (e, n, k * moe.bits // 8)
+    packed = ctx.g.streamed(f"{name}.qweight", ir.DataType.UINT8, shape, source.packed_blocks)
     scale_shape = (e, n, k // block) if block else (e, n)
     numpy_dtype = ctx.settings.numpy_dtype
     scales = ctx.g.streamed(f"{name}.scales", ctx.settings.ir_dtype, scale_shape,
@@ -82,6 +89,17 @@ def _shared_expert(ctx: LayerContext, flat: ir.Value, index: int, moe: MoeSpec) 
                                                                      (1, ctx.spec.hidden_size)), FLOAT)
             out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
     return out
+
+
+def _check_cuda_sizes(ctx: LayerContext, index: int, moe: MoeSpec) -> None:
+    from builder.errors import UnsupportedModelError
+
+    hidden, inter = ctx.spec.hidden_size, moe.intermediate_size
+    if hidden % 64 or inter % 64:
+        raise UnsupportedModelError(
+            f"layers.{index}.moe: CUDA QMoE needs hidden size and expert intermediate size to be multiples of 64 "
+            f"(CUTLASS K tile); this model has hidden {hidden}, intermediate {inter}. Export int4/int8 for -e cpu, or "
+            "use -p fp16/bf16 for cuda.")
 
 
 def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
@@ -115,6 +133,8 @@ def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Va
         while inputs[-1] is None:
             inputs.pop()
         prepacked = settings.moe.prepacked if settings.ep == "cuda" and settings.moe.prepacked >= 0 else None
+        if settings.ep == "cuda":
+            _check_cuda_sizes(ctx, index, moe)
         out = g.ms("QMoE", inputs, expert_weight_bits=settings.moe.bits,
                    block_size=settings.moe.block_size if settings.moe.block_size > 0 else None,
                    weights_prepacked=prepacked, **attrs)
