@@ -36,7 +36,8 @@ class ExpertQuantSource:
         return max(1, EXPERT_BLOCK_BYTES // per_expert)
 
     def packed_blocks(self):
-        from builder.quant.moe import prepack_for_cuda, quantize_experts
+        from builder.quant.cuda_layout import prepack_for_cuda
+        from builder.quant.moe import quantize_experts
 
         self._scales = []
         experts, step = self.weight.shape[0], self._expert_step()
