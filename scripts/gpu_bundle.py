@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Prepare the CUDA-EP parity bundle on a CPU machine: tiny checkpoints -> cuda exports + transformers fp32 references.
+
+The GPU machine then needs only numpy, onnx and onnxruntime-gpu (scripts/gpu_check.py): exporting and the
+transformers reference both run here, so the GPU side never depends on its own transformers/onnx-ir versions.
+
+    python scripts/gpu_bundle.py --out .gpu_bundle        # then carry .gpu_bundle to the GPU machine
+    python scripts/gpu_check.py .gpu_bundle --out $OUT    # there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import factory  # noqa: E402
+import parity  # noqa: E402
+
+# (name, arch, factory overrides, factory kwargs, precision, extra options)
+MOE64 = {"moe_intermediate_size": 64}
+CONFIGS = [
+    ("qwen3-fp16-fusedqk", "qwen3", {}, {}, "fp16", []),
+    ("qwen3-fp16-unfusedqk", "qwen3", {}, {}, "fp16", ["fuse_qk_norm_gqa=false"]),
+    ("qwen3-bf16-fusedqk", "qwen3", {}, {}, "bf16", []),
+    ("qwen3-int4", "qwen3", {}, {}, "int4", []),
+    ("llama-fp16", "llama", {}, {}, "fp16", []),
+    ("qwen3_moe-fp16", "qwen3_moe", MOE64, {}, "fp16", []),
+    ("qwen3_moe-bf16", "qwen3_moe", MOE64, {}, "bf16", []),
+    ("qwen3_moe-int4-auto", "qwen3_moe", MOE64, {}, "int4", []),
+    ("qwen3_moe-int4-raw", "qwen3_moe", MOE64, {}, "int4", ["qmoe_weights_prepacked=0"]),
+    ("qwen2_moe-int4", "qwen2_moe", MOE64, {}, "int4", []),
+    ("mixtral-fp16", "mixtral", {}, {}, "fp16", []),
+    ("gpt_oss-fp16", "gpt_oss", {"intermediate_size": 64}, {}, "fp16", []),
+    ("gpt_oss-bf16", "gpt_oss", {"intermediate_size": 64}, {}, "bf16", []),
+    ("gpt_oss-int4-auto", "gpt_oss", {"intermediate_size": 64}, {}, "int4", []),
+    ("gpt_oss-int4-prepacked1", "gpt_oss", {"intermediate_size": 64}, {}, "int4", ["qmoe_weights_prepacked=1"]),
+    ("gpt_oss-int4-raw", "gpt_oss", {"intermediate_size": 64}, {}, "int4", ["qmoe_weights_prepacked=0"]),
+    ("gpt_oss-int4-perchannel", "gpt_oss", {"intermediate_size": 64}, {}, "int4", ["qmoe_block_size=0"]),
+    ("gpt_oss_mxfp4-int4", "gpt_oss", {"intermediate_size": 64}, {"mxfp4": True}, "int4", []),
+    ("gpt_oss_mxfp4-fp16", "gpt_oss", {"intermediate_size": 64}, {"mxfp4": True}, "fp16", []),
+    ("gemma3-fp16-fusedqk", "gemma3", {}, {}, "fp16", []),
+    ("gemma3-bf16-fusedqk", "gemma3", {}, {}, "bf16", []),
+    ("gemma2-fp16", "gemma2", {}, {}, "fp16", []),
+]
+DECODE_STEPS = 4
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / ".gpu_bundle")
+    parser.add_argument("--only", nargs="*", help="config names to include")
+    args = parser.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    manifest, work = [], Path(tempfile.mkdtemp())
+    references: dict[tuple, tuple] = {}
+    for name, arch, overrides, kwargs, precision, extra in CONFIGS:
+        if args.only and name not in args.only:
+            continue
+        entry = {"name": name, "arch": arch, "precision": precision, "extra": extra}
+        try:
+            key = (arch, json.dumps(overrides, sort_keys=True), json.dumps(kwargs, sort_keys=True))
+            ckpt = work / ("ckpt-" + str(abs(hash(key))))
+            if not ckpt.exists():
+                factory.make_checkpoint(arch, ckpt, **kwargs, **overrides)
+            if key not in references:
+                model = parity.load_hf(ckpt)
+                tokens = parity.hf_greedy(model, parity.PROMPT_IDS, DECODE_STEPS)
+                references[key] = (tokens, parity.hf_logits(model, parity.PROMPT_IDS + tokens))
+            tokens, logits = references[key]
+            parity.export(ckpt, args.out / name, precision, "cuda", extra)
+            np.save(args.out / name / "reference_logits.npy", logits)
+            entry.update(prompt=parity.PROMPT_IDS, decode_tokens=tokens, status="exported")
+        except Exception as exc:  # keep going: the GPU run reports what could not be exported
+            entry.update(status="export failed", error=f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        print(f"{name}: {entry['status']}", flush=True)
+        manifest.append(entry)
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"bundle: {args.out} ({size / 2**20:.1f} MiB, {len(manifest)} configs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

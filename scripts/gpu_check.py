@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Run a bundle made by scripts/gpu_bundle.py through ONNX Runtime's CUDA EP and compare with the references.
+
+Needs only numpy, onnx and onnxruntime-gpu. For each exported model: a prompt pass (empty KV cache) and the decode
+steps (present -> past, OrtValues kept on the ORT side), max-abs logit error against transformers fp32 and top-1
+agreement at every position. bf16 models get a Cast on their logits in a side copy of model.onnx (numpy has no
+bf16). Prints a table and writes results.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def _float_logits_model(folder: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    if logits.type.tensor_type.elem_type == TensorProto.FLOAT:
+        return folder / "model.onnx"
+    for node in model.graph.node:
+        node.output[:] = ["logits_native" if o == "logits" else o for o in node.output]
+    model.graph.node.append(helper.make_node("Cast", ["logits_native"], ["logits"], to=TensorProto.FLOAT))
+    logits.type.tensor_type.elem_type = TensorProto.FLOAT
+    path = folder / "model_fp32_logits.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def run_one(folder: Path, entry: dict, provider: str) -> dict:
+    import onnxruntime as ort
+
+    path = _float_logits_model(folder)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=[provider])
+    used = session.get_providers()[0]
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    elem = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    out_names = [o.name for o in session.get_outputs()]
+    reference = np.load(folder / "reference_logits.npy")
+    ids, tokens = entry["prompt"], entry["decode_tokens"]
+
+    def empty(p):
+        shape = [1, p.shape[1], 0, p.shape[3]]
+        if p.type == "tensor(bfloat16)":
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, 16)  # TensorProto.BFLOAT16
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, elem[p.type]))
+
+    feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(np.array([ids], np.int64)),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, len(ids)), np.int64))}
+    feed.update({p.name: empty(p) for p in pasts})
+    start = time.perf_counter()
+    outputs = dict(zip(out_names, session.run_with_ort_values(out_names, feed)))
+    logits = [outputs["logits"].numpy()[0]]
+    total = len(ids)
+    for token in tokens:
+        total += 1
+        feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(np.array([[token]], np.int64)),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, total), np.int64))}
+        feed.update({p.name: outputs[p.name.replace("past_key_values.", "present.")] for p in pasts})
+        outputs = dict(zip(out_names, session.run_with_ort_values(out_names, feed)))
+        logits.append(outputs["logits"].numpy()[0])
+    seconds = time.perf_counter() - start
+    ours = np.concatenate(logits, axis=0).astype(np.float32)
+    err = np.abs(ours - reference)
+    agree = int((ours.argmax(-1) == reference.argmax(-1)).sum())
+    n_prompt = len(ids)
+    return {"provider": used, "prompt_max_abs": float(err[:n_prompt].max()),
+            "decode_max_abs": float(err[n_prompt:].max()) if len(tokens) else 0.0,
+            "top1_agree": f"{agree}/{len(reference)}", "reference_logit_std": float(reference.std()),
+            "seconds": round(seconds, 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--provider", default="CUDAExecutionProvider")
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    results = []
+    for entry in manifest:
+        row = {k: entry[k] for k in ("name", "precision", "extra")}
+        if entry["status"] != "exported":
+            row.update(status=entry["status"], error=entry.get("error"))
+        else:
+            try:
+                row.update(status="ok", **run_one(args.bundle / entry["name"], entry, args.provider))
+            except Exception as exc:
+                row.update(status="run failed", error=f"{type(exc).__name__}: {exc}"[:500])
+                traceback.print_exc()
+        results.append(row)
+        if row["status"] == "ok":
+            print(f"{row['name']:28s} {row['provider'][:4]} prompt {row['prompt_max_abs']:.3e} decode "
+                  f"{row['decode_max_abs']:.3e} top1 {row['top1_agree']} (ref std {row['reference_logit_std']:.2f})",
+                  flush=True)
+        else:
+            print(f"{row['name']:28s} {row['status']}: {row.get('error')}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
