@@ -1,14 +1,13 @@
 """Checkpoint: a lazy view of a Hugging Face safetensors checkpoint (local folder or Hub cache, single or sharded).
 
-Tensors are never loaded whole unless asked: a TensorRef reads any range of rows straight from the file with
-`os.pread`, so memory holds only the rows being converted (no mmap that grows with the page cache, no torch).
+Tensors are never loaded whole unless asked: a TensorRef reads any range of rows straight from the file into a
+numpy buffer, so memory holds only the rows being converted (no mmap that grows with the page cache, no torch).
 The checkpoint also records which tensors were consumed, so a family mapping that forgets a tensor fails loudly.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +61,30 @@ class TensorRef:
         row_items = int(np.prod(shape[1:], dtype=np.int64))
         itemsize = self.numpy_dtype.itemsize
         count = (stop - start) * row_items * itemsize
-        with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), count, self.offset + start * row_items * itemsize)
-        if len(data) != count:
+        # Read straight into a writable numpy buffer (no bytes object to copy from), looping because one read()
+        # returns at most ~2 GiB on Linux; each call opens its own descriptor, so threads may read side by side.
+        data = np.empty(count, np.uint8)
+        view, done = memoryview(data), 0
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset + start * row_items * itemsize)
+                while done < count:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        break
+                    done += got
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.name} ({exc.strerror or exc}). Check that the "
+                                  "checkpoint files are still there and readable.") from None
+        if done != count:
             raise CheckpointError(f"{self.path.name}: tensor {self.name} is truncated (wanted {count} bytes at offset "
                                   f"{self.offset}, file ended early). Re-download the file.")
-        array = np.frombuffer(data, dtype=self.numpy_dtype).reshape((stop - start, *shape[1:]))
+        array = data.view(self.numpy_dtype).reshape((stop - start, *shape[1:]))
         return array if self.shape else array.reshape(())
 
     def read_float(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows as float32 (bf16/fp16 widen exactly)."""
-        return self.read(start, stop).astype(np.float32)
+        """Rows as float32 (bf16/fp16 widen exactly; float32 data is returned as read, without a copy)."""
+        return self.read(start, stop).astype(np.float32, copy=False)
 
 
 def read_header(path: Path) -> dict[str, TensorRef]:
@@ -92,16 +104,28 @@ def read_header(path: Path) -> dict[str, TensorRef]:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc}). Re-download the file.") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object "
+                              "mapping tensor names to dtype/shape/offsets). Re-download the file.")
     header.pop("__metadata__", None)
     base = 8 + header_len
     refs = {}
     for name, info in header.items():
-        dtype = info.get("dtype")
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype}, which ortbuild cannot read.")
-        start, end = info["data_offsets"]
-        ref = TensorRef(name, path, dtype, tuple(int(d) for d in info["shape"]), base + start)
-        if end - start != ref.nbytes or base + end > size:
+        try:
+            dtype = info.get("dtype")
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+            raise CheckpointError(f"{path}: corrupt safetensors header: the entry for tensor {name!r} lacks a valid "
+                                  f"dtype/shape/data_offsets ({str(info)[:80]}). Re-download the file.") from None
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype}, which ortbuild cannot read "
+                                  f"(readable: {', '.join(_DTYPES)}).")
+        ref = TensorRef(name, path, dtype, shape, base + start)
+        if min(shape, default=0) < 0 or start < 0 or end - start != ref.nbytes:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} (shape {list(shape)}, {dtype}) "
+                                  f"has data_offsets [{start}, {end}], which do not fit its shape. Re-download the file.")
+        if base + end > size:
             raise CheckpointError(f"{path.name}: tensor {name} (shape {list(ref.shape)}, {dtype}) extends past the end "
                                   f"of the file ({size} bytes): the file is truncated. Re-download it.")
         refs[name] = ref
@@ -139,8 +163,13 @@ class Checkpoint:
                                   "config.json and *.safetensors files.")
         try:
             config = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: invalid JSON ({exc}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: invalid JSON ({exc}). Re-download the checkpoint's config.json.") from None
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror}).") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: expected a JSON object of model settings, found a JSON "
+                                  f"{type(config).__name__}. Re-download the checkpoint's config.json.")
         if config.get("auto_map"):
             raise UnsupportedModelError(
                 f"{path}: the config asks for custom code (auto_map: {sorted(config['auto_map'])}), i.e. "
@@ -151,7 +180,13 @@ class Checkpoint:
         index_path = self.folder / "model.safetensors.index.json"
         refs: dict[str, TensorRef] = {}
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+            try:
+                weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc}). Re-download it.") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names. "
+                                      "Re-download it.")
             headers = {}
             for shard in sorted(set(weight_map.values())):
                 shard_path = self.folder / shard
@@ -173,7 +208,8 @@ class Checkpoint:
                     f"{self.folder} holds only pickle weights ({', '.join(pickles[:3])}), which can execute code when "
                     "loaded; ortbuild refuses them. Convert the checkpoint to safetensors first "
                     "(transformers: model.save_pretrained(dir, safe_serialization=True)).")
-            raise CheckpointError(f"{self.folder}: no *.safetensors weights found.")
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights found. Point -m/-i at the folder that holds "
+                                  "the checkpoint's weights (a Hub download may have been interrupted).")
         for path in files:
             refs.update(read_header(path))
         return refs
@@ -184,7 +220,8 @@ class Checkpoint:
         archs = self.config.get("architectures") or []
         if not archs:
             raise CheckpointError(f"{self.folder / 'config.json'} has no 'architectures' entry; cannot tell which "
-                                  "model this is.")
+                                  "model this is. Add the model class transformers saves there, e.g. "
+                                  '"architectures": ["LlamaForCausalLM"].')
         return archs[0]
 
     def names(self) -> list[str]:

@@ -7,6 +7,7 @@ The top-level flags follow the common model-builder convention so existing comma
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 
@@ -18,7 +19,7 @@ from builder.progress import Progress
 from builder.settings import EPS, PRECISIONS
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok, 2 usage, 3 unsupported model, 4 bad checkpoint, 5 output/I-O, "
-                   "6 verification failed, 130 interrupted.")
+                   "6 verification failed, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
 
 
 def normalize_extra_options(argv: list[str]) -> list[str]:
@@ -93,7 +94,8 @@ def cli(ctx, **kwargs):
     ortbuild -m my-model -i ./checkpoint -o out/m -p fp16 -e cuda --extra_options fuse_qk_norm_gqa=true
     """
     if ctx.invoked_subcommand is None:
-        if not kwargs["model"] and not kwargs["input_dir"]:
+        given = [name for name in kwargs if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+        if not given:  # bare `ortbuild`: help; flags without -m are a usage error (a batch job must not exit 0)
             click.echo(ctx.get_help())
             return
         run_export(**kwargs)
@@ -134,9 +136,34 @@ def _register_optional_commands() -> None:
         mod.register(cli)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so a batch scheduler stopping us still removes the temporary output folder."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Route SIGTERM through the interrupt path; returns a function that restores the previous handler."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signal handling to the host program
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
+    restore_sigterm = _catch_sigterm()
+    try:
+        _run(argv, verbose)
+    finally:
+        restore_sigterm()
+
+
+def _run(argv: list[str], verbose: bool) -> None:
     try:
         _register_optional_commands()
         cli.main(args=normalize_extra_options(argv), prog_name="ortbuild", standalone_mode=False)
@@ -150,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(UsageError.exit_code if isinstance(exc, click.UsageError) else exc.exit_code)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, click.Abort) as exc:
+        # click re-raises a KeyboardInterrupt as Abort `from` it
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("ortbuild: terminated (SIGTERM); no output was written.", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo("ortbuild: interrupted; no output was written.", err=True)
         sys.exit(130)
     sys.exit(0)

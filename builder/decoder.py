@@ -3,7 +3,9 @@
 Inputs follow onnxruntime-genai's decoder convention: input_ids [batch, sequence_length] int64,
 attention_mask [batch, total_sequence_length] int64, past_key_values.{i}.key/.value
 [batch, kv_heads, past_sequence_length, head_dim]; outputs logits [batch, sequence_length, vocab] and
-present.{i}.key/.value.
+present.{i}.key/.value. The cache index i counts the layers that own a cache (spec.kv_layers): layers that reuse
+another layer's keys/values (Gemma 4 KV sharing) have none. Past/present shapes are per layer (head_dim and
+kv_heads may differ between layers).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import builder
 from builder.graph import GraphBuilder
 from builder.layers import LayerContext
 from builder.layers.attention import AttentionInputs, attention
+from builder.layers.dense_moe import dense_moe_block
 from builder.layers.embedding import embedding
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
 from builder.layers.norm import rms_norm, skip_rms_norm
 from builder.settings import ExportSettings
-from builder.spec import LayerSpec, MlpSpec, ModelSpec
+from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
+from builder.spec import DenseMoeSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 
 
@@ -35,10 +39,12 @@ def _step_inputs(g: GraphBuilder, attention_mask: ir.Value) -> AttentionInputs:
     return AttentionInputs(seqlens_k=seqlens, total_sequence_length=total_len)
 
 
-def _ffn(ctx: LayerContext, x: ir.Value, index: int, layer: LayerSpec) -> ir.Value:
+def _ffn(ctx: LayerContext, x: ir.Value, residual: ir.Value, index: int, layer: LayerSpec) -> ir.Value:
     if isinstance(layer.ffn, MlpSpec):
         with ctx.g.scope("mlp"):
             return gated_mlp(ctx, x, f"layers.{index}.mlp", layer.ffn, index)
+    if isinstance(layer.ffn, DenseMoeSpec):
+        return dense_moe_block(ctx, x, residual, index, layer.ffn)
     from builder.layers.moe import moe_block  # MoE families only
 
     with ctx.g.scope("moe"):
@@ -55,12 +61,16 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     attention_mask = g.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
     kv_shape = lambda i, length: ["batch_size", spec.layers[i].attention.num_kv_heads, length,  # noqa: E731
                                   spec.layers[i].attention.head_dim]
-    pasts = [(g.input(f"past_key_values.{i}.key", dtype, kv_shape(i, "past_sequence_length")),
-              g.input(f"past_key_values.{i}.value", dtype, kv_shape(i, "past_sequence_length")))
-             for i in range(spec.num_layers)]
+    slots = {layer: slot for slot, layer in enumerate(spec.kv_layers)}  # layer index -> cache index
+    pasts = {i: (g.input(f"past_key_values.{slot}.key", dtype, kv_shape(i, "past_sequence_length")),
+                 g.input(f"past_key_values.{slot}.value", dtype, kv_shape(i, "past_sequence_length")))
+             for i, slot in slots.items()}
+    kv_sources = {layer.attention.kv_source for layer in spec.layers} - {None}
+    kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
     step = _step_inputs(g, attention_mask)
 
     hidden = embedding(ctx, input_ids)
+    per_layer = per_layer_inputs(ctx, input_ids, hidden) if spec.per_layer_input_size else None
     residual, pending = hidden, None
     presents = []
     for i, layer in enumerate(spec.layers):
@@ -71,23 +81,37 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                 else:
                     x, residual = skip_rms_norm(ctx, pending, residual, f"layers.{i}.attn_norm.weight")
             with g.scope("attn"):
-                attn_out, present_key, present_value = attention(ctx, x, i, layer.attention, step, *pasts[i])
-            presents.append((present_key, present_value))
+                shares = i in kv_sources or layer.attention.kv_source is not None
+                attn_out, present_key, present_value = attention(ctx, x, i, layer.attention, step,
+                                                                 *pasts.get(i, (None, None)),
+                                                                 kv_store=kv_store if shares else None)
+            if i in slots:
+                presents.append((i, present_key, present_value))
             if layer.norm_scheme == "sandwich":
                 with g.scope("post_attn_norm"):
                     attn_out = rms_norm(ctx, attn_out, f"layers.{i}.post_attn_norm.weight")
             with g.scope("ffn_norm"):
                 x, residual = skip_rms_norm(ctx, attn_out, residual, f"layers.{i}.ffn_norm.weight")
-            pending = _ffn(ctx, x, i, layer)
+            pending = _ffn(ctx, x, residual, i, layer)
             if layer.norm_scheme == "sandwich":
                 with g.scope("post_ffn_norm"):
                     pending = rms_norm(ctx, pending, f"layers.{i}.post_ffn_norm.weight")
+            if per_layer is not None:
+                with g.scope("per_layer"):
+                    residual = g.op("Add", [pending, residual])
+                    pending = per_layer_block(ctx, residual, i, per_layer)
+            if layer.output_scale:
+                # (residual + pending) * s, kept as the pair the next SkipSimplifiedLayerNormalization adds
+                with g.scope("layer_scalar"):
+                    scale = ctx.float_initializer(f"layers.{i}.layer_scalar",
+                                                  ctx.weights.get(f"layers.{i}.layer_scalar", (1,)))
+                    pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
         x, _ = skip_rms_norm(ctx, pending, residual, "final_norm.weight")
     logits = lm_head(ctx, x)
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
-    for i, (key, value) in enumerate(presents):
-        g.output(key, f"present.{i}.key", dtype, kv_shape(i, "total_sequence_length"))
-        g.output(value, f"present.{i}.value", dtype, kv_shape(i, "total_sequence_length"))
+    for i, key, value in presents:
+        g.output(key, f"present.{slots[i]}.key", dtype, kv_shape(i, "total_sequence_length"))
+        g.output(value, f"present.{slots[i]}.value", dtype, kv_shape(i, "total_sequence_length"))
     return ir.Model(g.graph, ir_version=10, producer_name="ortbuild", producer_version=builder.__version__)

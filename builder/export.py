@@ -51,7 +51,7 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     family = family_for(checkpoint.architecture)
     config = text_config(family, checkpoint.config)
     spec = family.make_spec(config)
-    settings = settings.with_plan(spec.num_layers)
+    settings = settings.with_plan(spec.num_layers, tied_embeddings=spec.tie_embeddings, model=spec.architecture)
     weights = family.map_weights(spec, checkpoint, config)
     return Prepared(checkpoint, spec, settings, weights, config)
 

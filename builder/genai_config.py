@@ -47,7 +47,7 @@ def genai_config(spec: ModelSpec, settings: ExportSettings, config: dict, genera
         "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value"},
         "num_attention_heads": attn.num_heads,
-        "num_hidden_layers": spec.num_layers,
+        "num_hidden_layers": len(spec.kv_layers),  # KV cache count: KV-sharing layers (Gemma 4) have none
         "num_key_value_heads": attn.num_kv_heads,
     }
     return {

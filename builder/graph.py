@@ -6,6 +6,8 @@ Layers pass `ir.Value` objects around; node and value names derive from a hierar
 
 from __future__ import annotations
 
+import queue
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -26,10 +28,63 @@ _NUMPY_TO_IR = {np.dtype(np.uint8): ir.DataType.UINT8, np.dtype(np.int64): ir.Da
                 np.dtype(np.float16): ir.DataType.FLOAT16, np.dtype(ml_dtypes.bfloat16): ir.DataType.BFLOAT16}
 
 
+PREFETCH_MIN_BYTES = 1 << 20  # smaller tensors are produced inline: a thread per norm weight costs more than it saves
+
+
+def prefetched(produce: Callable[[], Iterator], depth: int = 1) -> Iterator:
+    """Items of `produce()`, computed in a background thread up to `depth` items ahead of the consumer.
+
+    Lets the next block be read, converted or quantized while this one is written (numpy and file I/O release the
+    GIL). Items come in the same order as without the thread; an exception in the producer is re-raised here, and a
+    consumer that stops early stops the producer after the item in hand.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        items = produce()
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # re-raised in the consumer
+            put((False, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # run the producer's own cleanup (e.g. a worker pool) in its thread
+
+    worker = threading.Thread(target=run, name="ortbuild-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            more, item = handoff.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        worker.join()
+
+
 class StreamedTensor(ir.LazyTensor):
     """An initializer whose bytes are produced block by block when the writer saves the model.
 
-    `blocks()` yields numpy arrays whose concatenation (in C order) is the tensor; only one block is alive at a time.
+    `blocks()` yields numpy arrays whose concatenation (in C order) is the tensor. The next block is produced in a
+    background thread while this one is written, so at most three blocks are alive at a time, never the tensor.
     """
 
     def __init__(self, name: str, dtype: ir.DataType, shape: Sequence[int],
@@ -42,11 +97,15 @@ class StreamedTensor(ir.LazyTensor):
         self._numpy_dtype = numpy_dtype
         self._on_written = on_written
 
+    def _converted_blocks(self) -> Iterator[np.ndarray]:
+        for block in self._blocks():
+            yield np.ascontiguousarray(block, dtype=self._numpy_dtype)
+
     def tofile(self, file) -> None:
         written = 0
-        for block in self._blocks():
-            data = np.ascontiguousarray(block, dtype=self._numpy_dtype)
-            file.write(data.tobytes())
+        blocks = prefetched(self._converted_blocks) if self.nbytes >= PREFETCH_MIN_BYTES else self._converted_blocks()
+        for data in blocks:
+            file.write(data.reshape(-1).view(np.uint8))  # the array's own buffer: no tobytes() copy
             written += data.nbytes
         if written != self.nbytes:
             raise RuntimeError(f"initializer {self.name}: produced {written} bytes, expected {self.nbytes}")

@@ -105,27 +105,31 @@ def _mixed_precision_check(value: str) -> str | None:
 OPTIONS: tuple[Option, ...] = (
     Option("int4_algo_config", "str", "default",
            "INT4 base method for MatMul weights: default (ORT's MLAS block quantizer), rtn (round to nearest), "
-           "k_quant (searched scale/min per block, asymmetric).",
+           "k_quant (searched scale/min per block, asymmetric). Legacy compound names are deprecated aliases of a "
+           "base method plus INT8 placement flags (see quantization.md).",
            choices=("default", "rtn", "k_quant"),
            legacy_values=("rtn_last", "k_quant_last", "k_quant_mixed", "k_quant_linear")),
-    Option("int4_block_size", "int", 32, "Block size along K for int4/int8 MatMulNBits weights.", choices=BLOCK_SIZES),
+    Option("int4_block_size", "int", 32, "Block size along K (the input axis) for int4/int8 MatMulNBits weights and quantized embeddings.", choices=BLOCK_SIZES),
     Option("int4_is_symmetric", "bool", True,
-           "Symmetric int4 (signed scales, no zero points) or asymmetric (zero points). k_quant is always asymmetric."),
+           "Symmetric (no zero points) or asymmetric (uint8 zero points) block quantization; also applies to 8-bit "
+           "weights. k_quant int4 is always asymmetric."),
     Option("int4_accuracy_level", "int", None,
            "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. "
            "Default: 4 on cpu, 0 on cuda.", choices=(0, 1, 2, 3, 4)),
-    Option("last_matmul_weight_int8", "bool", False, "Quantize the lm_head (last MatMul) to 8 bits instead of 4."),
+    Option("last_matmul_weight_int8", "bool", False,
+           "With -p int4, store the lm_head (last MatMul) in 8 bits (RTN) instead of 4."),
     Option("int8_mixed_layers", "bool", False,
-           "Quantize the attention and MLP projections of the first and last layers (the 'mixed layers' set "
-           "defined in quantization.md) to 8 bits instead of 4."),
+           "With -p int4, store the attention and MLP projections of the first and the last max(1, layers // 8) "
+           "layers in 8 bits (RTN) instead of 4."),
     Option("int8_linear_attn", "bool", False,
-           "Quantize linear-attention projections of hybrid models to 8 bits (models without linear attention "
-           "report that the flag has no target)."),
+           "With -p int4, store the linear-attention projections of hybrid models in 8 bits (RTN); models without "
+           "linear attention (every family supported today) print a note that the flag has no target."),
     Option("matmul_mixed_precision", "str", "",
            "Other tools' spelling of the INT8 placement flags: comma list of last_matmul:int8, mixed_layers:int8, "
            "linear_attn:int8.", check=_mixed_precision_check),
     Option("quantize_embeddings", "bool", False,
-           "With int4/int8, store the token embedding quantized (GatherBlockQuantized); a tied lm_head shares it."),
+           "With -p int4/int8, store the token embedding block-quantized (GatherBlockQuantized). A tied lm_head then "
+           "reads the same bytes (stored once), so both take the lm_head's format."),
     Option("fuse_qk_norm_gqa", "bool", None,
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
            "CUDA only; default true on cuda, false on cpu."),

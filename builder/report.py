@@ -11,7 +11,8 @@ from builder.spec import MlpSpec, MoeSpec
 def plan_rows(prepared) -> list[tuple[str, str]]:
     """(weight, format) for every weight the plan decides, in graph order."""
     spec, plan = prepared.spec, prepared.settings.plan
-    rows = [("embed", plan.format_for("embed").describe())]
+    embed = plan.format_for("embed")
+    rows = [("embed", embed.describe() + ("" if embed.is_float else " (GatherBlockQuantized)"))]
     for i, layer in enumerate(spec.layers):
         rows.append((f"layers.{i}.attn.qkv", plan.format_for("attn.q", i).describe()))
         rows.append((f"layers.{i}.attn.o", plan.format_for("attn.o", i).describe()))
@@ -24,7 +25,10 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
                 f"int{moe.bits} QMoE " + (f"block {moe.block_size}" if moe.block_size > 0 else "per-channel"))
             rows.append((f"layers.{i}.moe.router", plan.format_for("moe.router", i).describe()))
             rows.append((f"layers.{i}.moe.experts", experts))
-    rows.append(("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head").describe()))
+    head = plan.format_for("lm_head").describe()
+    if plan.shares_embedding:
+        head += " (reads the embed bytes)"
+    rows.append(("lm_head" + (" (tied)" if spec.tie_embeddings else ""), head))
     return rows
 
 
@@ -38,6 +42,7 @@ def describe(prepared) -> str:
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
         f"fused q/k norm: {settings.fuse_qk_norm}",
     ]
+    lines.append(f"quantization: {settings.plan.summary()}")
     lines += [f"note: {note}" for note in settings.plan.notes]
     rows = plan_rows(prepared)
     width = max(len(name) for name, _ in rows)

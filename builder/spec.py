@@ -18,6 +18,12 @@ orientation [out_features, in_features]:
     layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden], gate/up rows interleaved (g0, u0, g1, u1, ...)
     layers.{i}.moe.fc2.weight / .bias         [E, hidden, I]
     layers.{i}.moe.shared.{gate,up,down}.weight, layers.{i}.moe.shared_gate.weight
+    layers.{i}.mlp.post_norm.weight, layers.{i}.moe.{pre_norm,post_norm}.weight   DenseMoeSpec branch norms
+    layers.{i}.layer_scalar            [1] output scale (LayerSpec.output_scale)
+    per_layer.embed.weight             [per_layer_vocab, layers * per_layer_input_size]
+    per_layer.projection.weight        [layers * per_layer_input_size, hidden]
+    per_layer.projection_norm.weight   [per_layer_input_size]
+    layers.{i}.per_layer.{gate,projection}.weight, layers.{i}.per_layer.norm.weight
     final_norm.weight
     lm_head.weight / .bias             absent when tie_embeddings
 """
@@ -54,6 +60,9 @@ class AttentionSpec:
     softcap: float = 0.0  # attention logit softcapping (Gemma 2)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)
     sinks: bool = False  # learned per-head attention sinks (GPT-OSS)
+    v_norm: bool = False  # per-head RMSNorm without weight on v (Gemma 4)
+    # Reuse the keys/values of layer `kv_source` (Gemma 4 num_kv_shared_layers): no k/v projection, no own cache
+    kv_source: int | None = None
 
     @property
     def q_size(self) -> int:
@@ -90,11 +99,25 @@ class MoeSpec:
 
 
 @dataclass(frozen=True)
+class DenseMoeSpec:
+    """A dense MLP and an MoE block side by side, summed (Gemma 4 "enable_moe_block").
+
+    The MLP sees the usual ffn_norm(x); the experts see their own pre-norm (moe.pre_norm) of the residual and are
+    routed on a weightless RMSNorm of it; each branch has its own post-norm (mlp.post_norm, moe.post_norm).
+    Experts use MoeSpec.activation ("gelu_tanh": GeGLU) and the router weights fold any input/expert scaling.
+    """
+
+    mlp: MlpSpec
+    moe: MoeSpec
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     attention: AttentionSpec
-    ffn: MlpSpec | MoeSpec
+    ffn: MlpSpec | MoeSpec | DenseMoeSpec
     # "pre": x + attn(norm(x)), x + ffn(norm(x)).  "sandwich": x + post_norm(attn(norm(x))) (Gemma 2/3)
     norm_scheme: str = "pre"
+    output_scale: bool = False  # the layer's output is multiplied by weight layers.{i}.layer_scalar [1] (Gemma 4)
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,10 @@ class ModelSpec:
     tie_embeddings: bool = False
     lm_head_bias: bool = False
     final_softcap: float = 0.0
+    # Per-layer input embeddings (Gemma 4 hidden_size_per_layer_input): 0 when absent; see layers/per_layer_input.py
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    per_layer_activation: str = "gelu_tanh"
     extras: tuple[tuple[str, object], ...] = field(default=())  # family-specific, read by named layer variants
 
     @property
@@ -121,3 +148,8 @@ class ModelSpec:
     def attention(self) -> AttentionSpec:
         """The first layer's attention: num_heads, head_dim and KV layout are uniform across layers here."""
         return self.layers[0].attention
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that own a KV cache (all but KV-sharing consumers), in cache-slot order."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.attention.kv_source is None)

@@ -6,14 +6,20 @@ bytes of the initializer that consumes it, and then only a block of rows at a ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
 from builder.checkpoint import TensorRef
 
-ROW_BLOCK_BYTES = 32 * 1024 * 1024
+ROW_BLOCK_BYTES = 8 * 1024 * 1024  # float32 bytes per block: small enough for glibc to reuse (see output.py)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class Weight(Protocol):
@@ -23,13 +29,65 @@ class Weight(Protocol):
         """float32 rows [start:stop) along axis 0."""
 
 
-def row_blocks(weight: Weight, block_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
-    """(start_row, rows) blocks of about block_bytes (as float32) covering the whole weight."""
+def block_spans(weight: Weight, block_bytes: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about block_bytes (as float32, default ROW_BLOCK_BYTES) covering the weight."""
+    block_bytes = block_bytes or ROW_BLOCK_BYTES
     n = weight.shape[0] if weight.shape else 1
     row_bytes = 4 * int(np.prod(weight.shape[1:], dtype=np.int64)) if len(weight.shape) > 1 else 4
     step = max(1, block_bytes // max(row_bytes, 1))
-    for start in range(0, n, step):
-        yield start, weight.rows(start, min(n, start + step))
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def row_blocks(weight: Weight, block_bytes: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(start_row, rows) blocks of about block_bytes (as float32) covering the whole weight."""
+    for start, stop in block_spans(weight, block_bytes):
+        yield start, weight.rows(start, stop)
+
+
+def export_threads() -> int:
+    """Threads that compute row blocks side by side: ORTBUILD_THREADS, else the usable cores (at most 4).
+
+    numpy releases the GIL in reads and ufuncs, so quantizing blocks in threads uses every core; each thread holds
+    one block's temporaries, hence the cap (memory grows by ~6 blocks' float32 size per thread).
+    """
+    value = os.environ.get("ORTBUILD_THREADS", "").strip()
+    if value:
+        return max(1, int(value))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None) -> Iterator[_R]:
+    """fn(item) for each item, yielded in input order, with up to `workers` calls running at once.
+
+    Results are identical to a plain loop (each call is independent), so exports stay byte-identical; at most
+    `workers` results wait unconsumed, so memory is bounded by the worker count, not by the number of items.
+    """
+    workers = export_threads() if workers is None else workers
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    pool = ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="ortbuild-block")
+    pending: deque = deque()
+    try:
+        upcoming = iter(items)
+        for item in upcoming:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(upcoming, pending)  # `pending` doubles as the end marker
+            if nxt is not pending:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+            del result
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def materialize(weight: Weight) -> np.ndarray:
@@ -64,14 +122,33 @@ class RowMap:
 
 @dataclass(frozen=True)
 class WholeMap:
-    """A transform that needs the whole source (e.g. a transpose); memory is one tensor at a time."""
+    """A transform that needs the whole source (e.g. a transpose); memory is one tensor at a time.
+
+    A writer reading it in row blocks would otherwise re-read and re-transform the whole source per block
+    (blocks x the I/O), so the transformed tensor is kept from the first partial read until every row has been
+    handed out once, then dropped.
+    """
 
     source: Weight
     fn: Callable[[np.ndarray], np.ndarray]
     shape: tuple[int, ...]
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.fn(self.source.rows())[start:stop]
+        n = self.shape[0] if self.shape else 1
+        stop = n if stop is None else min(stop, n)
+        with self._lock:
+            whole = self._cache.get("whole")
+            if whole is None:
+                if start == 0 and stop == n:
+                    return self.fn(self.source.rows())
+                whole = self._cache["whole"] = self.fn(self.source.rows())
+                self._cache["served"] = 0
+            self._cache["served"] += max(0, stop - start)
+            if self._cache["served"] >= n:  # every row handed out: the scan is over
+                self._cache.clear()
+            return whole[start:stop]
 
 
 @dataclass(frozen=True)
@@ -85,7 +162,11 @@ class Stacked:
         return (len(self.parts), *self.parts[0].shape)
 
     def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.stack([p.rows() for p in self.parts[start:stop]])
+        parts = self.parts[start:stop]
+        out = np.empty((len(parts), *self.parts[0].shape), np.float32)  # filled in place: no list + stack copy
+        for i, part in enumerate(parts):
+            out[i] = part.rows()
+        return out
 
 
 @dataclass(frozen=True)
@@ -193,3 +274,34 @@ class InterleavedGateUp:
         out = np.empty((gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]), np.float32)
         out[:, 0::2], out[:, 1::2] = gate, up
         return out
+
+
+@dataclass(frozen=True)
+class ExpertMajor:
+    """Stacked experts stored input-major [E, K, N] (x @ W[e]) viewed as expert-major [E, N, K] (rows = outputs).
+
+    Read expert by expert: a block of experts is transposed in memory, never the whole tensor.
+    """
+
+    source: Weight
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        e, k, n = self.source.shape
+        return (e, n, k)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return np.ascontiguousarray(np.swapaxes(self.source.rows(start, stop), 1, 2))
+
+
+def to_expert_major(weight: Weight) -> Weight:
+    """[E, K, N] (the `x @ W[e]` orientation of fused-expert checkpoints: GPT-OSS gate_up_proj [E, H, 2I] and
+    down_proj [E, I, H]) -> [E, N, K], the layout MoE/QMoE read (fc1 [E, 2I, H], fc2 [E, H, I]).
+
+    Column order along N is kept, so a gate_up_proj whose last axis already alternates gate/up (GPT-OSS:
+    gate = [..., ::2], up = [..., 1::2]) becomes fc1 rows g0, u0, g1, u1, ...: the swiglu_fusion=1 interleave.
+    A checkpoint with gate and up as two halves needs InterleavedGateUp on top instead.
+    """
+    if len(weight.shape) != 3:
+        raise ValueError(f"to_expert_major: expected stacked experts [E, K, N], got shape {list(weight.shape)}")
+    return ExpertMajor(weight)

@@ -2,7 +2,10 @@
 
 One packed QKV projection feeds the op. Per-head q/k RMSNorm is either fused into the op (CUDA: q_norm_weight /
 k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it (CPU rejects the inputs).
-Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink).
+Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink),
+weightless v norm (Gemma 4), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
+new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while
+the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext
@@ -26,6 +30,16 @@ class AttentionInputs:
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
+
+
+@dataclass
+class SharedKV:
+    """What a KV-sharing consumer needs from its source layer: new keys/values before rotary, and the cache."""
+
+    key: ir.Value
+    value: ir.Value
+    past_key: ir.Value
+    past_value: ir.Value
 
 
 def rotary_caches(ctx: LayerContext, rope: RopeSpec) -> tuple[ir.Value, ir.Value]:
@@ -47,13 +61,47 @@ def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> 
     return g.op("Reshape", [normed, g.ints("shape.merge_heads", [0, 0, -1])])
 
 
+def _weightless_head_norm(ctx: LayerContext, x: ir.Value, head_dim: int) -> ir.Value:
+    """RMSNorm per head with no learned scale (Gemma 4 v_norm): a ones weight, shared by every layer."""
+    g = ctx.g
+    name = f"const.ones.{head_dim}"
+    ones = g.initializer(name) if g.has_initializer(name) else g.constant(
+        name, np.ones(head_dim, dtype=ctx.settings.numpy_dtype))
+    heads = g.op("Reshape", [x, g.ints(f"shape.heads.{head_dim}", [0, 0, -1, head_dim])])
+    normed = g.op("SimplifiedLayerNormalization", [heads, ones], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
+    return g.op("Reshape", [normed, g.ints("shape.merge_heads", [0, 0, -1])])
+
+
+def _query_only(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec) -> ir.Value:
+    """q projection (+ q norm) of a KV-sharing consumer."""
+    g, w, prefix = ctx.g, ctx.weights, f"layers.{layer}.attn"
+    bias = w.get(f"{prefix}.q.bias", (attn.q_size,)) if attn.qkv_bias else None
+    with g.scope("q_proj"):
+        q = linear(ctx, x, f"{prefix}.q", w.get(f"{prefix}.q.weight", (attn.q_size, ctx.spec.hidden_size)),
+                   ctx.settings.plan.format_for("attn.q", layer), bias)
+    if attn.qk_norm:
+        with g.scope("q_norm"):
+            q = _per_head_norm(ctx, q, f"{prefix}.q_norm.weight", attn.head_dim)
+    return q
+
+
 def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: AttentionInputs,
-              past_key: ir.Value, past_value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Returns (output [B, S, hidden], present_key, present_value)."""
+              past_key: ir.Value | None, past_value: ir.Value | None, *, kv_store: dict | None = None,
+              ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Returns (output [B, S, hidden], present_key, present_value).
+
+    kv_store (layer -> SharedKV): a source layer records its keys/values there; a consumer (attn.kv_source) reads
+    them and ignores past_key/past_value.
+    """
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan
     q_size, kv_size = attn.q_size, attn.kv_size
+    if attn.kv_source is not None:
+        shared = kv_store[attn.kv_source]
+        q = _query_only(ctx, x, layer, attn)
+        return _group_query_attention(ctx, layer, attn, step, [q, shared.key, shared.value],
+                                      shared.past_key, shared.past_value, None, None)
     qkv_weight = Concatenated((w.get(f"{prefix}.q.weight", (q_size, hidden)),
                                w.get(f"{prefix}.k.weight", (kv_size, hidden)),
                                w.get(f"{prefix}.v.weight", (kv_size, hidden))))
@@ -65,19 +113,37 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
         qkv = linear(ctx, x, f"{prefix}.qkv", qkv_weight, plan.format_for("attn.q", layer), qkv_bias)
 
     q_norm = k_norm = None
-    if attn.qk_norm and ctx.settings.fuse_qk_norm:
+    # keys/values must exist as separate values when a later layer shares them or v gets its own norm
+    separate = attn.v_norm or kv_store is not None
+    if attn.qk_norm and ctx.settings.fuse_qk_norm and not separate:
         q, k, v = qkv, None, None
         q_norm = norm_weight(ctx, f"{prefix}.q_norm.weight", attn.head_dim)
         k_norm = norm_weight(ctx, f"{prefix}.k_norm.weight", attn.head_dim)
-    elif attn.qk_norm:
+    elif attn.qk_norm or separate:
         q, k, v = g.op("Split", [qkv, g.ints(f"split.qkv.{q_size}.{kv_size}", [q_size, kv_size, kv_size])],
                        axis=-1, outputs=3)
-        with g.scope("q_norm"):
-            q = _per_head_norm(ctx, q, f"{prefix}.q_norm.weight", attn.head_dim)
-        with g.scope("k_norm"):
-            k = _per_head_norm(ctx, k, f"{prefix}.k_norm.weight", attn.head_dim)
+        if attn.qk_norm:
+            with g.scope("q_norm"):
+                q = _per_head_norm(ctx, q, f"{prefix}.q_norm.weight", attn.head_dim)
+            with g.scope("k_norm"):
+                k = _per_head_norm(ctx, k, f"{prefix}.k_norm.weight", attn.head_dim)
+        if attn.v_norm:
+            with g.scope("v_norm"):
+                v = _weightless_head_norm(ctx, v, attn.head_dim)
+        if kv_store is not None:
+            kv_store[layer] = SharedKV(k, v, past_key, past_value)
     else:
         q, k, v = qkv, None, None
+    return _group_query_attention(ctx, layer, attn, step, [q, k, v], past_key, past_value, q_norm, k_norm)
+
+
+def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, step: AttentionInputs,
+                           qkv: list, past_key: ir.Value, past_value: ir.Value, q_norm: ir.Value | None,
+                           k_norm: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
+    g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
+    prefix = f"layers.{layer}.attn"
+    plan = ctx.settings.plan
+    q, k, v = qkv
 
     cos = sin = None
     if attn.rope is not None:
@@ -97,6 +163,6 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
         qk_norm_epsilon=float(ctx.spec.norm_eps) if q_norm is not None else None)
     with g.scope("o_proj"):
         o_bias = w.get(f"{prefix}.o.bias", (hidden,)) if attn.o_bias else None
-        out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, q_size)),
+        out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, attn.q_size)),
                      plan.format_for("attn.o", layer), o_bias)
     return out, present_key, present_value

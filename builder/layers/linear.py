@@ -10,22 +10,23 @@ import onnx_ir as ir
 
 from builder.layers import LayerContext
 from builder.quant.plan import WeightFormat
-from builder.weights import Weight, row_blocks
+from builder.weights import Weight, block_spans, ordered_map
 
 
 class QuantizedSource:
     """Quantizes a [N, K] weight in row blocks once; the packed codes stream to disk, scales/zero points are kept.
 
     The packed initializer is registered (and so written) before its scales, so each weight is read and quantized
-    exactly once; the scales (1/4 of the packed size at 4 bits) are held until the writer reaches them.
+    exactly once; the scales (1/4 of the packed size at 4 bits) are held until the writer reaches them and then
+    dropped, so held scales never add up over the layers.
+    Row blocks are read and quantized by `ordered_map` workers (one per core) and come back in order, so the bytes
+    do not depend on the thread count.
     """
 
     def __init__(self, weight: Weight, fmt: WeightFormat):
         self.weight = weight
         self.fmt = fmt
-        self._scales: list[np.ndarray] = []
-        self._zero_points: list[np.ndarray] = []
-        self._complete = False
+        self._held: dict[str, list[np.ndarray]] = {}  # "scales"/"zero_points" of the last pass, not yet written
 
     def _quantize(self, rows: np.ndarray):
         from builder.quant.blockwise import quantize_blockwise
@@ -36,31 +37,33 @@ class QuantizedSource:
         return quantize_blockwise(rows, bits=self.fmt.bits, block_size=self.fmt.block_size,
                                   symmetric=self.fmt.symmetric, method=self.fmt.method)
 
-    def packed_blocks(self):
-        self._scales, self._zero_points = [], []
-        for _, rows in row_blocks(self.weight):
-            q = self._quantize(rows)
-            self._scales.append(q.scales)
-            if q.zero_points is not None:
-                self._zero_points.append(q.zero_points)
-            yield q.packed
-        self._complete = True
+    def _quantize_rows(self, span: tuple[int, int]):
+        return self._quantize(self.weight.rows(*span))
 
-    def _ensure(self) -> None:
-        if not self._complete:
+    def packed_blocks(self):
+        scales, zero_points = [], []
+        for q in ordered_map(self._quantize_rows, block_spans(self.weight)):
+            scales.append(q.scales)
+            if q.zero_points is not None:
+                zero_points.append(q.zero_points)
+            yield q.packed
+        self._held = {"scales": scales, "zero_points": zero_points}
+
+    def _take(self, kind: str) -> np.ndarray:
+        """Hand over the scales or zero points of the last pass and forget them (re-quantizes if none is held)."""
+        if kind not in self._held:
             for _ in self.packed_blocks():
                 pass
+        return np.concatenate(self._held.pop(kind), axis=0)
 
     def scales(self) -> np.ndarray:
-        self._ensure()
-        return np.concatenate(self._scales, axis=0)
+        return self._take("scales")
 
     def zero_points(self) -> np.ndarray:
-        self._ensure()
-        return np.concatenate(self._zero_points, axis=0)
+        return self._take("zero_points")
 
     def release(self) -> None:
-        self._scales, self._zero_points = [], []
+        self._held = {}
 
 
 def quantized_shapes(n: int, k: int, fmt: WeightFormat) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -69,11 +72,16 @@ def quantized_shapes(n: int, k: int, fmt: WeightFormat) -> tuple[tuple[int, ...]
     return (n, blocks, fmt.block_size * fmt.bits // 8), (n, blocks), (n, -(-blocks * fmt.bits // 8))
 
 
-def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: WeightFormat):
-    """Register packed codes, scales (model dtype) and zero points (if asymmetric); returns the three Values."""
+def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: WeightFormat, *, flat: bool = False):
+    """Register packed codes, scales (model dtype) and zero points (if asymmetric); returns the three Values.
+
+    `flat` stores the codes 2-D [N, blocks * block_size * bits / 8] (the GatherBlockQuantized layout: same bytes).
+    """
     n, k = weight.shape
     source = QuantizedSource(weight, fmt)
     b_shape, s_shape, zp_shape = quantized_shapes(n, k, fmt)
+    if flat:
+        b_shape = (n, b_shape[1] * b_shape[2])
     g = ctx.g
     packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, source.packed_blocks)
     numpy_dtype = ctx.settings.numpy_dtype
@@ -86,6 +94,14 @@ def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: Weig
     return packed, scales, zero_points
 
 
+def matmul_nbits(ctx: LayerContext, x: ir.Value, quantized, n: int, k: int, fmt: WeightFormat) -> ir.Value:
+    """MatMulNBits over already registered (packed [N, blocks, bytes], scales, zero points or None) Values."""
+    packed, scales, zero_points = quantized
+    inputs = [x, packed, scales] + ([zero_points] if zero_points is not None else [])
+    return ctx.g.ms("MatMulNBits", inputs, K=k, N=n, bits=fmt.bits, block_size=fmt.block_size,
+                    accuracy_level=fmt.accuracy_level)
+
+
 def linear(ctx: LayerContext, x: ir.Value, name: str, weight: Weight, fmt: WeightFormat,
            bias: Weight | None = None) -> ir.Value:
     """y = x @ W.T (+ b) for a weight in HF orientation [N, K]."""
@@ -95,10 +111,7 @@ def linear(ctx: LayerContext, x: ir.Value, name: str, weight: Weight, fmt: Weigh
         w = ctx.float_initializer(f"{name}.weight", weight, transpose=True)
         y = g.op("MatMul", [x, w])
     else:
-        packed, scales, zero_points = add_quantized_weight(ctx, name, weight, fmt)
-        inputs = [x, packed, scales] + ([zero_points] if zero_points is not None else [])
-        y = g.ms("MatMulNBits", inputs, K=k, N=n, bits=fmt.bits, block_size=fmt.block_size,
-                 accuracy_level=fmt.accuracy_level)
+        y = matmul_nbits(ctx, x, add_quantized_weight(ctx, name, weight, fmt), n, k, fmt)
     if bias is not None:
         y = g.op("Add", [y, ctx.float_initializer(f"{name}.bias", bias)])
     return y

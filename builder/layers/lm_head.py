@@ -1,7 +1,10 @@
 """Final projection to vocabulary logits (tied or own weight), with optional final logit softcapping.
 
 A float lm_head is a Gemm with transB=1 over the [vocab, hidden] weight as stored, so a tied head shares the
-embedding initializer and nothing is transposed in memory; a quantized head is MatMulNBits.
+embedding initializer and nothing is transposed in memory; a quantized head is MatMulNBits. When the plan says a
+tied head shares the quantized embedding (quantize_embeddings=true), its B input is the embedding's packed table
+reshaped to [V, blocks, block_size*bits/8] (same bytes, stored once; ORT folds the Reshape at load) and its scales
+and zero points are the embedding's own initializers.
 """
 
 from __future__ import annotations
@@ -9,15 +12,25 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from builder.layers import LayerContext
-from builder.layers.linear import linear
+from builder.layers.embedding import quantized_table
+from builder.layers.linear import linear, matmul_nbits, quantized_shapes
+
+
+def _shared_quantized_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
+    g, spec = ctx.g, ctx.spec
+    fmt = ctx.settings.plan.format_for("embed")
+    packed, scales, zero_points = quantized_table(ctx, fmt)
+    b_shape, _, _ = quantized_shapes(spec.vocab_size, spec.hidden_size, fmt)
+    b = g.op("Reshape", [packed, g.ints("shape.lm_head.qweight", list(b_shape))])
+    return matmul_nbits(ctx, x, (b, scales, zero_points), spec.vocab_size, spec.hidden_size, fmt)
 
 
 def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
-    g, spec = ctx.g, ctx.spec
+    g, spec, plan = ctx.g, ctx.spec, ctx.settings.plan
     name = "embed" if spec.tie_embeddings else "lm_head"
     weight = ctx.weights.get(f"{name}.weight", (spec.vocab_size, spec.hidden_size))
     bias = ctx.weights.get("lm_head.bias", (spec.vocab_size,)) if spec.lm_head_bias else None
-    fmt = ctx.settings.plan.format_for("lm_head")
+    fmt = plan.format_for("lm_head")
     with g.scope("lm_head"):
         if fmt.is_float:
             table = ctx.float_initializer(f"{name}.weight", weight)
@@ -27,6 +40,10 @@ def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
             batch_seq = g.op("Slice", [g.op("Shape", [x]), g.ints("const.0", [0]), g.ints("const.2", [2])])
             out_shape = g.op("Concat", [batch_seq, g.ints("shape.vocab", [spec.vocab_size])], axis=0)
             logits = g.op("Reshape", [logits, out_shape])
+        elif plan.shares_embedding and spec.tie_embeddings:
+            logits = _shared_quantized_head(ctx, x)
+            if bias is not None:
+                logits = g.op("Add", [logits, ctx.float_initializer("lm_head.bias", bias)])
         else:
             logits = linear(ctx, x, "lm_head", weight, fmt, bias)
         if spec.final_softcap:

@@ -13,7 +13,7 @@ import numpy as np
 from builder.errors import UnsupportedModelError
 from builder.spec import RopeSpec
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "proportional")
 
 
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
@@ -65,11 +65,25 @@ def _yarn(rope: RopeSpec) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
+def _proportional(rope: RopeSpec) -> np.ndarray:
+    """Gemma 4 global layers: the first partial_rotary_factor share of the frequency pairs rotate, with exponents
+    over the whole head (rotary_dim = head_dim); the rest get frequency 0 (cos 1, sin 0), so a full-width rotation
+    leaves them unchanged. `factor` divides every frequency."""
+    dim = rope.rotary_dim
+    angles = int(rope.param("partial_rotary_factor", 1.0) * dim // 2)
+    exponents = np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = np.zeros(dim // 2, np.float32)
+    inv_freq[:angles] = 1.0 / (np.float32(rope.theta) ** exponents)
+    return (inv_freq / np.float32(rope.param("factor", 1.0))).astype(np.float32)
+
+
 def inverse_frequencies(rope: RopeSpec) -> tuple[np.ndarray, float]:
     """(inv_freq [rotary_dim/2] float32, attention factor)."""
     kind = rope.rope_type
     if kind == "yarn":
         return _yarn(rope)
+    if kind == "proportional":
+        return _proportional(rope), 1.0
     inv_freq = _base_inv_freq(rope.theta, rope.rotary_dim)
     if kind in ("default", "dynamic"):
         # dynamic NTK only changes frequencies past the trained length; the exported cache covers that length.

@@ -1,0 +1,131 @@
+"""A dense MLP and a mixture of experts side by side (Gemma 4 enable_moe_block), with experts computed per expert.
+
+    out = mlp.post_norm(mlp(x)) + moe.post_norm(experts(moe.pre_norm(residual)))
+    routing: softmax(router(rms(residual))) -> top-k -> renormalised (the family folds router input scales into the
+    router weight and per-expert output scales into fc2)
+
+Why not the fused MoE/QMoE op: Gemma 4 experts are GeGLU (gelu_tanh(gate) * up), and ONNX Runtime 1.31.1's MoE
+and QMoE kernels reject activation_type="geglu" ("Unsupported MoE activation type: geglu", measured on the CPU EP
+and on the CUDA EP of onnxruntime-gpu 1.31.1 on an H100); SwiGLU is the only gated activation. The op also routes
+on its own input, while Gemma 4 routes on a different tensor than the experts see. So each expert is
+a small subgraph over only the tokens routed to it (NonZero -> Gather -> gated MLP -> ScatterND add): exact, compute
+proportional to top_k, quantized through the same MatMulNBits path as every other projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from builder.layers import LayerContext
+from builder.layers.linear import linear
+from builder.layers.mlp import activation, gated_mlp
+from builder.layers.norm import rms_norm
+from builder.quant.plan import FLOAT
+from builder.spec import DenseMoeSpec, MoeSpec
+from builder.weights import Weight
+
+
+@dataclass(frozen=True)
+class ExpertMatrix:
+    """Expert `index`'s [N, K] matrix of a stacked [E, N, K] weight; `split_interleaved` turns fc1's interleaved
+    gate/up rows (g0, u0, g1, u1, ...) into [gate; up] so one MatMul feeds a Split."""
+
+    source: Weight
+    index: int
+    split_interleaved: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape[1:])
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        matrix = self.source.rows(self.index, self.index + 1)[0]
+        if self.split_interleaved:
+            matrix = np.concatenate([matrix[0::2], matrix[1::2]])
+        return matrix[start:stop]
+
+
+def _weightless_norm(ctx: LayerContext, x: ir.Value) -> ir.Value:
+    g, size = ctx.g, ctx.spec.hidden_size
+    name = f"const.ones.{size}"
+    ones = g.initializer(name) if g.has_initializer(name) else g.constant(
+        name, np.ones(size, dtype=ctx.settings.numpy_dtype))
+    return g.op("SimplifiedLayerNormalization", [x, ones], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
+
+
+def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec) -> tuple[ir.Value, ir.Value]:
+    """(top-k weights [T, k], top-k expert ids [T, k]) from softmax over all experts."""
+    g, w = ctx.g, ctx.weights
+    prefix = f"layers.{index}.moe"
+    bias = w.get(f"{prefix}.router.bias", (moe.num_experts,)) if moe.router_bias else None
+    logits = linear(ctx, router_input, f"{prefix}.router",
+                    w.get(f"{prefix}.router.weight", (moe.num_experts, ctx.spec.hidden_size)), FLOAT, bias)
+    probs = g.op("Softmax", [logits], axis=-1)
+    top_w, top_i = g.op("TopK", [probs, g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
+    if moe.normalize_topk:
+        top_w = g.op("Div", [top_w, g.op("ReduceSum", [top_w, g.ints("const.axis_last", [-1])], keepdims=1)])
+    return top_w, top_i
+
+
+def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_i: ir.Value, index: int,
+            expert: int, moe: MoeSpec) -> ir.Value:
+    """out + this expert's weighted output on the tokens routed to it (scattered back by row)."""
+    g, w, hidden, inter = ctx.g, ctx.weights, ctx.spec.hidden_size, moe.intermediate_size
+    prefix = f"layers.{index}.moe"
+    fmt = ctx.settings.plan.format_for("moe.experts", index)
+    name = f"const.expert.{expert}"
+    expert_id = g.initializer(name) if g.has_initializer(name) else g.constant(name, np.array(expert, np.int64))
+    hit = g.op("Equal", [top_i, expert_id])
+    weight = g.op("ReduceSum", [g.op("Where", [hit, top_w, ctx.scalar("const.zero", 0.0)]),
+                                g.ints("const.axis1", [1])], keepdims=0)
+    routed = g.op("ReduceMax", [g.op("Cast", [hit], to=ir.DataType.INT32), g.ints("const.axis1", [1])], keepdims=0)
+    rows = g.op("Reshape", [g.op("NonZero", [routed]), g.ints("const.flat", [-1])])
+    tokens = g.op("Gather", [x, rows], axis=0)
+    fc1 = ExpertMatrix(w.get(f"{prefix}.fc1.weight", (moe.num_experts, 2 * inter, hidden)), expert, True)
+    with g.scope("gate_up_proj"):
+        gate_up = linear(ctx, tokens, f"{prefix}.experts.{expert}.gate_up", fc1, fmt)
+    gate, up = g.op("Split", [gate_up], axis=-1, num_outputs=2, outputs=2)
+    fc2 = ExpertMatrix(w.get(f"{prefix}.fc2.weight", (moe.num_experts, hidden, inter)), expert)
+    with g.scope("down_proj"):
+        y = linear(ctx, g.op("Mul", [activation(ctx, gate, moe.activation), up]),
+                   f"{prefix}.experts.{expert}.down", fc2, fmt)
+    y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("Gather", [weight, rows], axis=0), g.ints("const.axis1", [1])])])
+    return g.op("ScatterND", [out, g.op("Unsqueeze", [rows, g.ints("const.axis1", [1])]), y], reduction="add")
+
+
+def routed_experts(ctx: LayerContext, x: ir.Value, router_input: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+    """Mixture of experts over x [B, S, H], routed on router_input [B, S, H]; returns [B, S, H]."""
+    if moe.expert_bias or moe.shared_expert_size or moe.swiglu_limit is not None:
+        raise ValueError("routed_experts: expert biases, shared experts and clamped SwiGLU go through "
+                         "layers/moe.py (the fused MoE/QMoE op)")
+    g, hidden = ctx.g, ctx.spec.hidden_size
+    flat_shape = g.ints("shape.flat_hidden", [-1, hidden])
+    flat = g.op("Reshape", [x, flat_shape])
+    with g.scope("router"):
+        top_w, top_i = _routing(ctx, g.op("Reshape", [router_input, flat_shape]), index, moe)
+    out = g.op("Expand", [ctx.scalar("const.zero", 0.0), g.op("Shape", [flat])])
+    for expert in range(moe.num_experts):
+        with g.scope(f"experts.{expert}"):
+            out = _expert(ctx, flat, out, top_w, top_i, index, expert, moe)
+    return g.op("Reshape", [out, g.op("Shape", [x])])
+
+
+def dense_moe_block(ctx: LayerContext, x: ir.Value, residual: ir.Value, index: int, spec: DenseMoeSpec) -> ir.Value:
+    """x = ffn_norm(residual). Returns the sum of both branches (the caller applies the layer's post-FFN norm)."""
+    g = ctx.g
+    with g.scope("mlp"):
+        dense = gated_mlp(ctx, x, f"layers.{index}.mlp", spec.mlp, index)
+    with g.scope("mlp_post_norm"):
+        dense = rms_norm(ctx, dense, f"layers.{index}.mlp.post_norm.weight")
+    with g.scope("moe"):
+        with g.scope("pre_norm"):
+            expert_input = rms_norm(ctx, residual, f"layers.{index}.moe.pre_norm.weight")
+        with g.scope("router_norm"):
+            router_input = _weightless_norm(ctx, residual)
+        experts = routed_experts(ctx, expert_input, router_input, index, spec.moe)
+        with g.scope("post_norm"):
+            experts = rms_norm(ctx, experts, f"layers.{index}.moe.post_norm.weight")
+    return g.op("Add", [dense, experts])
