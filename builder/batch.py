@@ -118,12 +118,20 @@ class Children:
     def stop_all(self, grace: float) -> None:
         """SIGTERM (an export then removes its temporary folder), SIGKILL to whatever is left after `grace` s."""
         for pid in self.running():
-            _signal_group(pid, signal.SIGTERM)
+            _terminate(pid)
         deadline = time.monotonic() + grace
         while self.running() and time.monotonic() < deadline:
             time.sleep(0.05)  # the worker threads reap their children and drop them from the set
         for pid in self.running():
             _signal_group(pid, signal.SIGKILL)
+
+
+def _terminate(launcher_pid: int) -> None:
+    """SIGTERM to a launcher, which forwards it to its export once (see _LAUNCHER)."""
+    try:
+        os.kill(launcher_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -144,22 +152,29 @@ def builder_command(args: list[str]) -> list[str]:
 # Measures one child's peak RSS from a small parent. ru_maxrss of a forked-and-exec'd process keeps the high-water mark
 # of the memory it was forked from (Linux folds the pre-exec mm into it), so wait4 on a child of the batch process
 # would report at least the batch's own peak; forked from this ~6 MiB launcher, the error is the launcher's size.
-# The launcher ignores SIGTERM/SIGINT (sent to the whole process group, they reach the export directly), unblocks
-# the signals the batch's worker threads block (see _block_interrupts) so the export starts with a clean mask, and
-# exits the way its child did.
+# SIGTERM/SIGINT sent to the launcher are forwarded to the export exactly once, including one that arrives before the
+# fork (signals stay blocked until the child's pid is known); the export starts with default handlers and a clear
+# mask (the batch's worker threads block these signals, see _block_interrupts). The launcher exits as its child did.
 _LAUNCHER = r"""
 import os, signal, sys
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the batch's worker threads block these; the export must not
+child = []
+def forward(sig, frame):
+    if child:
+        os.kill(child[0], sig)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
 pid = os.fork()
 if pid == 0:
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored dispositions would survive exec
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.execv(sys.argv[2], sys.argv[2:])
     finally:
         os._exit(127)
+child.append(pid)
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
     f.write(str(usage.ru_maxrss * 1024))
@@ -196,7 +211,7 @@ def run_child(cmd: list[str], log: Path, children: Children, timeout: float | No
             elapsed = time.monotonic() - start
             if timeout is not None and elapsed > timeout and not timed_out:
                 timed_out = True
-                _signal_group(proc.pid, signal.SIGTERM)
+                _terminate(proc.pid)
             if timed_out and not killed and elapsed > timeout + GRACE_S:
                 killed = True
                 _signal_group(proc.pid, signal.SIGKILL)

@@ -89,18 +89,19 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("*.onnx*")) / MB if folder.is_dir() else 0.0
 
 
-def run_ours(probe: str, source: Path, precision: str, out: Path, threads: int | None) -> Run:
+def run_ours(probe: str, source: Path, precision: str, out: Path, threads: int | None, extra: list[str]) -> Run:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if threads:
         env["ORTBUILD_THREADS"] = str(threads)
     load = os.getloadavg()[0]
     cmd = [sys.executable, "-m", "builder", "export", "-m", str(source), "-o", str(out), "-p", precision, "-e",
-           "cpu", "--overwrite", "-q"]
+           "cpu", "--overwrite", "-q"] + (["--extra_options", *extra] if extra else [])
     wall, cpu, rss, rc, tail = measured(cmd, env, REPO)
     return Run("ortbuild", probe, precision, wall, cpu, rss, folder_mb(out), rc, load, tail)
 
 
-def run_reference(probe: str, source: Path, precision: str, out: Path, cache: Path, pythonpath: str | None) -> Run:
+def run_reference(probe: str, source: Path, precision: str, out: Path, cache: Path, pythonpath: str | None,
+                  extra: list[str]) -> Run:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if pythonpath:
@@ -109,7 +110,7 @@ def run_reference(probe: str, source: Path, precision: str, out: Path, cache: Pa
     shutil.rmtree(cache, ignore_errors=True)
     load = os.getloadavg()[0]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out), "-p",
-           precision, "-e", "cpu", "-c", str(cache)]
+           precision, "-e", "cpu", "-c", str(cache)] + (["--extra_options", *extra] if extra else [])
     wall, cpu, rss, rc, tail = measured(cmd, env, out.parent)
     shutil.rmtree(cache, ignore_errors=True)
     return Run("reference", probe, precision, wall, cpu, rss, folder_mb(out), rc, load, tail)
@@ -179,6 +180,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", type=int, metavar="LAYERS",
                         help="also export a copy of the probe with this many layers: per-layer memory cost, and the "
                              "GPT-OSS-20B/-120B extrapolation for MoE presets")
+    parser.add_argument("--extra", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="--extra_options for our exports (e.g. quantize_embeddings=true, the reference's int4 "
+                             "layout for a tied embedding)")
+    parser.add_argument("--ref-extra", nargs="+", default=[], metavar="KEY=VALUE", help="--extra_options for the reference")
     parser.add_argument("--threads", type=int, help="ORTBUILD_THREADS for our exports (default: ortbuild's choice)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ortbuild-bench"))
     parser.add_argument("--json", type=Path, help="also write the runs here")
@@ -195,19 +200,19 @@ def main(argv=None) -> None:
     sweep_runs: dict[str, tuple[Run, ProbeShape]] = {}
     for precision in args.precision:
         out = args.work / "out" / f"{name}-{precision}-ours"
-        runs.append(run_ours(name, source, precision, out, args.threads))
+        runs.append(run_ours(name, source, precision, out, args.threads, args.extra))
         print(table(runs[-1:]).splitlines()[-1], flush=True)
         if args.sweep and not args.checkpoint:
             small_shape = replace(shape, layers=args.sweep)
             small_name = f"{args.preset}-L{args.sweep}"
             small = run_ours(small_name, probe_folder(args.work, small_name, small_shape), precision,
-                             args.work / "out" / f"{small_name}-{precision}-ours", args.threads)
+                             args.work / "out" / f"{small_name}-{precision}-ours", args.threads, args.extra)
             runs.append(small)
             sweep_runs[precision] = (small, small_shape)
             print(table(runs[-1:]).splitlines()[-1], flush=True)
         if args.reference:
             ref = run_reference(name, source, precision, args.work / "out" / f"{name}-{precision}-ref",
-                                args.work / "ref-cache", args.ref_pythonpath)
+                                args.work / "ref-cache", args.ref_pythonpath, args.ref_extra)
             runs.append(ref)
             print(table(runs[-1:]).splitlines()[-1], flush=True)
             if ref.rc != 0:

@@ -87,6 +87,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--provider", default="CUDAExecutionProvider")
     args = parser.parse_args()
+    try:  # torch (when present) loads the CUDA runtime libraries that ORT's CUDA provider links against
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     import onnxruntime as ort
 
     print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
