@@ -2,7 +2,7 @@
 
 Each export runs as its own `python -m builder export` process, so a crash, an OOM kill or a hang in one cannot take
 the batch down; at most --jobs run at once. A child's peak RSS comes from os.wait4 on that one child, in a small
-launcher process (getrusage of all children mixes parallel ones; see _LAUNCHER for why not from the batch itself).
+launcher process (see builder/child_process.py).
 Every export writes its own log; the summary (summary.md and summary.json in the out root) is rewritten after each
 job, so it is current even if the batch itself is killed.
 
@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from glob import escape as glob_escape
@@ -31,12 +26,12 @@ from pathlib import Path
 
 import click
 
+from builder.child_process import GRACE_S, Children, block_interrupts, builder_command, run_child
 from builder.errors import OrtBuildError, UsageError, VerificationError
+from builder.export import MANIFEST
 from builder.zoo import Job, load_zoo
 
-MANIFEST = "ortbuild.json"
 LOG_DIR = "_logs"
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so children import this same `builder`
 
 
 @dataclass
@@ -81,8 +76,8 @@ def stale_reason(folder: Path, job: Job) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"{MANIFEST} is unreadable"
-    diffs = [f"{key} {manifest.get(key)!r} (recipe: {want!r})" for key, want in
-             (("precision", job.precision), ("ep", job.ep)) if manifest.get(key) != want]
+    wanted = (("source", job.input_dir or job.model), ("precision", job.precision), ("ep", job.ep))
+    diffs = [f"{key} {manifest.get(key)!r} (recipe: {want!r})" for key, want in wanted if manifest.get(key) != want]
     recorded = manifest.get("extra_options", {})
     diffs += [f"{key}={recorded.get(key)!r} (recipe: {want!r})" for key, want in job.resolved_extra.items()
               if recorded.get(key) != want]
@@ -91,139 +86,6 @@ def stale_reason(folder: Path, job: Job) -> str | None:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-# --------------------------------------------------------------------------------------------- child processes
-
-
-class Children:
-    """The child processes this batch started, so an interrupt can stop exactly those (by process group)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pids: set[int] = set()
-
-    def add(self, pid: int) -> None:
-        with self._lock:
-            self._pids.add(pid)
-
-    def discard(self, pid: int) -> None:
-        with self._lock:
-            self._pids.discard(pid)
-
-    def running(self) -> list[int]:
-        with self._lock:
-            return list(self._pids)
-
-    def stop_all(self, grace: float) -> None:
-        """SIGTERM (an export then removes its temporary folder), SIGKILL to whatever is left after `grace` s."""
-        for pid in self.running():
-            _terminate(pid)
-        deadline = time.monotonic() + grace
-        while self.running() and time.monotonic() < deadline:
-            time.sleep(0.05)  # the worker threads reap their children and drop them from the set
-        for pid in self.running():
-            _signal_group(pid, signal.SIGKILL)
-
-
-def _terminate(launcher_pid: int) -> None:
-    """SIGTERM to a launcher, which forwards it to its export once (see _LAUNCHER)."""
-    try:
-        os.kill(launcher_pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # each child leads its own session (start_new_session), so this reaches only it
-    except ProcessLookupError:
-        pass
-
-
-GRACE_S = 10.0  # after SIGTERM, how long a child may take to clean up before SIGKILL
-
-
-def builder_command(args: list[str]) -> list[str]:
-    """`python -m builder ARGS` with this interpreter (the child imports the same package, see run_child)."""
-    return [sys.executable, "-m", "builder", *args]
-
-
-# Measures one child's peak RSS from a small parent. ru_maxrss of a forked-and-exec'd process keeps the high-water mark
-# of the memory it was forked from (Linux folds the pre-exec mm into it), so wait4 on a child of the batch process
-# would report at least the batch's own peak; forked from this ~6 MiB launcher, the error is the launcher's size.
-# SIGTERM/SIGINT sent to the launcher are forwarded to the export exactly once, including one that arrives before the
-# fork (signals stay blocked until the child's pid is known); the export starts with default handlers and a clear
-# mask (the batch's worker threads block these signals, see _block_interrupts). The launcher exits as its child did.
-_LAUNCHER = r"""
-import os, signal, sys
-child = []
-def forward(sig, frame):
-    if child:
-        os.kill(child[0], sig)
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-signal.signal(signal.SIGTERM, forward)
-signal.signal(signal.SIGINT, forward)
-pid = os.fork()
-if pid == 0:
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.execv(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-child.append(pid)
-signal.pthread_sigmask(signal.SIG_SETMASK, [])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss * 1024))
-code = os.waitstatus_to_exitcode(status)
-if code < 0:
-    if -code != signal.SIGKILL:
-        signal.signal(-code, signal.SIG_DFL)
-    os.kill(os.getpid(), -code)
-sys.exit(code)
-"""
-
-
-def run_child(cmd: list[str], log: Path, children: Children, timeout: float | None) -> tuple[int, float, int | None]:
-    """Run `cmd` in its own session with output to `log`: (exit code, wall seconds, peak RSS bytes or None).
-
-    Exit code 124 means the timeout stopped it; a negative code is the signal that ended it (e.g. -9 for the OOM
-    killer). The peak RSS is None when the child was killed before its launcher could record it.
-    """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    rss_file = log.with_name(log.name + ".rss")
-    rss_file.unlink(missing_ok=True)
-    start = time.monotonic()
-    with open(log, "w") as out:
-        out.write("$ " + " ".join(cmd) + "\n")
-        out.flush()
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(rss_file), *cmd],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    children.add(proc.pid)
-    timed_out, killed = False, False
-    try:
-        while proc.poll() is None:
-            elapsed = time.monotonic() - start
-            if timeout is not None and elapsed > timeout and not timed_out:
-                timed_out = True
-                _terminate(proc.pid)
-            if timed_out and not killed and elapsed > timeout + GRACE_S:
-                killed = True
-                _signal_group(proc.pid, signal.SIGKILL)
-            time.sleep(0.05)
-    finally:
-        children.discard(proc.pid)
-    try:
-        peak = int(rss_file.read_text())
-        rss_file.unlink()
-    except (OSError, ValueError):
-        peak = None
-    return (124 if timed_out else proc.returncode), time.monotonic() - start, peak
 
 
 def last_error(log: Path) -> str:
@@ -287,6 +149,22 @@ def verify_args(job: Job, output: Path, json_path: Path, settings: RunSettings) 
     return args
 
 
+def stored_verification_applies(json_path: Path, output: Path, job: Job) -> bool:
+    """Whether a verify report from an earlier run measured this output with the job's current settings."""
+    from builder.verify_report import DEFAULT_STEPS, Policy
+
+    try:
+        if json_path.stat().st_mtime < (output / MANIFEST).stat().st_mtime:
+            return False  # made before the output was (re-)exported
+        report = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return False
+    policy = Policy.for_precision(job.precision, job.tolerance, job.min_top1)
+    return (report.get("tolerance"), report.get("min_top1"), report.get("steps"), report.get("reference")) == \
+        (policy.tolerance, policy.min_top1, DEFAULT_STEPS if job.verify_steps is None else job.verify_steps,
+         job.reference)
+
+
 PARITY_KEYS = ("max_abs_error", "prompt_max_abs_error", "decode_max_abs_error", "top1_agreement",
                "greedy_onnxruntime", "greedy_onnxruntime_genai", "failures")
 
@@ -295,8 +173,7 @@ def run_verify(job: Job, output: Path, result: Result, settings: RunSettings, ch
     logs = settings.out_root / LOG_DIR
     json_path, log = logs / f"{job.name}.verify.json", logs / f"{job.name}.verify.log"
     result.verify_log = str(log)
-    manifest_time = (output / MANIFEST).stat().st_mtime
-    if not (json_path.is_file() and json_path.stat().st_mtime >= manifest_time and not settings.force):
+    if settings.force or not stored_verification_applies(json_path, output, job):
         json_path.unlink(missing_ok=True)
         cmd = builder_command(verify_args(job, output, json_path, settings))
         code, _, _ = run_child(cmd, log, children, settings.timeout)
@@ -325,6 +202,12 @@ def run_job(job: Job, settings: RunSettings, children: Children, say) -> Result:
             result.wall_s, result.peak_rss_bytes = previous["wall_s"], previous.get("peak_rss_bytes")
             result.previous_run = True
         say(f"{job.name}: already complete, skipped")
+    elif output.is_dir() and any(output.iterdir()) and not settings.force:
+        missing = [p.name for p in output_files(output) if not p.is_file()]
+        result.status = "failed"
+        result.error = (f"{output} exists but is not a complete export (missing {', '.join(missing)}): not made by "
+                        "`ortbuild export`, or altered since; delete it or pass --force to replace it")
+        return result
     else:
         say(f"{job.name}: exporting ({job.label})")
         cmd = builder_command(export_args(job, output, settings))
@@ -334,7 +217,7 @@ def run_job(job: Job, settings: RunSettings, children: Children, say) -> Result:
             result.status, result.size_bytes = "exported", folder_size(output)
         else:
             remove_partials(settings.out_root, job.name)
-            result.status = "timeout" if code == 124 else "failed"
+            result.status = "timeout" if code == 124 else "interrupted" if children.stopping else "failed"
             result.error = (f"timed out after {settings.timeout:g} s" if code == 124 else
                             f"killed by signal {-code}" if code < 0 else last_error(log))
             say(f"{job.name}: {result.status} (exit {code}): {result.error}")
@@ -402,7 +285,7 @@ def run_batch(zoo_file: str | Path, out_root: str | Path | None = None, jobs: in
     say = say or (lambda text: click.echo(f"[batch] {text}", err=True))
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1 (got {jobs}).")
-    zoo = load_zoo(zoo_file, verify_default=verify)
+    zoo = load_zoo(zoo_file, verify=verify)
     root = Path(out_root) if out_root else zoo.out_root
     if root is None:
         raise UsageError(f"no output root: pass --out-root DIR or set out_root in {zoo.path.name}.")
@@ -424,21 +307,19 @@ def run_batch(zoo_file: str | Path, out_root: str | Path | None = None, jobs: in
             write_summary(settings.out_root, zoo.path, results)
 
     say(f"{len(selected)} exports from {zoo.path.name} into {settings.out_root} ({jobs} at a time)")
-    pool = ThreadPoolExecutor(max_workers=jobs, initializer=_block_interrupts)
-    futures = [pool.submit(work, i) for i in range(len(selected))]
+    pool = ThreadPoolExecutor(max_workers=jobs, initializer=block_interrupts)
     try:
-        # Short slices keep the main thread responsive to Ctrl-C / SIGTERM (see _block_interrupts).
+        futures = [pool.submit(work, i) for i in range(len(selected))]
+        # Short slices keep the main thread responsive to Ctrl-C / SIGTERM (see block_interrupts).
         while wait(futures, timeout=0.2).not_done:
             pass
         for future in futures:
             future.result()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (builder.cli raises it as a KeyboardInterrupt)
-        for future in futures:
-            future.cancel()
         say(f"interrupted: stopping {len(children.running())} running export(s); completed outputs are kept and "
             "a rerun resumes from them")
         children.stop_all(GRACE_S)
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         with lock:
             for r in results:
                 if r.status == "pending":
@@ -449,16 +330,6 @@ def run_batch(zoo_file: str | Path, out_root: str | Path | None = None, jobs: in
     return results, settings.out_root
 
 
-def _block_interrupts() -> None:
-    """Worker threads block SIGINT/SIGTERM so the kernel delivers them to the main thread.
-
-    CPython runs Python-level handlers only in the main thread; a signal taken by another thread must be noticed by
-    the main thread later (seen in testing, before this: a SIGTERM handled only after the running export had
-    finished). Children inherit the mask; the launcher clears it.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
 def register(cli_group: click.Group) -> None:
     @cli_group.command("batch")
     @click.argument("zoo_file", type=click.Path(exists=True, dir_okay=False))
@@ -466,9 +337,11 @@ def register(cli_group: click.Group) -> None:
     @click.option("--out-root", "out_root", default=None, type=click.Path(file_okay=False),
                   help="Folder for the outputs, logs and summary (default: out_root in the zoo file).")
     @click.option("--verify/--no-verify", "verify", default=None,
-                  help="Run `ortbuild verify` after each export (default: the zoo file's 'verify').")
+                  help="Run `ortbuild verify` after each export; entries with 'verify: false' still opt out. "
+                       "--no-verify turns it off everywhere (default: the zoo file's 'verify').")
     @click.option("--force", is_flag=True, help="Re-export (and re-verify) outputs that are already complete.")
-    @click.option("--timeout", type=float, default=None, help="Seconds after which one export is killed.")
+    @click.option("--timeout", type=float, default=None,
+                  help="Seconds after which one export (or one verification) is stopped.")
     @click.option("--only", multiple=True, metavar="PATTERN", help="Only outputs whose name matches (glob); repeat.")
     @click.option("--dry-run", "dry_run", is_flag=True, help="Validate the zoo file and list the exports.")
     @click.option("-c", "--cache_dir", "cache_dir", default=None, help="Hugging Face cache folder for Hub ids.")
@@ -482,7 +355,7 @@ def register(cli_group: click.Group) -> None:
         Exit 0 when every export succeeded (and verified), 1 when any export failed, 6 when only verification did.
         """
         if dry_run:
-            for job in load_zoo(zoo_file, verify_default=verify).jobs:
+            for job in load_zoo(zoo_file, verify=verify).jobs:
                 extra = " " + " ".join(job.extra_args) if job.extra_args else ""
                 click.echo(f"{job.name}: -m {job.model} -p {job.precision} -e {job.ep}{extra}"
                            f"{' (verify)' if job.verify else ''}")

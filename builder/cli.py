@@ -180,8 +180,8 @@ def _run(argv: list[str], verbose: bool) -> None:
     except (KeyboardInterrupt, click.Abort) as exc:
         # click re-raises a KeyboardInterrupt as Abort `from` it
         if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
-            click.echo("ortbuild: terminated (SIGTERM); no output was written.", err=True)
+            click.echo("ortbuild: terminated (SIGTERM); unfinished output was removed (finished outputs are kept).", err=True)
             sys.exit(128 + signal.SIGTERM)
-        click.echo("ortbuild: interrupted; no output was written.", err=True)
+        click.echo("ortbuild: interrupted; unfinished output was removed (finished outputs are kept).", err=True)
         sys.exit(130)
     sys.exit(0)

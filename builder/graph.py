@@ -84,7 +84,8 @@ class StreamedTensor(ir.LazyTensor):
     """An initializer whose bytes are produced block by block when the writer saves the model.
 
     `blocks()` yields numpy arrays whose concatenation (in C order) is the tensor. The next block is produced in a
-    background thread while this one is written, so at most three blocks are alive at a time, never the tensor.
+    background thread while this one is written (one block ahead), so a few blocks are alive at a time, never the
+    whole tensor; calling numpy() instead would build it whole (only small tensors, inlined in model.onnx, are).
     """
 
     def __init__(self, name: str, dtype: ir.DataType, shape: Sequence[int],

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from builder.errors import CheckpointError, OutputError, UsageError, VerificationError
-from builder.verify_report import Policy, PromptResult, Report
-
-MANIFEST = "ortbuild.json"  # the same name builder.export writes (not imported: that would pull in the exporter)
+from builder.export import MANIFEST
+from builder.verify_report import DEFAULT_STEPS, Policy, PromptResult, Report
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -43,8 +42,8 @@ def read_manifest(out_dir: Path) -> dict | None:
         raise OutputError(f"{path}: invalid JSON ({exc}); the export was altered after it finished. Re-export it.")
 
 
-def detect_precision(model_path: Path) -> tuple[str, str]:
-    """(precision, ep) of an export without a manifest (made by another tool), from the graph alone."""
+def detect_precision(model_path: Path, config: dict) -> tuple[str, str]:
+    """(precision, ep) of an export without a manifest (made by another tool), from its graph and genai_config."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -57,7 +56,9 @@ def detect_precision(model_path: Path) -> tuple[str, str]:
         precision = "int8" if bits == {8} else "int4"
     else:
         precision = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(elem, "fp32")
-    return precision, "cpu"
+    providers = config["model"]["decoder"].get("session_options", {}).get("provider_options", [])
+    ep = "cuda" if any("cuda" in entry for entry in providers) else "cpu"
+    return precision, ep
 
 
 def describe_output(out_dir: Path) -> dict:
@@ -67,14 +68,15 @@ def describe_output(out_dir: Path) -> dict:
     if not out_dir.is_dir() or not config_path.is_file():
         raise OutputError(f"{out_dir} is not an exported model folder (no genai_config.json). Pass the -o folder of "
                           "an `ortbuild export`.")
-    filename = json.loads(config_path.read_text())["model"]["decoder"].get("filename", "model.onnx")
+    config = json.loads(config_path.read_text())
+    filename = config["model"]["decoder"].get("filename", "model.onnx")
     if not (out_dir / filename).is_file():
         raise OutputError(f"{out_dir}: genai_config.json names {filename}, which is missing. Re-export the model.")
     manifest = read_manifest(out_dir)
     if manifest:
         return {"precision": manifest["precision"], "ep": manifest["ep"], "source": manifest.get("source"),
                 "filename": filename}
-    precision, ep = detect_precision(out_dir / filename)
+    precision, ep = detect_precision(out_dir / filename, config)
     return {"precision": precision, "ep": ep, "source": None, "filename": filename}
 
 
@@ -145,7 +147,13 @@ def encode_prompts(texts: list[str], *folders: str | Path) -> list[list[int]]:
 
 
 def _as_float32(value) -> np.ndarray:
-    """An ORT output as float32 numpy; bfloat16 has no numpy type in onnxruntime, so read its bytes directly."""
+    """An ORT output as float32 numpy; bfloat16 has no numpy type in onnxruntime, so read its bytes directly.
+
+    Unbound outputs of run_with_ort_values are fetched to CPU memory even under the CUDA EP; the check keeps a
+    future change from turning the byte read into a read of a device pointer.
+    """
+    if value.device_name().lower() != "cpu":
+        raise VerificationError(f"onnxruntime returned logits on {value.device_name()}, expected CPU memory.")
     if value.data_type() != "tensor(bfloat16)":
         return value.numpy().astype(np.float32)
     import ml_dtypes
@@ -249,8 +257,9 @@ def _providers(ep: str) -> tuple[list[str], str, str | None]:
     if ep == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", None
-        return ["CPUExecutionProvider"], "cpu", ("the model was exported for cuda but this onnxruntime has no "
-                                                 "CUDAExecutionProvider; ran it on CPU")
+        return ["CPUExecutionProvider"], "cpu", (
+            "the model was exported for cuda but this onnxruntime has no CUDAExecutionProvider, so it ran on CPU; "
+            "CUDA-only layouts (prepacked QMoE experts) are not valid there, so verify such exports on a GPU")
     return ["CPUExecutionProvider"], "cpu", None
 
 
@@ -278,7 +287,7 @@ def compare_prompt(decoder: OnnxDecoder, reference_model, ids: list[int], steps:
 
 
 def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[list[int]] | None = None,
-           prompts: list[str] | None = None, steps: int = 8, tolerance: float | None = None,
+           prompts: list[str] | None = None, steps: int = DEFAULT_STEPS, tolerance: float | None = None,
            min_top1: float | None = None, use_genai: bool = True, reference_dtype: str = "float32",
            cache_dir: str | None = None) -> Report:
     """Measure an output folder against its reference checkpoint; never raises for a failed check (see Report)."""

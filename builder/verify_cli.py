@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from builder.errors import UsageError, VerificationError
-from builder.verify_report import DEFAULT_POLICY
+from builder.verify_report import DEFAULT_POLICY, DEFAULT_STEPS
 
 
 def parse_prompt_ids(values: tuple[str, ...]) -> list[list[int]] | None:
@@ -44,7 +44,8 @@ def register(cli_group: click.Group) -> None:
                   help="A prompt as token ids ('1,2,3'); repeat for several prompts.")
     @click.option("--prompts", "prompts", multiple=True, metavar="TEXT",
                   help="A text prompt, tokenized with the export's tokenizer; repeat for several.")
-    @click.option("--steps", default=8, show_default=True, help="Decode steps through the KV cache per prompt.")
+    @click.option("--steps", default=DEFAULT_STEPS, show_default=True,
+                  help="Decode steps through the KV cache per prompt.")
     @click.option("--tolerance", type=float, default=None,
                   help="Max-abs logit error allowed (default by precision; negative: report only).")
     @click.option("--min-top1", "min_top1", type=float, default=None,

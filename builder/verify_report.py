@@ -17,6 +17,8 @@ from builder.errors import UsageError
 # agreement near 1/vocab, measured 0%) cannot pass, not a quality score: tiny random models, whose top logits are
 # nearly tied, measure 55-61% for int4 and 94-97% for int8 (real checkpoints, with clearer winners, should
 # score higher).
+DEFAULT_STEPS = 8  # decode steps per prompt through the KV cache
+
 DEFAULT_POLICY = {
     "fp32": {"tolerance": 1e-3, "min_top1": None},
     "fp16": {"tolerance": 1e-1, "min_top1": None},

@@ -52,7 +52,12 @@ def export_threads() -> int:
     """
     value = os.environ.get("ORTBUILD_THREADS", "").strip()
     if value:
-        return max(1, int(value))
+        if not value.isdigit() or int(value) < 1:
+            from builder.errors import UsageError
+
+            raise UsageError(f"ORTBUILD_THREADS={value!r}: expected a whole number of threads >= 1 (unset it for "
+                             "one per core).")
+        return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores))
 
@@ -60,8 +65,9 @@ def export_threads() -> int:
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None) -> Iterator[_R]:
     """fn(item) for each item, yielded in input order, with up to `workers` calls running at once.
 
-    Results are identical to a plain loop (each call is independent), so exports stay byte-identical; at most
-    `workers` results wait unconsumed, so memory is bounded by the worker count, not by the number of items.
+    Results are identical to a plain loop (each call is independent), so exports stay byte-identical; the next call
+    starts only when a result is taken, so at most `workers` + 1 results are alive: memory is bounded by the worker
+    count, not by the number of items.
     """
     workers = export_threads() if workers is None else workers
     items = list(items)

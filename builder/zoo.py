@@ -163,8 +163,13 @@ def read_zoo_file(path: Path) -> dict:
     return _check_keys(data, TOP_KEYS, path.name, required=("recipes", "models"))
 
 
-def load_zoo(path: str | Path, verify_default: bool | None = None) -> Zoo:
-    """Parse and validate a zoo file into jobs (no model is read); raises UsageError naming the bad entry."""
+def load_zoo(path: str | Path, verify: bool | None = None) -> Zoo:
+    """Parse and validate a zoo file into jobs (no model is read); raises UsageError naming the bad entry.
+
+    `verify` is the command line's --verify/--no-verify: False turns verification off everywhere; True makes it the
+    default, which a model or recipe with `verify: false` (say, one too big for a CPU reference) still opts out of;
+    None leaves the default to the file's top-level `verify`.
+    """
     from builder.settings import ExportSettings
 
     path = Path(path)
@@ -172,8 +177,7 @@ def load_zoo(path: str | Path, verify_default: bool | None = None) -> Zoo:
     base = path.resolve().parent
     top_template = _check_template(data.get("name_template", DEFAULT_TEMPLATE), _where(path, "name_template"))
     top_verify = _bool(data.get("verify"), "verify", path.name)
-    if verify_default is None:
-        verify_default = bool(top_verify)
+    verify_default = bool(top_verify) if verify is None else verify
     recipes = data["recipes"]
     if not isinstance(recipes, dict) or not recipes:
         raise UsageError(f"{path.name}: 'recipes' must be a non-empty mapping of recipe name -> recipe.")
@@ -226,9 +230,9 @@ def load_zoo(path: str | Path, verify_default: bool | None = None) -> Zoo:
                 raise UsageError(f"{where}: output name '{name}' is also produced by {by_name[name]}. Give the "
                                  "models distinct 'name's or use {recipe} in name_template.")
             by_name[name] = where
-            verify = _bool(entry.get("verify"), "verify", where_model)
-            if verify is None:
-                verify = _bool(recipe.get("verify"), "verify", where)
+            entry_verify = _bool(entry.get("verify"), "verify", where_model)
+            if entry_verify is None:
+                entry_verify = _bool(recipe.get("verify"), "verify", where)
             steps = recipe.get("verify_steps")
             if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
                 raise UsageError(f"{where}: verify_steps must be a non-negative integer, got {steps!r}.")
@@ -243,7 +247,8 @@ def load_zoo(path: str | Path, verify_default: bool | None = None) -> Zoo:
             jobs.append(Job(model_name=model_name, recipe=rname, model=source, input_dir=input_dir,
                             precision=str(precision), ep=str(ep), extra_args=tuple(extra_args),
                             resolved_extra=dict(settings.extra), name=name,
-                            verify=verify_default if verify is None else verify, reference=reference,
+                            verify=verify is not False and (verify_default if entry_verify is None else entry_verify),
+                            reference=reference,
                             reference_dtype=reference_dtype,
                             tolerance=tolerance, min_top1=min_top1, verify_steps=steps))
     out_root = data.get("out_root")

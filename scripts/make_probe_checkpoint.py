@@ -11,7 +11,8 @@ Shapes come from named presets (PRESETS) or `ProbeShape(...)`; `tensor_specs(sha
 config.json, generation_config.json, a small tokenizer and `shards` safetensors files with an index json.
 
     python scripts/make_probe_checkpoint.py qwen3-0.6b /tmp/probe-dense
-    python scripts/make_probe_checkpoint.py gpt-oss-2g /tmp/probe-moe
+    python scripts/make_probe_checkpoint.py gpt-oss-2g /tmp/probe-moe          # bf16 experts
+    python scripts/make_probe_checkpoint.py gpt-oss-2g-mxfp4 /tmp/probe-mxfp4  # MXFP4 experts (original format)
 """
 
 from __future__ import annotations

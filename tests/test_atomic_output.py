@@ -280,9 +280,9 @@ def run_until_paused(tmp_path: Path, args: list[str]) -> tuple[subprocess.Popen,
     return proc, Path(marker.read_text())
 
 
-@pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "ortbuild: interrupted; no output was written."),
+@pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "ortbuild: interrupted; unfinished output was removed (finished outputs are kept)."),
                                              (signal.SIGTERM, 143,
-                                              "ortbuild: terminated (SIGTERM); no output was written.")])
+                                              "ortbuild: terminated (SIGTERM); unfinished output was removed (finished outputs are kept).")])
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
 def test_signal_while_writing_weights_leaves_nothing(checkpoint, tmp_path, capsys, sig, code, says, existing):
     parent = tmp_path / "work"

@@ -19,7 +19,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from builder.batch import Children, folder_size, remove_partials, run_child
+from builder.batch import folder_size, remove_partials, stored_verification_applies
+from builder.child_process import Children, run_child
 from builder.cli import main
 from builder.errors import UsageError
 from builder.zoo import load_zoo
@@ -125,6 +126,18 @@ def test_changed_recipe_is_reported_stale_and_force_reexports(zoo_dir):
     assert json.loads((zoo_dir / "out/llama-base/ortbuild.json").read_text())["precision"] == "int4"
 
 
+def test_a_foreign_folder_in_the_way_is_reported_not_overwritten(zoo_dir):
+    (zoo_dir / "zoo.yaml").write_text("recipes:\n  fp32: {precision: fp32}\nmodels:\n  - model: ./llama\n")
+    foreign = zoo_dir / "out" / "llama-fp32-cpu"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    result = batch(zoo_dir, "zoo.yaml", "--out-root", "out")
+    assert result.returncode == 1
+    error = summary(zoo_dir / "out")["llama-fp32-cpu"]["error"]
+    assert "not a complete export (missing model.onnx, model.onnx.data, genai_config.json, ortbuild.json)" in error
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def test_timeout_kills_the_export_and_a_rerun_completes_it(zoo_dir):
     (zoo_dir / "zoo.yaml").write_text("recipes:\n  fp32: {precision: fp32}\nmodels:\n  - model: ./qwen3\n")
     killed = batch(zoo_dir, "zoo.yaml", "--out-root", "out", "--timeout", "0.2")
@@ -140,8 +153,8 @@ def test_sigterm_stops_the_running_export_and_records_the_rest_as_interrupted(zo
     (zoo_dir / "zoo.yaml").write_text("recipes:\n  fp32: {precision: fp32}\n  int8: {precision: int8}\n"
                                       "models:\n  - model: ./qwen3\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "builder", "batch", "zoo.yaml", "--out-root", "out", "-v"], cwd=zoo_dir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "batch", "zoo.yaml", "--out-root", "out", "-v"],
+                            cwd=zoo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_log = zoo_dir / "out" / "_logs" / "qwen3-fp32-cpu.export.log"
     deadline = time.monotonic() + 60
     while not first_log.exists() and time.monotonic() < deadline:  # the first export has started
@@ -149,9 +162,10 @@ def test_sigterm_stops_the_running_export_and_records_the_rest_as_interrupted(zo
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert "interrupted: stopping 1 running export(s)" in err
+    assert "interrupted: stopping" in err, err
     results = summary(zoo_dir / "out")
-    assert results["qwen3-fp32-cpu"]["status"] == "failed"  # stopped mid-way (its log says how)
+    assert results["qwen3-fp32-cpu"]["status"] == "interrupted", err  # stopped mid-way (its log says how)
+    assert results["qwen3-fp32-cpu"]["exit_code"] in (-signal.SIGTERM, 128 + signal.SIGTERM)
     assert results["qwen3-int8-cpu"]["status"] == "interrupted"  # never started
     assert not any((zoo_dir / "out").glob(".qwen3-*"))
 
@@ -270,7 +284,8 @@ def test_a_bad_zoo_fails_before_any_export(tmp_path, capsys):
 
 def test_model_entries_override_recipe_options_and_json_zoos_work(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    data = {"recipes": {"q": {"precision": "int4", "extra_options": {"int4_block_size": 32, "int4_algo_config": "rtn"}}},
+    recipe = {"precision": "int4", "extra_options": {"int4_block_size": 32, "int4_algo_config": "rtn"}}
+    data = {"recipes": {"q": recipe},
             "models": [{"model": "ckpt", "name": "local", "extra_options": ["int4_block_size=128"], "verify": True},
                        {"model": "org/remote-model"}]}
     zoo = load_zoo(write_zoo(tmp_path, json.dumps(data), "zoo.json"))
@@ -293,3 +308,41 @@ def test_example_zoo_is_valid_and_covers_the_three_families(capsys):
     assert exc.value.code == 0
     listing = capsys.readouterr().out.splitlines()
     assert len(listing) == len(zoo.jobs) and listing[0].startswith("gpt-oss-20b-int4-cpu: -m openai/gpt-oss-20b")
+
+
+def test_export_zoo_script_is_the_batch_command():
+    script, zoo = REPO / "scripts" / "export_zoo.py", REPO / "examples" / "zoo.yaml"
+    listing = subprocess.run([sys.executable, str(script), str(zoo), "--dry-run"], capture_output=True, text=True,
+                             timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "gemma-3-1b-it-fp32-cpu: -m google/gemma-3-1b-it -p fp32 -e cpu" in listing.stdout.splitlines()
+
+
+def test_verify_flag_precedence(tmp_path):
+    text = ("verify: true\nrecipes:\n  r: {precision: fp32}\n  s: {precision: int4, verify: false}\n"
+            "models:\n  - model: org/a\n  - {model: org/b, verify: false}\n")
+    path = write_zoo(tmp_path, text)
+    by_name = lambda zoo: {job.name: job.verify for job in zoo.jobs}  # noqa: E731
+    assert by_name(load_zoo(path)) == {"a-fp32-cpu": True, "a-int4-cpu": False, "b-fp32-cpu": False,
+                                       "b-int4-cpu": False}
+    assert by_name(load_zoo(path, verify=True)) == by_name(load_zoo(path))  # opt-outs stay out
+    assert not any(by_name(load_zoo(path, verify=False)).values())  # --no-verify: off everywhere
+    assert by_name(load_zoo(write_zoo(tmp_path, text.replace("verify: true\n", "", 1)))) == {
+        "a-fp32-cpu": False, "a-int4-cpu": False, "b-fp32-cpu": False, "b-int4-cpu": False}
+
+
+def test_a_stored_verification_is_reused_only_for_the_same_settings(tmp_path):
+    output = tmp_path / "a-fp32-cpu"
+    output.mkdir()
+    (output / "ortbuild.json").write_text("{}")
+    job = load_zoo(write_zoo(tmp_path, "recipes:\n  r: {precision: fp32}\nmodels:\n  - model: org/a\n")).jobs[0]
+    stored = tmp_path / "a.verify.json"
+    stored.write_text(json.dumps({"tolerance": 1e-3, "min_top1": None, "steps": 8, "reference": "org/a"}))
+    assert stored_verification_applies(stored, output, job)
+    for changed in ({"tolerance": 0.5}, {"steps": 2}, {"reference": "org/other"}):
+        stored.write_text(json.dumps({"tolerance": 1e-3, "min_top1": None, "steps": 8, "reference": "org/a",
+                                      **changed}))
+        assert not stored_verification_applies(stored, output, job)
+    stored.write_text(json.dumps({"tolerance": 1e-3, "min_top1": None, "steps": 8, "reference": "org/a"}))
+    os.utime(output / "ortbuild.json", (stored.stat().st_mtime + 10,) * 2)  # output re-exported since
+    assert not stored_verification_applies(stored, output, job)

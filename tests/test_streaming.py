@@ -89,9 +89,7 @@ def _peak_traced(source: Path, out: Path, precision: str, extra: list[str]) -> i
 # int4 block 16 doubles the scales, so a source that kept each layer's scales to the end would show.
 MEMORY_CASES = [("qwen3", "int4", ["int4_block_size=16"]), ("qwen3", "fp16", []), ("qwen3", "fp32", []),
                 ("gpt_oss", "fp32", []),
-                pytest.param("gpt_oss", "int4", ["qmoe_block_size=16"], marks=pytest.mark.xfail(
-                    strict=True, reason="builder/layers/moe.py ExpertQuantSource keeps every layer's expert scales "
-                                        "until the export ends (~1.5 MB per layer here, 2.4 GB for GPT-OSS-20B)"))]
+                ("gpt_oss", "int4", ["qmoe_block_size=16"])]
 
 
 @pytest.mark.parametrize("arch,precision,extra", MEMORY_CASES)

@@ -186,3 +186,14 @@ def test_bfloat16_outputs_are_read_through_their_bytes():
     np.testing.assert_array_equal(_as_float32(value), as_bf16.astype(np.float32))
     halves = np.array([[1.5, -2.25, 6.0e4]], np.float16)
     np.testing.assert_array_equal(_as_float32(ort.OrtValue.ortvalue_from_numpy(halves)), halves.astype(np.float32))
+
+
+@pytest.mark.parametrize("arch, kwargs", [("gpt_oss", {"mxfp4": True}), ("qwen3_moe", {}), ("gemma3_vlm", {})])
+def test_the_zoo_families_verify_including_mxfp4_and_multimodal_references(tiny_checkpoint, tmp_path, arch, kwargs):
+    """The reference loader copes with what examples/zoo.yaml ships: MXFP4 experts (dequantized by transformers),
+    MoE, and a multimodal checkpoint whose text decoder is the export."""
+    checkpoint = tiny_checkpoint(arch, **kwargs)
+    out = export(str(checkpoint), tmp_path / arch, "fp32", "cpu")
+    report = verify(out, steps=STEPS)
+    assert report.passed and report.max_abs_error < 1e-4 and report.top1_agreement == 1.0
+    assert report.greedy("onnxruntime-genai") == report.greedy("onnxruntime") == (4 * STEPS, 4 * STEPS)

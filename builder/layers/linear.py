@@ -23,6 +23,8 @@ class QuantizedSource:
     do not depend on the thread count.
     """
 
+    block_bytes: int | None = None  # rows per block: weights.ROW_BLOCK_BYTES unless a subclass says otherwise
+
     def __init__(self, weight: Weight, fmt: WeightFormat):
         self.weight = weight
         self.fmt = fmt
@@ -42,7 +44,7 @@ class QuantizedSource:
 
     def packed_blocks(self):
         scales, zero_points = [], []
-        for q in ordered_map(self._quantize_rows, block_spans(self.weight)):
+        for q in ordered_map(self._quantize_rows, block_spans(self.weight, self.block_bytes)):
             scales.append(q.scales)
             if q.zero_points is not None:
                 zero_points.append(q.zero_points)

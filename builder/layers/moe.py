@@ -9,50 +9,43 @@ normalize_routing_weights=0 (see shared/reference/ort-ops.md).
 
 from __future__ import annotations
 
-import numpy as np
+from types import SimpleNamespace
+
 import onnx_ir as ir
 
 from builder.layers import LayerContext
-from builder.layers.linear import linear
+from builder.layers.linear import QuantizedSource, linear
 from builder.layers.mlp import gated_mlp
-from builder.quant.plan import FLOAT
+from builder.quant.plan import FLOAT, WeightFormat
 from builder.spec import MlpSpec, MoeSpec
 from builder.weights import Weight
 
 EXPERT_BLOCK_BYTES = 64 * 1024 * 1024
 
 
-class ExpertQuantSource:
-    """Quantizes [E, N, K] expert weights a few experts at a time; packed codes stream, scales are kept."""
+class ExpertQuantSource(QuantizedSource):
+    """Quantizes [E, N, K] expert weights a few experts at a time (the rows here are experts).
+
+    Same streaming contract as QuantizedSource: packed codes (raw or CUDA-prepacked) stream to disk, the scales of
+    the pass are handed to the writer once and then dropped, so nothing is held across layers.
+    """
 
     def __init__(self, weight: Weight, bits: int, block_size: int, name: str, prepack_arch: int | None):
-        self.weight, self.bits, self.block_size, self.name = weight, bits, block_size, name
-        self.prepack_arch = prepack_arch
-        self._scales: list[np.ndarray] = []
-        self._complete = False
+        super().__init__(weight, WeightFormat(bits, "default", block_size))
+        self.name, self.prepack_arch = name, prepack_arch
 
-    def _expert_step(self) -> int:
-        per_expert = 4 * int(np.prod(self.weight.shape[1:], dtype=np.int64))
-        return max(1, EXPERT_BLOCK_BYTES // per_expert)
+    @property
+    def block_bytes(self) -> int:
+        return EXPERT_BLOCK_BYTES
 
-    def packed_blocks(self):
+    def _quantize_rows(self, span: tuple[int, int]):
         from builder.quant.cuda_layout import prepack_for_cuda
         from builder.quant.moe import quantize_experts
 
-        self._scales = []
-        experts, step = self.weight.shape[0], self._expert_step()
-        for start in range(0, experts, step):
-            rows = self.weight.rows(start, min(experts, start + step))
-            q = quantize_experts(rows, bits=self.bits, block_size=self.block_size, name=self.name)
-            self._scales.append(q.scales)
-            yield q.packed if self.prepack_arch is None else prepack_for_cuda(q, arch=self.prepack_arch)
-        self._complete = True
-
-    def scales(self) -> np.ndarray:
-        if not self._complete:
-            for _ in self.packed_blocks():
-                pass
-        return np.concatenate(self._scales, axis=0)
+        q = quantize_experts(self.weight.rows(*span), bits=self.fmt.bits, block_size=self.fmt.block_size,
+                             name=self.name)
+        packed = q.packed if self.prepack_arch is None else prepack_for_cuda(q, arch=self.prepack_arch)
+        return SimpleNamespace(packed=packed, scales=q.scales, zero_points=None)
 
 
 def prepacked_layout(ctx: LayerContext) -> bool:
