@@ -56,7 +56,6 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     g.on_written = on_written  # progress: bytes of each streamed initializer
     ctx = LayerContext(g, spec, settings, weights)
     dtype = settings.ir_dtype
-    attn0 = spec.attention
     input_ids = g.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     attention_mask = g.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
     kv_shape = lambda i, length: ["batch_size", spec.layers[i].attention.num_kv_heads, length,  # noqa: E731

@@ -146,3 +146,36 @@ def ops_in(model_dir: Path) -> dict[str, int]:
 
 def genai_config(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / "genai_config.json").read_text())
+
+
+def load_graph(model_dir: Path, weights: bool = False):
+    """The exported onnx.ModelProto (graph only unless `weights`)."""
+    import onnx
+
+    return onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=weights)
+
+
+def nodes_of(model, op_type: str) -> list:
+    return [n for n in model.graph.node if n.op_type == op_type]
+
+
+def attrs(node) -> dict:
+    """A node's attributes as Python values (strings decoded)."""
+    import onnx
+
+    out = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in out.items()}
+
+
+def export_cache(checkpoint, tmp_path_factory, prefix: str):
+    """(case, precision="fp32", ep="cpu", *extra) -> exported folder, each exported once (for module fixtures)."""
+    built: dict[tuple, Path] = {}
+
+    def get(case: str, precision: str = "fp32", ep: str = "cpu", *extra: str) -> Path:
+        key = (case, precision, ep, extra)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"{prefix}-{case}-{precision}-{ep}") / "model"
+            built[key] = export(checkpoint(case), out, precision, ep, list(extra))
+        return built[key]
+
+    return get

@@ -59,28 +59,10 @@ def checkpoint(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     """(case, precision, ep, extra...) -> exported model folder, built once per module."""
-    built: dict[tuple, Path] = {}
-
-    def get(case: str, precision: str = "fp32", ep: str = "cpu", *extra: str) -> Path:
-        key = (case, precision, ep, extra)
-        if key not in built:
-            out = tmp_path_factory.mktemp(f"dense-{case}-{precision}-{ep}") / "model"
-            built[key] = parity.export(checkpoint(case), out, precision, ep, list(extra))
-        return built[key]
-
-    return get
+    return parity.export_cache(checkpoint, tmp_path_factory, "dense")
 
 
-def load_graph(model_dir: Path) -> onnx.ModelProto:
-    return onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-
-
-def nodes_of(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type == op_type]
-
-
-def attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+load_graph, nodes_of, attrs = parity.load_graph, parity.nodes_of, parity.attrs
 
 
 def consumers(model: onnx.ModelProto, value: str) -> list[onnx.NodeProto]:

@@ -105,29 +105,11 @@ def reference(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
-    """(case, precision, ep, extra options...) -> exported model folder, built once per module."""
-    built: dict[tuple, Path] = {}
-
-    def get(case: str, precision: str = "fp32", ep: str = "cpu", *extra: str) -> Path:
-        key = (case, precision, ep, extra)
-        if key not in built:
-            out = tmp_path_factory.mktemp(f"gpt-oss-{case}-{precision}-{ep}") / "model"
-            built[key] = parity.export(checkpoint(case), out, precision, ep, list(extra))
-        return built[key]
-
-    return get
+    """(case, precision, ep, extra...) -> exported model folder, built once per module."""
+    return parity.export_cache(checkpoint, tmp_path_factory, "gpt-oss")
 
 
-def load_graph(model_dir: Path) -> onnx.ModelProto:
-    return onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-
-
-def nodes_of(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type == op_type]
-
-
-def attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+load_graph, nodes_of, attrs = parity.load_graph, parity.nodes_of, parity.attrs
 
 
 # ------------------------------------------------------------------------------------- spec from config
@@ -253,7 +235,7 @@ def test_fp32_graph_uses_sinks_windows_and_the_moe_op(exported):
     assert len(moe) == 2 and not nodes_of(model, "QMoE")
     for node in moe:
         a = attrs(node)
-        assert a["k"] == 2 and a["activation_type"] == b"swiglu" and a["swiglu_fusion"] == 1
+        assert a["k"] == 2 and a["activation_type"] == "swiglu" and a["swiglu_fusion"] == 1
         assert a["activation_alpha"] == pytest.approx(1.702) and a["activation_beta"] == 1.0
         assert a["swiglu_limit"] == 7.0 and a["normalize_routing_weights"] == 1
         assert len(node.input) == 6 and all(node.input)  # input, router logits, fc1 w/b, fc2 w/b

@@ -67,16 +67,7 @@ def checkpoint(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     """(case, precision, ep, extra...) -> exported model folder, built once per module."""
-    built: dict[tuple, Path] = {}
-
-    def get(case: str, precision: str = "fp32", ep: str = "cpu", *extra: str) -> Path:
-        key = (case, precision, ep, extra)
-        if key not in built:
-            out = tmp_path_factory.mktemp(f"moe-{case}-{precision}-{ep}") / "model"
-            built[key] = parity.export(checkpoint(case), out, precision, ep, list(extra))
-        return built[key]
-
-    return get
+    return parity.export_cache(checkpoint, tmp_path_factory, "moe")
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +82,7 @@ def qwen2_moe_renormalised(checkpoint, tmp_path_factory):
     return dst
 
 
-def load_graph(model_dir: Path, weights: bool = False) -> onnx.ModelProto:
-    return onnx.load(str(model_dir / "model.onnx"), load_external_data=weights)
-
-
-def attrs(node: onnx.NodeProto) -> dict:
-    out = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return {k: v.decode() if isinstance(v, bytes) else v for k, v in out.items()}
+load_graph, attrs = parity.load_graph, parity.attrs
 
 
 def producer(model: onnx.ModelProto, value: str) -> onnx.NodeProto:
