@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_probe_checkpoint import PRESETS, ProbeShape, checkpoint_bytes, param_count, tensor_specs, write_checkpoint  # noqa: E402
+from make_probe_checkpoint import (  # noqa: E402
+    PRESETS, ProbeShape, checkpoint_bytes, param_count, tensor_specs, write_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -53,6 +55,7 @@ class Run:
     rc: int
     load: float  # 1-minute load average when the run started
     tail: str = ""
+    rss_spread_mb: float = 0.0  # max - min peak RSS over --repeat runs
 
 
 def probe_folder(work: Path, name: str, shape: ProbeShape) -> Path:
@@ -71,7 +74,7 @@ def measured(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, float,
     start = time.perf_counter()
     if time_bin:
         report = Path(env.get("TMPDIR", "/tmp")) / f"bench-time-{os.getpid()}.txt"
-        proc = subprocess.run([time_bin, "-o", str(report), "-f", "%e %U %S %M", *cmd], env=env, cwd=cwd,
+        proc = subprocess.run([time_bin, "-o", str(report), "-f", "%e %U %S %M", *cmd], env=env, cwd=cwd, check=False,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         wall = time.perf_counter() - start
         fields = report.read_text().split()[-4:]
@@ -92,15 +95,19 @@ def folder_mb(folder: Path) -> float:
 
 
 def run_ours(probe: str, source: Path, precision: str, out: Path, threads: int | None, extra: list[str],
-             repo: Path = REPO) -> Run:
+             repo: Path = REPO, repeat: int = 1) -> Run:
+    """Our export, `repeat` times: each figure is the median (peak RSS wanders by +-20 MB from run to run)."""
     env = dict(os.environ, PYTHONPATH=str(repo))
     if threads:
         env["ORTBUILD_THREADS"] = str(threads)
     load = os.getloadavg()[0]
     cmd = [sys.executable, "-m", "builder", "export", "-m", str(source), "-o", str(out), "-p", precision, "-e",
            "cpu", "--overwrite", "-q"] + (["--extra_options", *extra] if extra else [])
-    wall, cpu, rss, rc, tail = measured(cmd, env, repo)
-    return Run("ortbuild", probe, precision, wall, cpu, rss, folder_mb(out), rc, load, tail)
+    results = [measured(cmd, env, repo) for _ in range(max(1, repeat))]
+    rc, tail = max(r[3] for r in results), results[-1][4]
+    wall, cpu, rss = (statistics.median(r[i] for r in results) for i in range(3))
+    spread = max(r[2] for r in results) - min(r[2] for r in results)
+    return Run("ortbuild", probe, precision, wall, cpu, rss, folder_mb(out), rc, load, tail, spread)
 
 
 def run_reference(probe: str, source: Path, precision: str, out: Path, cache: Path, pythonpath: str | None,
@@ -121,8 +128,9 @@ def run_reference(probe: str, source: Path, precision: str, out: Path, cache: Pa
 
 def table(runs: list[Run]) -> str:
     ours = {(r.probe, r.precision): r for r in runs if r.exporter == "ortbuild"}
-    lines = ["| exporter | probe | precision | wall s | CPU s | peak RSS MB | output MB | wall vs ours | RSS vs ours "
-             "| load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("| exporter | probe | precision | wall s | CPU s | peak RSS MB | output MB | wall vs ours | RSS vs ours "
+              "| load |")
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         if r.rc != 0:
             lines.append(f"| {r.exporter} | {r.probe} | {r.precision} | failed (rc {r.rc}) | | {r.peak_rss_mb:.0f} | "
@@ -154,21 +162,30 @@ def extrapolate(small: Run, big: Run, shape_small: ProbeShape, shape_big: ProbeS
 
     Blocks are whole experts, so the working set follows the per-expert shape: the estimate is sound when the probe
     has the target's expert shape (`--preset gpt-oss-20b --layers 2 --sweep 1`: real tensors, fewer layers); with
-    smaller probe experts it says so. A negative measured slope (noise) counts as zero.
+    smaller probe experts it says so. A negative slope counts as zero. Peak RSS wanders by tens of MB run to run
+    (which worker temporaries overlap), so a difference within the --repeat spread is reported as no growth, next
+    to the linear bound that takes it at face value.
     """
-    per_layer = (big.peak_rss_mb - small.peak_rss_mb) / (shape_big.layers - shape_small.layers)
-    lines = [f"measured: {small.peak_rss_mb:.0f} MB with {shape_small.layers} layer(s), {big.peak_rss_mb:.0f} MB "
-             f"with {shape_big.layers} -> {per_layer:+.1f} MB per layer"]
+    diff = big.peak_rss_mb - small.peak_rss_mb
+    per_layer = max(diff, 0.0) / (shape_big.layers - shape_small.layers)
+    spread = max(small.rss_spread_mb, big.rss_spread_mb)
+    noise = spread > 0 and abs(diff) <= spread
+    lines = [f"measured (median): {small.peak_rss_mb:.0f} MB with {shape_small.layers} layer(s), "
+             f"{big.peak_rss_mb:.0f} MB with {shape_big.layers} -> {per_layer:+.1f} MB per layer"
+             + (f", within the run-to-run spread of {spread:.0f} MB: no growth measured" if noise else "")]
     for name in ("gpt-oss-20b", "gpt-oss-120b"):
         target = PRESETS[name]
-        grow = max(per_layer, 0.0) * (target.layers - shape_big.layers)
+        extra_layers = target.layers - shape_big.layers
         transient = max(0.0, largest_scales_mb(target) - largest_scales_mb(shape_big))
+        flat = big.peak_rss_mb + transient
+        linear = flat + per_layer * extra_layers
         same = (target.hidden, target.intermediate) == (shape_big.hidden, shape_big.intermediate)
         caveat = "" if same else "; probe experts are smaller than the target's, whose block working set is larger"
-        lines.append(f"{name}: {param_count(target) / 1e9:.1f}B params, {target.layers} layers -> peak RSS ~"
-                     f"{(big.peak_rss_mb + grow + transient) / 1024:.2f} GB (measured {big.peak_rss_mb:.0f} MB + "
-                     f"{target.layers - shape_big.layers} layers x {max(per_layer, 0.0):.1f} MB + larger held scales "
-                     f"{transient:.0f} MB{caveat})")
+        estimate = (f"~{flat / 1024:.2f} GB (linear bound {linear / 1024:.2f} GB)" if noise
+                    else f"~{linear / 1024:.2f} GB")
+        lines.append(f"{name}: {param_count(target) / 1e9:.1f}B params, {target.layers} layers -> peak RSS {estimate}"
+                     f" = measured {big.peak_rss_mb:.0f} MB + larger held scales {transient:.0f} MB + "
+                     f"{extra_layers} layers x {per_layer:.1f} MB{caveat}")
     return "\n".join(lines)
 
 
@@ -187,8 +204,10 @@ def main(argv=None) -> None:
     parser.add_argument("--extra", nargs="+", default=[], metavar="KEY=VALUE",
                         help="--extra_options for our exports (e.g. quantize_embeddings=true, the reference's int4 "
                              "layout for a tied embedding)")
-    parser.add_argument("--ref-extra", nargs="+", default=[], metavar="KEY=VALUE", help="--extra_options for the reference")
+    parser.add_argument("--ref-extra", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="--extra_options for the reference")
     parser.add_argument("--threads", type=int, help="ORTBUILD_THREADS for our exports (default: ortbuild's choice)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each of our exports N times; report medians")
     parser.add_argument("--repo", type=Path, default=REPO, help="the ortbuild checkout to run (A/B comparisons)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ortbuild-bench"))
     parser.add_argument("--json", type=Path, help="also write the runs here")
@@ -205,13 +224,14 @@ def main(argv=None) -> None:
     sweep_runs: dict[str, tuple[Run, ProbeShape]] = {}
     for precision in args.precision:
         out = args.work / "out" / f"{name}-{precision}-ours"
-        runs.append(run_ours(name, source, precision, out, args.threads, args.extra, args.repo))
+        runs.append(run_ours(name, source, precision, out, args.threads, args.extra, args.repo, args.repeat))
         print(table(runs[-1:]).splitlines()[-1], flush=True)
         if args.sweep and not args.checkpoint:
             small_shape = replace(shape, layers=args.sweep)
             small_name = f"{args.preset}-L{args.sweep}"
             small = run_ours(small_name, probe_folder(args.work, small_name, small_shape), precision,
-                             args.work / "out" / f"{small_name}-{precision}-ours", args.threads, args.extra, args.repo)
+                             args.work / "out" / f"{small_name}-{precision}-ours", args.threads, args.extra, args.repo,
+                             args.repeat)
             runs.append(small)
             sweep_runs[precision] = (small, small_shape)
             print(table(runs[-1:]).splitlines()[-1], flush=True)

@@ -86,7 +86,8 @@ def tensor_specs(s: ProbeShape) -> list[tuple[str, tuple[int, ...]]]:
                       (p + "self_attn.sinks", (s.heads,))]
         if s.arch == "qwen3":
             specs += [(p + "self_attn.q_norm.weight", (s.head_dim,)), (p + "self_attn.k_norm.weight", (s.head_dim,)),
-                      (p + "mlp.gate_proj.weight", (s.intermediate, h)), (p + "mlp.up_proj.weight", (s.intermediate, h)),
+                      (p + "mlp.gate_proj.weight", (s.intermediate, h)),
+                      (p + "mlp.up_proj.weight", (s.intermediate, h)),
                       (p + "mlp.down_proj.weight", (h, s.intermediate))]
         else:
             e, i2 = s.experts, s.intermediate
