@@ -25,27 +25,34 @@ from builder.layers.mlp import activation, gated_mlp
 from builder.layers.norm import rms_norm
 from builder.quant.plan import FLOAT
 from builder.spec import DenseMoeSpec, MoeSpec
-from builder.weights import Weight
+from builder.weights import Weight, WholeMap
 
 
 @dataclass(frozen=True)
-class ExpertMatrix:
-    """Expert `index`'s [N, K] matrix of a stacked [E, N, K] weight; `split_interleaved` turns fc1's interleaved
-    gate/up rows (g0, u0, g1, u1, ...) into [gate; up] so one MatMul feeds a Split."""
+class ExpertSlice:
+    """Expert `index` of a stacked [E, N, K] weight as an [N, K] weight (reads that expert only)."""
 
     source: Weight
     index: int
-    split_interleaved: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.source.shape[1:])
 
     def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        matrix = self.source.rows(self.index, self.index + 1)[0]
-        if self.split_interleaved:
-            matrix = np.concatenate([matrix[0::2], matrix[1::2]])
-        return matrix[start:stop]
+        return self.source.rows(self.index, self.index + 1)[0][start:stop]
+
+
+def _split_gate_up(matrix: np.ndarray) -> np.ndarray:
+    return np.concatenate([matrix[0::2], matrix[1::2]])
+
+
+def expert_matrix(source: Weight, index: int, split_interleaved: bool = False) -> Weight:
+    """Expert `index`'s [N, K] matrix; `split_interleaved` turns fc1's interleaved gate/up rows (g0, u0, g1, ...)
+    into [gate; up] so one MatMul feeds a Split. WholeMap keeps the matrix for one scan, so a writer reading it in
+    row blocks reads the expert once, not once per block."""
+    return WholeMap(ExpertSlice(source, index), _split_gate_up if split_interleaved else np.asarray,
+                    tuple(source.shape[1:]))
 
 
 def _weightless_norm(ctx: LayerContext, x: ir.Value) -> ir.Value:
@@ -84,11 +91,11 @@ def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_
     routed = g.op("ReduceMax", [g.op("Cast", [hit], to=ir.DataType.INT32), g.ints("const.axis1", [1])], keepdims=0)
     rows = g.op("Reshape", [g.op("NonZero", [routed]), g.ints("const.flat", [-1])])
     tokens = g.op("Gather", [x, rows], axis=0)
-    fc1 = ExpertMatrix(w.get(f"{prefix}.fc1.weight", (moe.num_experts, 2 * inter, hidden)), expert, True)
+    fc1 = expert_matrix(w.get(f"{prefix}.fc1.weight", (moe.num_experts, 2 * inter, hidden)), expert, True)
     with g.scope("gate_up_proj"):
         gate_up = linear(ctx, tokens, f"{prefix}.experts.{expert}.gate_up", fc1, fmt)
     gate, up = g.op("Split", [gate_up], axis=-1, num_outputs=2, outputs=2)
-    fc2 = ExpertMatrix(w.get(f"{prefix}.fc2.weight", (moe.num_experts, hidden, inter)), expert)
+    fc2 = expert_matrix(w.get(f"{prefix}.fc2.weight", (moe.num_experts, hidden, inter)), expert)
     with g.scope("down_proj"):
         y = linear(ctx, g.op("Mul", [activation(ctx, gate, moe.activation), up]),
                    f"{prefix}.experts.{expert}.down", fc2, fmt)
