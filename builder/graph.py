@@ -193,8 +193,12 @@ class GraphBuilder:
         return self.graph.initializers[name]
 
     # -- common shapes -----------------------------------------------------------------------------------------
-    def ints(self, name: str, values: Sequence[int]) -> ir.Value:
-        """An int64 1-D constant shared by name (axes, shapes)."""
+    def shared_constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """A small constant created on first use and shared by name afterwards."""
         if self.has_initializer(name):
             return self.initializer(name)
-        return self.constant(name, np.asarray(values, dtype=np.int64))
+        return self.constant(name, array)
+
+    def ints(self, name: str, values: Sequence[int]) -> ir.Value:
+        """An int64 1-D constant shared by name (axes, shapes)."""
+        return self.shared_constant(name, np.asarray(values, dtype=np.int64))

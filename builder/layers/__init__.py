@@ -35,6 +35,4 @@ class LayerContext:
 
     def scalar(self, name: str, value: float) -> ir.Value:
         """A 0-d constant in the model dtype."""
-        if self.g.has_initializer(name):
-            return self.g.initializer(name)
-        return self.g.constant(name, np.array(value, dtype=np.float32).astype(self.settings.numpy_dtype))
+        return self.g.shared_constant(name, np.array(value, dtype=np.float32).astype(self.settings.numpy_dtype))

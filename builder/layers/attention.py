@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext
 from builder.layers.linear import linear
-from builder.layers.norm import norm_weight, rms_norm
+from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
 from builder.layers.rotary import cos_sin_cache
 from builder.spec import AttentionSpec, RopeSpec
 from builder.weights import Concatenated
@@ -64,11 +63,8 @@ def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> 
 def _weightless_head_norm(ctx: LayerContext, x: ir.Value, head_dim: int) -> ir.Value:
     """RMSNorm per head with no learned scale (Gemma 4 v_norm): a ones weight, shared by every layer."""
     g = ctx.g
-    name = f"const.ones.{head_dim}"
-    ones = g.initializer(name) if g.has_initializer(name) else g.constant(
-        name, np.ones(head_dim, dtype=ctx.settings.numpy_dtype))
     heads = g.op("Reshape", [x, g.ints(f"shape.heads.{head_dim}", [0, 0, -1, head_dim])])
-    normed = g.op("SimplifiedLayerNormalization", [heads, ones], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
+    normed = weightless_rms_norm(ctx, heads, head_dim)
     return g.op("Reshape", [normed, g.ints("shape.merge_heads", [0, 0, -1])])
 
 

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from builder.layers import LayerContext
 from builder.layers.linear import linear
 from builder.layers.mlp import activation, gated_mlp
-from builder.layers.norm import rms_norm
+from builder.layers.norm import rms_norm, weightless_rms_norm
 from builder.quant.plan import FLOAT
 from builder.spec import DenseMoeSpec, MoeSpec
 from builder.weights import Weight, WholeMap
@@ -55,14 +55,6 @@ def expert_matrix(source: Weight, index: int, split_interleaved: bool = False) -
                     tuple(source.shape[1:]))
 
 
-def _weightless_norm(ctx: LayerContext, x: ir.Value) -> ir.Value:
-    g, size = ctx.g, ctx.spec.hidden_size
-    name = f"const.ones.{size}"
-    ones = g.initializer(name) if g.has_initializer(name) else g.constant(
-        name, np.ones(size, dtype=ctx.settings.numpy_dtype))
-    return g.op("SimplifiedLayerNormalization", [x, ones], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
-
-
 def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec) -> tuple[ir.Value, ir.Value]:
     """(top-k weights [T, k], top-k expert ids [T, k]) from softmax over all experts."""
     g, w = ctx.g, ctx.weights
@@ -83,8 +75,7 @@ def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_
     g, w, hidden, inter = ctx.g, ctx.weights, ctx.spec.hidden_size, moe.intermediate_size
     prefix = f"layers.{index}.moe"
     fmt = ctx.settings.plan.format_for("moe.experts", index)
-    name = f"const.expert.{expert}"
-    expert_id = g.initializer(name) if g.has_initializer(name) else g.constant(name, np.array(expert, np.int64))
+    expert_id = g.shared_constant(f"const.expert.{expert}", np.array(expert, np.int64))
     hit = g.op("Equal", [top_i, expert_id])
     weight = g.op("ReduceSum", [g.op("Where", [hit, top_w, ctx.scalar("const.zero", 0.0)]),
                                 g.ints("const.axis1", [1])], keepdims=0)
@@ -131,7 +122,7 @@ def dense_moe_block(ctx: LayerContext, x: ir.Value, residual: ir.Value, index: i
         with g.scope("pre_norm"):
             expert_input = rms_norm(ctx, residual, f"layers.{index}.moe.pre_norm.weight")
         with g.scope("router_norm"):
-            router_input = _weightless_norm(ctx, residual)
+            router_input = weightless_rms_norm(ctx, residual, ctx.spec.hidden_size)
         experts = routed_experts(ctx, expert_input, router_input, index, spec.moe)
         with g.scope("post_norm"):
             experts = rms_norm(ctx, experts, f"layers.{index}.moe.post_norm.weight")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext
@@ -19,6 +20,12 @@ def rms_norm(ctx: LayerContext, x: ir.Value, name: str, size: int | None = None)
     """RMSNorm over the last axis of x (size = that axis' length, hidden size by default)."""
     return ctx.g.op("SimplifiedLayerNormalization", [x, norm_weight(ctx, name, size)], axis=-1,
                     epsilon=ctx.spec.norm_eps, stash_type=1)
+
+
+def weightless_rms_norm(ctx: LayerContext, x: ir.Value, size: int) -> ir.Value:
+    """RMSNorm over the last axis (of length `size`) with no learned scale: a ones weight shared by every use."""
+    ones = ctx.g.shared_constant(f"const.ones.{size}", np.ones(size, dtype=ctx.settings.numpy_dtype))
+    return ctx.g.op("SimplifiedLayerNormalization", [x, ones], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
 
 
 def skip_rms_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, name: str) -> tuple[ir.Value, ir.Value]:
