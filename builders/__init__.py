@@ -45,7 +45,7 @@ def _load_all() -> None:
     if not _loaded:
         _loaded = True
         for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-            if not module.startswith("_") and module != "common":
+            if not module.startswith("_") and module not in ("common", "config"):
                 importlib.import_module(f"{__name__}.{module}")
 
 
