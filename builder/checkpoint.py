@@ -140,6 +140,7 @@ class Checkpoint:
         self.config = self._read_config()
         self._refs = self._index_tensors()
         self._consumed: set[str] = set()
+        self.skipped: dict[str, int] = {}  # reason -> number of tensors deliberately not exported (see skip)
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -240,6 +241,15 @@ class Checkpoint:
     def ignore(self, *names: str) -> None:
         """Mark tensors as knowingly unused (e.g. a vision tower when exporting the text decoder)."""
         self._consumed.update(n for n in names if n in self._refs)
+
+    def skip(self, prefix: str, reason: str) -> int:
+        """Deliberately leave out every tensor under `prefix` (e.g. a vision tower), recorded for the progress
+        output; returns how many there were."""
+        names = [n for n in self._refs if n.startswith(prefix)]
+        if names:
+            self._consumed.update(names)
+            self.skipped[reason] = self.skipped.get(reason, 0) + len(names)
+        return len(names)
 
     def unconsumed(self) -> list[str]:
         return sorted(set(self._refs) - self._consumed)

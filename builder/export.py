@@ -51,7 +51,8 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     family = family_for(checkpoint.architecture)
     config = text_config(family, checkpoint.config)
     spec = family.make_spec(config)
-    settings = settings.with_plan(spec.num_layers, tied_embeddings=spec.tie_embeddings, model=spec.architecture)
+    settings = settings.with_plan(spec.num_layers, tied_embeddings=spec.tie_embeddings, model=spec.architecture,
+                                  linear_attn_layers=spec.linear_attention_layers)
     weights = family.map_weights(spec, checkpoint, config)
     return Prepared(checkpoint, spec, settings, weights, config)
 
@@ -68,6 +69,8 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
     spec, settings = prepared.spec, prepared.settings
     for note in settings.plan.notes:
         progress.note(note)
+    for reason, count in prepared.checkpoint.skipped.items():
+        progress.note(f"not exported: {reason} ({count} tensors)")
     progress.stage(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
                    f"{spec.vocab_size}; -p {precision} -e {ep}")
     model_ir = build_decoder(spec, settings, prepared.weights, on_written=progress.wrote)

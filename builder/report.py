@@ -5,7 +5,7 @@ Printed by `ortbuild inspect` and `--dry-run` before any weight is read.
 
 from __future__ import annotations
 
-from builder.spec import MlpSpec, MoeSpec
+from builder.spec import LinearAttentionSpec, MlpSpec, MoeSpec
 
 
 def plan_rows(prepared) -> list[tuple[str, str]]:
@@ -14,8 +14,13 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
     embed = plan.format_for("embed")
     rows = [("embed", embed.describe() + ("" if embed.is_float else " (GatherBlockQuantized)"))]
     for i, layer in enumerate(spec.layers):
-        rows.append((f"layers.{i}.attn.qkv", plan.format_for("attn.q", i).describe()))
-        rows.append((f"layers.{i}.attn.o", plan.format_for("attn.o", i).describe()))
+        if isinstance(layer.attention, LinearAttentionSpec):
+            rows.append((f"layers.{i}.linear_attn.qkv_z", plan.format_for("linear_attn.qkv", i).describe()))
+            rows.append((f"layers.{i}.linear_attn.a_b", "float"))
+            rows.append((f"layers.{i}.linear_attn.out", plan.format_for("linear_attn.out", i).describe()))
+        else:
+            rows.append((f"layers.{i}.attn.qkv", plan.format_for("attn.q", i).describe()))
+            rows.append((f"layers.{i}.attn.o", plan.format_for("attn.o", i).describe()))
         if isinstance(layer.ffn, MlpSpec):
             rows.append((f"layers.{i}.mlp.gate_up", plan.format_for("mlp.gate", i).describe()))
             rows.append((f"layers.{i}.mlp.down", plan.format_for("mlp.down", i).describe()))
@@ -25,6 +30,9 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
                 f"int{moe.bits} QMoE " + (f"block {moe.block_size}" if moe.block_size > 0 else "per-channel"))
             rows.append((f"layers.{i}.moe.router", plan.format_for("moe.router", i).describe()))
             rows.append((f"layers.{i}.moe.experts", experts))
+            if layer.ffn.shared_expert_size:
+                rows.append((f"layers.{i}.moe.shared.gate_up", plan.format_for("moe.shared.gate", i).describe()))
+                rows.append((f"layers.{i}.moe.shared.down", plan.format_for("moe.shared.down", i).describe()))
     head = plan.format_for("lm_head").describe()
     if plan.shares_embedding:
         head += " (reads the embed bytes)"
@@ -35,13 +43,21 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
 def describe(prepared) -> str:
     spec, settings = prepared.spec, prepared.settings
     attn = spec.attention
+    heads = f"heads {attn.num_heads} (kv {attn.num_kv_heads}, head_dim {attn.head_dim})" if attn else "no full attention"
     lines = [
         f"architecture: {spec.architecture} (model_type {spec.model_type})",
-        f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, heads {attn.num_heads} "
-        f"(kv {attn.num_kv_heads}, head_dim {attn.head_dim}), context {spec.context_length}",
+        f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, {heads}, "
+        f"context {spec.context_length}",
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
         f"fused q/k norm: {settings.fuse_qk_norm}",
     ]
+    linear = spec.linear_attention_layers
+    if linear:
+        mixer = spec.layers[linear[0]].attention
+        lines.append(f"linear attention (Gated DeltaNet): layers {','.join(map(str, linear))}; key heads "
+                     f"{mixer.num_key_heads} x {mixer.key_head_dim}, value heads {mixer.num_value_heads} x "
+                     f"{mixer.value_head_dim}, conv kernel {mixer.conv_kernel}, recurrent state "
+                     f"{settings.recurrent_dtype}")
     lines.append(f"quantization: {settings.plan.summary()}")
     lines += [f"note: {note}" for note in settings.plan.notes]
     rows = plan_rows(prepared)

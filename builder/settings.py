@@ -47,6 +47,12 @@ class ExportSettings:
     def numpy_dtype(self):
         return FLOAT_DTYPES[self.io_dtype][1]
 
+    @property
+    def recurrent_dtype(self) -> str:
+        """The linear-attention recurrent state's dtype: float32 (as transformers keeps it) unless
+        recurrent_state_fp32=false, which stores it in the activation dtype."""
+        return "float32" if self.extra.get("recurrent_state_fp32", True) else self.io_dtype
+
     @classmethod
     def resolve(cls, precision: str, ep: str, extra_items: list[str] | dict | None = None) -> "ExportSettings":
         if precision not in PRECISIONS:

@@ -45,6 +45,9 @@ class ArchRecipe:
     architecture: str
     config: dict = field(default_factory=dict)
     text_config_key: str | None = None
+    # on-disk layout changes from what save_pretrained writes: "fused_experts" (experts.gate_up_proj [E, 2I, H] and
+    # experts.down_proj [E, H, I]), "mtp" (a multi-token-prediction head, as released checkpoints carry)
+    layout: tuple[str, ...] = ()
 
 
 _BASE = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -77,6 +80,21 @@ _GEMMA4_TEXT = _cfg(
     rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}})
+
+# Qwen3.5 text: Gated DeltaNet linear attention (2 key / 4 value heads, grouped) and gated full attention with
+# partial rotary (64 * 0.25 = 16 wide, GroupQueryAttention's minimum); mrope sections as the released configs.
+_QWEN35_TEXT = _cfg(
+    tie_word_embeddings=False, head_dim=64, num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                               "partial_rotary_factor": 0.25, "mrope_section": [2, 3, 3],
+                                               "mrope_interleaved": True})
+_QWEN35_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+_QWEN35_VLM = {"vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                 "out_hidden_size": 64, "patch_size": 4, "num_position_embeddings": 16},
+               "image_token_id": 508, "video_token_id": 509, "vision_start_token_id": 506, "vision_end_token_id": 507,
+               "tie_word_embeddings": False}
 
 ARCHS: dict[str, ArchRecipe] = {
     "llama": ArchRecipe("llama", "LlamaForCausalLM", _cfg(
@@ -139,6 +157,18 @@ ARCHS: dict[str, ArchRecipe] = {
         "boi_token_id": 506, "eoi_token_id": 507, "image_token_id": 508, "video_token_id": 509,
         "boa_token_id": 510, "eoa_token_index": 511, "audio_token_id": 505, "tie_word_embeddings": True,
     }, text_config_key="text_config"),
+    "qwen3_5": ArchRecipe("qwen3_5_text", "Qwen3_5ForCausalLM", _QWEN35_TEXT),
+    "qwen3_5_vlm": ArchRecipe("qwen3_5", "Qwen3_5ForConditionalGeneration", {"text_config": _QWEN35_TEXT,
+                              **_QWEN35_VLM}, text_config_key="text_config", layout=("mtp",)),
+    # the released layout: multimodal, experts fused 3-D, an mtp head; default layer_types (3 linear : 1 full)
+    "qwen3_5_moe_vlm": ArchRecipe("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", {
+        "text_config": {**_QWEN35_TEXT, "layer_types": None, **_QWEN35_MOE}, **_QWEN35_VLM},
+        text_config_key="text_config", layout=("fused_experts", "mtp")),
+    # Qwen3-Next: fused in_proj_qkvz / in_proj_ba, experts per expert, a dense layer (mlp_only_layers)
+    "qwen3_next": ArchRecipe("qwen3_next", "Qwen3NextForCausalLM", {
+        **_QWEN35_TEXT, "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "mlp_only_layers": [2], **_QWEN35_MOE}),
 }
 
 __all__ = [
@@ -378,6 +408,7 @@ def make_checkpoint(arch: str, out_dir: Path, *, seed: int = 0, shards: int = 1,
     tensors = _on_disk_tensors(model, _DTYPES[dtype])
     if mxfp4:
         tensors = _to_mxfp4(tensors)
+    tensors = _apply_layout(tensors, _recipe(arch).layout, seed)
     _write_safetensors(tensors, out_dir, shards)
 
     cfg_dict = _config_json(arch, config, config_overrides)
@@ -391,6 +422,25 @@ def make_checkpoint(arch: str, out_dir: Path, *, seed: int = 0, shards: int = 1,
     })
     make_tokenizer(out_dir)
     return out_dir
+
+
+def _apply_layout(tensors: dict[str, torch.Tensor], layout: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
+    """Released-checkpoint layouts that save_pretrained does not write (see ArchRecipe.layout)."""
+    out = dict(tensors)
+    if "fused_experts" in layout:
+        for gate in sorted(n for n in tensors if n.endswith(".experts.0.gate_proj.weight")):
+            base = gate.removesuffix(".0.gate_proj.weight")
+            count = sum(1 for n in tensors if n.startswith(base + ".") and n.endswith(".gate_proj.weight"))
+            parts = {p: torch.stack([out.pop(f"{base}.{e}.{p}_proj.weight") for e in range(count)])
+                     for p in ("gate", "up", "down")}
+            out[f"{base}.gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1).contiguous()
+            out[f"{base}.down_proj"] = parts["down"].contiguous()
+    if "mtp" in layout:  # names as released; transformers ignores mtp.* when loading
+        gen = torch.Generator().manual_seed(seed + 2)
+        for name, shape in (("mtp.fc.weight", (64, 128)), ("mtp.norm.weight", (64,)),
+                            ("mtp.layers.0.mlp.down_proj.weight", (64, 32))):
+            out[name] = torch.randn(shape, generator=gen).to(next(iter(tensors.values())).dtype)
+    return dict(sorted(out.items()))
 
 
 def _write_json(path: Path, data: dict) -> None:

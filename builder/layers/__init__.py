@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -11,6 +12,23 @@ from builder.graph import GraphBuilder
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
 from builder.weights import Weight, WeightMap, WholeMap, row_blocks
+
+
+@dataclass
+class StepInputs:
+    """Per-step values every token mixer shares, computed once by the decoder (builder/decoder.py)."""
+
+    seqlens_k: ir.Value  # int32 [batch]: total length - 1 (GroupQueryAttention)
+    total_sequence_length: ir.Value  # int32 scalar
+    make_token_mask: Callable[[], ir.Value]  # built on first use, so graphs that never ask have no such node
+    derived: dict = field(default_factory=dict)  # values computed once from the above and shared by layers
+
+    @property
+    def token_mask(self) -> ir.Value:
+        """int64 [batch, sequence]: 1 for the real new tokens, 0 for padding."""
+        if "token_mask" not in self.derived:
+            self.derived["token_mask"] = self.make_token_mask()
+        return self.derived["token_mask"]
 
 
 @dataclass

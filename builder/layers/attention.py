@@ -3,7 +3,8 @@
 One packed QKV projection feeds the op. Per-head q/k RMSNorm is either fused into the op (CUDA: q_norm_weight /
 k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it (CPU rejects the inputs).
 Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink),
-weightless v norm (Gemma 4), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
+weightless v norm (Gemma 4), an output gate (Qwen3.5 / Qwen3-Next: the gate rows ride in the packed projection
+and the op's output is multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
 new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while
 the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
 """
@@ -15,20 +16,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from builder.layers import LayerContext
+from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
 from builder.layers.rotary import cos_sin_cache
 from builder.spec import AttentionSpec, RopeSpec
 from builder.weights import Concatenated
-
-
-@dataclass
-class AttentionInputs:
-    """Per-step values every attention layer shares, computed once by the decoder."""
-
-    seqlens_k: ir.Value  # int32 [batch]: total length - 1
-    total_sequence_length: ir.Value  # int32 scalar
 
 
 @dataclass
@@ -81,7 +74,7 @@ def _query_only(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec)
     return q
 
 
-def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: AttentionInputs,
+def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: StepInputs,
               past_key: ir.Value | None, past_value: ir.Value | None, *, kv_store: dict | None = None,
               ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Returns (output [B, S, hidden], present_key, present_value).
@@ -98,15 +91,23 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
         q = _query_only(ctx, x, layer, attn)
         return _group_query_attention(ctx, layer, attn, step, [q, shared.key, shared.value],
                                       shared.past_key, shared.past_value, None, None)
-    qkv_weight = Concatenated((w.get(f"{prefix}.q.weight", (q_size, hidden)),
-                               w.get(f"{prefix}.k.weight", (kv_size, hidden)),
-                               w.get(f"{prefix}.v.weight", (kv_size, hidden))))
+    parts = [w.get(f"{prefix}.q.weight", (q_size, hidden)), w.get(f"{prefix}.k.weight", (kv_size, hidden)),
+             w.get(f"{prefix}.v.weight", (kv_size, hidden))]
+    if attn.output_gate:  # gate rows after q|k|v: one MatMul, then split off
+        parts.append(w.get(f"{prefix}.gate.weight", (q_size, hidden)))
     qkv_bias = None
     if attn.qkv_bias:
-        qkv_bias = Concatenated((w.get(f"{prefix}.q.bias", (q_size,)), w.get(f"{prefix}.k.bias", (kv_size,)),
-                                 w.get(f"{prefix}.v.bias", (kv_size,))))
+        bias_parts = [w.get(f"{prefix}.q.bias", (q_size,)), w.get(f"{prefix}.k.bias", (kv_size,)),
+                      w.get(f"{prefix}.v.bias", (kv_size,))]
+        if attn.output_gate:
+            bias_parts.append(w.get(f"{prefix}.gate.bias", (q_size,)))
+        qkv_bias = Concatenated(tuple(bias_parts))
     with g.scope("qkv_proj"):
-        qkv = linear(ctx, x, f"{prefix}.qkv", qkv_weight, plan.format_for("attn.q", layer), qkv_bias)
+        qkv = linear(ctx, x, f"{prefix}.qkv", Concatenated(tuple(parts)), plan.format_for("attn.q", layer), qkv_bias)
+    gate = None
+    if attn.output_gate:
+        qkv, gate = g.op("Split", [qkv, g.ints(f"split.qkv_gate.{q_size + 2 * kv_size}.{q_size}",
+                                                  [q_size + 2 * kv_size, q_size])], axis=-1, outputs=2)
 
     q_norm = k_norm = None
     # keys/values must exist as separate values when a later layer shares them or v gets its own norm
@@ -130,12 +131,13 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
             kv_store[layer] = SharedKV(k, v, past_key, past_value)
     else:
         q, k, v = qkv, None, None
-    return _group_query_attention(ctx, layer, attn, step, [q, k, v], past_key, past_value, q_norm, k_norm)
+    return _group_query_attention(ctx, layer, attn, step, [q, k, v], past_key, past_value, q_norm, k_norm, gate)
 
 
-def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, step: AttentionInputs,
+def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, step: StepInputs,
                            qkv: list, past_key: ir.Value, past_value: ir.Value, q_norm: ir.Value | None,
-                           k_norm: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
+                           k_norm: ir.Value | None, gate: ir.Value | None = None
+                           ) -> tuple[ir.Value, ir.Value, ir.Value]:
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan
@@ -157,6 +159,9 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
         local_window_size=attn.sliding_window if attn.sliding_window else -1,
         softcap=float(attn.softcap) if attn.softcap else None,
         qk_norm_epsilon=float(ctx.spec.norm_eps) if q_norm is not None else None)
+    if gate is not None:
+        with g.scope("output_gate"):
+            out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
     with g.scope("o_proj"):
         o_bias = w.get(f"{prefix}.o.bias", (hidden,)) if attn.o_bias else None
         out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, attn.q_size)),
