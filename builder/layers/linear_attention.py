@@ -26,6 +26,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from builder.errors import UnsupportedModelError
 from builder.graph import FLOAT_DTYPES
 from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
@@ -96,6 +97,10 @@ def linear_attention(ctx: LayerContext, x: ir.Value, layer: int, spec: LinearAtt
     prefix = f"layers.{layer}.linear_attn"
     plan = ctx.settings.plan
     io = ctx.settings.ir_dtype
+    if ctx.settings.ep == "cpu" and ctx.settings.io_dtype != "float32":
+        raise UnsupportedModelError(f"{ctx.spec.architecture}: -p {ctx.settings.precision} -e cpu: ONNX Runtime's CPU "
+                                    "kernels for CausalConvWithState and LinearAttention are float32 only. Use -p fp32, "
+                                    "int4 or int8 for cpu (float32 activations), or -e cuda.")
     core, core_np = FLOAT_DTYPES[ctx.settings.recurrent_dtype]
     channels, value_size, heads = spec.conv_channels, spec.value_size, spec.num_value_heads
     width = spec.conv_kernel - 1
