@@ -132,6 +132,20 @@ def test_state_is_declared_per_layer(case, exported):
     assert genai_type == {"qwen3_5": "qwen3_5_text", "qwen3_next": "decoder"}[case]
 
 
+def test_present_state_is_transformers_cache_state(checkpoint, exported):
+    """present.{i}.recurrent is transformers' recurrent state [batch, value heads, key dim, value dim]; present.{i}.conv
+    is the last kernel-1 columns of its conv state (transformers keeps kernel columns)."""
+    model = parity.load_hf(checkpoint("qwen3_5"))
+    with torch.no_grad():
+        cache = model(torch.tensor([parity.PROMPT_IDS]), use_cache=True).past_key_values
+    run = Runner(exported("qwen3_5"))
+    _, state = run([parity.PROMPT_IDS], [[1] * len(parity.PROMPT_IDS)])
+    for i in LINEAR_LAYERS["qwen3_5"]:
+        layer = cache.layers[i]
+        np.testing.assert_allclose(state[f"past.{i}.recurrent"], layer.recurrent_states[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(state[f"past.{i}.conv"], layer.conv_states[0].numpy()[..., 1:], atol=1e-5)
+
+
 def _initializers(model_dir: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in parity.load_graph(model_dir, weights=True).graph.initializer}
 
@@ -341,6 +355,13 @@ def test_config_the_graph_does_not_compute_exits_3(case, changes, says, writable
     _edit_config(folder, **changes)
     out = tmp_path / "out"
     assert_refused(capsys, _export_args(folder, out), UNSUPPORTED, says, out=out)
+
+
+def test_fp16_on_cpu_is_refused_before_writing(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["-m", str(checkpoint("qwen3_5")), "-o", str(out), "-p", "fp16", "-e", "cpu", "-q"]
+    assert_refused(capsys, args, UNSUPPORTED, "CPU kernels for CausalConvWithState and LinearAttention are float32 "
+                   "only", out=out)
 
 
 def test_linear_attention_tensor_with_a_wrong_shape_exits_4(writable, tmp_path, capsys):
