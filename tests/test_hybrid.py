@@ -90,6 +90,18 @@ def test_genai_greedy_equals_transformers_generate(case, checkpoint, exported):
     assert parity.genai_greedy(exported(case), parity.PROMPT_IDS, 16) == expected
 
 
+def test_verify_reads_the_declared_state(checkpoint, exported):
+    """`ortbuild verify` feeds conv / recurrent state like KV caches, through onnxruntime and onnxruntime-genai."""
+    from builder.verify import verify
+
+    report = verify(exported("qwen3_next"), str(checkpoint("qwen3_next")), prompt_ids=[parity.PROMPT_IDS], steps=4)
+    assert report.passed, report.failures()
+    assert report.max_abs_error <= TOL
+    if report.genai_installed:
+        assert report.greedy("onnxruntime-genai") == (4, 4)
+    assert report.greedy("onnxruntime") == (4, 4)
+
+
 # ------------------------------------------------------------------------------------------------ state and graph
 
 
