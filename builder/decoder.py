@@ -21,7 +21,8 @@ from builder.layers.dense_moe import dense_moe_block
 from builder.layers.embedding import embedding
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
-from builder.layers.norm import rms_norm, skip_rms_norm
+from builder.layers.norm import skip_stream_norm
+from builder.layers.residual import sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
 from builder.spec import DenseMoeSpec, LayerSpec, MlpSpec, ModelSpec
@@ -74,11 +75,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     presents = []
     for i, layer in enumerate(spec.layers):
         with g.scope(f"layers.{i}"):
-            with g.scope("attn_norm"):
-                if pending is None:
-                    x = rms_norm(ctx, hidden, f"layers.{i}.attn_norm.weight")
-                else:
-                    x, residual = skip_rms_norm(ctx, pending, residual, f"layers.{i}.attn_norm.weight")
+            x, residual = sublayer_input(ctx, pending, residual, i, "attn", layer)
             with g.scope("attn"):
                 shares = i in kv_sources or layer.attention.kv_source is not None
                 attn_out, present_key, present_value = attention(ctx, x, i, layer.attention, step,
@@ -86,15 +83,9 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                                  kv_store=kv_store if shares else None)
             if i in slots:
                 presents.append((i, present_key, present_value))
-            if layer.norm_scheme == "sandwich":
-                with g.scope("post_attn_norm"):
-                    attn_out = rms_norm(ctx, attn_out, f"layers.{i}.post_attn_norm.weight")
-            with g.scope("ffn_norm"):
-                x, residual = skip_rms_norm(ctx, attn_out, residual, f"layers.{i}.ffn_norm.weight")
-            pending = _ffn(ctx, x, residual, i, layer)
-            if layer.norm_scheme == "sandwich":
-                with g.scope("post_ffn_norm"):
-                    pending = rms_norm(ctx, pending, f"layers.{i}.post_ffn_norm.weight")
+            attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)
+            x, residual = sublayer_input(ctx, attn_out, residual, i, "ffn", layer)
+            pending = sublayer_output(ctx, _ffn(ctx, x, residual, i, layer), i, "ffn", layer)
             if per_layer is not None:
                 with g.scope("per_layer"):
                     residual = g.op("Add", [pending, residual])
@@ -106,7 +97,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                   ctx.weights.get(f"layers.{i}.layer_scalar", (1,)))
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
-        x, _ = skip_rms_norm(ctx, pending, residual, "final_norm.weight")
+        x, _ = skip_stream_norm(ctx, pending, residual, "final_norm")
     logits = lm_head(ctx, x)
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
