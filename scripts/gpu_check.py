@@ -5,6 +5,13 @@ Needs only numpy, onnx and onnxruntime-gpu. For each exported model: a prompt pa
 steps (present -> past, OrtValues kept on the ORT side), max-abs logit error against transformers fp32 and top-1
 agreement at every position. bf16 models get a Cast on their logits in a side copy of model.onnx (numpy has no
 bf16). Prints a table and writes results.json to --out.
+
+Batch entries (`batch-*`, fp16): the prompts of tests/batching.py (17, 11, 5 tokens) run as one batch padded on the
+left and on the right, with a growing cache and with one shared buffer (and left with the static decode mask of
+CUDA-graph decoding), then 6 decode steps fed each prompt's own
+greedy tokens; each row's logits are compared with the same prompt run alone on the GPU (max-abs, and greedy
+agreement at every real position). A control run of the same model with the padding reorder bypassed shows the
+left-padding error the check would catch. Status FAIL when a layout's max-abs exceeds --batch-tol.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _float_logits_model(folder: Path) -> Path:
@@ -81,11 +91,47 @@ def run_one(folder: Path, entry: dict, provider: str) -> dict:
             "seconds": round(seconds, 3)}
 
 
+def run_batch(folder: Path, entry: dict, provider: str, tol: float) -> dict:
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import batching  # numpy + onnxruntime only
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    used = ort.InferenceSession(str(folder / "model.onnx"), options, providers=[provider]).get_providers()[0]
+    providers = [provider]
+    prompts, steps = entry["prompts"], entry["decode_steps"]
+    feeds = [batching.greedy_tokens(folder, p, steps, providers) for p in prompts]
+    solos = [batching.run_onnx_solo(folder, p, f, providers) for p, f in zip(prompts, feeds)]
+
+    def compare(model: Path, side: str, max_length: int | None, static: bool = False) -> dict:
+        run = batching.run_onnx_batch(model, prompts, side, feeds, max_length=max_length, providers=providers,
+                                      static_mask=static)
+        prompt_err, decode_err = batching.batch_vs_solo(run, solos)
+        agree = total = 0
+        for b, solo in enumerate(solos):
+            ours = np.concatenate([run.prompt_logits[b], np.stack(run.step_logits[b])]).argmax(-1)
+            theirs = np.concatenate([solo.prompt_logits[0], np.stack(solo.step_logits[0])]).argmax(-1)
+            agree, total = agree + int((ours == theirs).sum()), total + len(ours)
+        return {"prompt_max_abs": prompt_err, "decode_max_abs": decode_err, "top1_agree": f"{agree}/{total}"}
+
+    layouts = {f"{side}-{'shared' if ml else 'growing'}": compare(folder, side, ml)
+               for side in ("left", "right") for ml in (None, 64)}
+    layouts["left-static"] = compare(folder, "left", 64, static=True)  # decode with a CUDA-graph static mask
+    control = compare(batching.without_reorder(folder, Path(tempfile.mkdtemp()) / folder.name), "left", None)
+    worst = max(max(r["prompt_max_abs"], r["decode_max_abs"]) for r in layouts.values())
+    return {"provider": used, "layouts": layouts, "control_left_without_reorder": control,
+            "batch_max_abs": worst, "verdict": "ok" if worst <= tol else "FAIL"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--provider", default="CUDAExecutionProvider")
+    parser.add_argument("--batch-tol", type=float, default=0.05,
+                        help="max-abs fp16 logit difference allowed between a batch row and its prompt alone")
     args = parser.parse_args()
     try:  # torch (when present) loads the CUDA runtime libraries that ORT's CUDA provider links against
         import torch  # noqa: F401
@@ -102,12 +148,23 @@ def main() -> int:
             row.update(status=entry["status"], error=entry.get("error"))
         else:
             try:
-                row.update(status="ok", **run_one(args.bundle / entry["name"], entry, args.provider))
+                if entry.get("kind") == "batch":
+                    row.update(status="ok", **run_batch(args.bundle / entry["name"], entry, args.provider,
+                                                        args.batch_tol))
+                else:
+                    row.update(status="ok", **run_one(args.bundle / entry["name"], entry, args.provider))
             except Exception as exc:
                 row.update(status="run failed", error=f"{type(exc).__name__}: {exc}"[:500])
                 traceback.print_exc()
         results.append(row)
-        if row["status"] == "ok":
+        if row["status"] == "ok" and "layouts" in row:
+            for layout, r in row["layouts"].items():
+                print(f"{row['name']:28s} {row['provider'][:4]} {layout:14s} prompt {r['prompt_max_abs']:.3e} decode "
+                      f"{r['decode_max_abs']:.3e} top1 {r['top1_agree']} vs alone", flush=True)
+            c = row["control_left_without_reorder"]
+            print(f"{row['name']:28s} {row['verdict']} (control, reorder bypassed, left: prompt "
+                  f"{c['prompt_max_abs']:.3e} decode {c['decode_max_abs']:.3e})", flush=True)
+        elif row["status"] == "ok":
             print(f"{row['name']:28s} {row['provider'][:4]} prompt {row['prompt_max_abs']:.3e} decode "
                   f"{row['decode_max_abs']:.3e} top1 {row['top1_agree']} (ref std {row['reference_logit_std']:.2f})",
                   flush=True)

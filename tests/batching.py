@@ -19,12 +19,35 @@ from pathlib import Path
 import numpy as np
 
 # Three prompts of different lengths; the middle one (11 tokens) is longer than the tiny sliding windows (8) and is
-# padded in a batch with the first. No id is the factory pad (3), bos (1) or eos (2) token.
+# padded in a batch with the first. No id is the factory pad (3), bos (1) or eos (2) token, and no factory family
+# greedily produces eos within 16 tokens of any of them (so every row generates 16 tokens).
 PROMPTS = [
     [5, 17, 99, 30, 250, 7, 8, 300, 11, 12, 13, 14, 40, 41, 42, 43, 44],
-    [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70],
+    [120, 33, 250, 71, 9, 88, 145, 200, 6, 77, 301],
     [100, 101, 102, 103, 104],
 ]
+
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Gemma 4 with per-layer inputs and KV sharing (layers 3 and 4 reuse layers 2 and 1), as in test_gemma.py
+GEMMA4_ALL = dict(num_hidden_layers=5, layer_types=[SLIDING, FULL, SLIDING, SLIDING, FULL], num_kv_shared_layers=2,
+                  hidden_size_per_layer_input=8, use_double_wide_mlp=True, attention_k_eq_v=True,
+                  num_global_key_value_heads=1, final_logit_softcapping=30.0)
+# One tiny model per family and feature that touches the layout (tests/factory.py recipes + overrides).
+FAMILIES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),  # sliding window
+    "qwen3": ("qwen3", {}),  # q/k norm
+    "qwen2_moe": ("qwen2_moe", {}),  # shared expert, dense layer 0
+    "qwen3_moe": ("qwen3_moe", {}),
+    "mixtral": ("mixtral", {}),
+    "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding window, clamped experts
+    "gemma": ("gemma", {}),
+    "gemma2": ("gemma2", {}),  # softcaps, alternating sliding window
+    "gemma3": ("gemma3", {}),  # local/global rope
+    "gemma4_all": ("gemma4", GEMMA4_ALL),  # per-layer inputs, KV sharing
+    "gemma4_moe": ("gemma4_moe", {}),
+}
 
 
 def pad(prompts: list[list[int]], side: str, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,35 +104,55 @@ def _first_feed(session, ids: np.ndarray, mask: np.ndarray, max_length: int | No
     return feed
 
 
-def _decode(session, out: dict, mask: np.ndarray, tokens: list[int]) -> tuple[dict, np.ndarray]:
-    """One decode step: mask grows by a 1 per row, every state input is fed from its present output."""
+def _decode(session, out: dict, mask: np.ndarray, tokens: list[int], static_width: int | None = None
+            ) -> tuple[dict, np.ndarray]:
+    """One decode step: mask grows by a 1 per row, every state input is fed from its present output.
+
+    static_width: feed instead the static mask of CUDA-graph decoding, [B, static_width] with as many leading ones
+    as the row has tokens so far (the returned mask stays the growing one).
+    """
     mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-    feed = {"input_ids": np.array(tokens, np.int64)[:, None], "attention_mask": mask}
+    fed = mask
+    if static_width is not None:
+        fed = (np.arange(static_width)[None, :] < mask.sum(1, keepdims=True)).astype(np.int64)
+    feed = {"input_ids": np.array(tokens, np.int64)[:, None], "attention_mask": fed}
     for s in _state_inputs(session):
         feed[s.name] = out[_present_name(s.name)]
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feed))), mask
 
 
-def run_onnx_batch(model_dir: Path, prompts: list[list[int]], side: str, feed_tokens: list[list[int]],
-                   pad_id: int = 3, max_length: int | None = None, providers=None) -> BatchRun:
-    """Prefill the padded batch, then len(feed_tokens[0]) decode steps feeding row b the tokens feed_tokens[b].
+def run_onnx_masked(model_dir: Path, ids: np.ndarray, mask: np.ndarray, feed_tokens: list[list[int]],
+                    max_length: int | None = None, providers=None, static_mask: bool = False,
+                    ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """(prefill logits [B, S, V], per row the logits of each decode step) for any ids/mask layout.
 
-    max_length=None grows the cache (present -> past, past starts empty); an int preallocates one zeroed buffer of
-    that length per cache and feeds each present back as the next past (onnxruntime-genai's shared buffer).
+    Decode step k feeds row b the token feed_tokens[b][k]. max_length=None grows the cache (present -> past, past
+    starts empty); an int preallocates one zeroed buffer of that length per cache and feeds each present back as the
+    next past (onnxruntime-genai's shared buffer). static_mask (needs max_length): decode steps get the static
+    [B, max_length] mask of CUDA-graph decoding (ones for the row's tokens so far, then zeros).
     """
     session = _session(model_dir, providers)
-    ids, mask = pad(prompts, side, pad_id)
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, _first_feed(session, ids, mask, max_length))))
-    columns = real_columns(prompts, side)
-    prompt_logits = [out["logits"][b, columns[b]].astype(np.float32) for b in range(len(prompts))]
-    steps: list[list[np.ndarray]] = [[] for _ in prompts]
+    prompt = out["logits"].astype(np.float32)
+    steps: list[list[np.ndarray]] = [[] for _ in range(ids.shape[0])]
     for k in range(len(feed_tokens[0])):
-        out, mask = _decode(session, out, mask, [row[k] for row in feed_tokens])
+        out, mask = _decode(session, out, mask, [row[k] for row in feed_tokens],
+                            max_length if static_mask else None)
         for b, row in enumerate(steps):
             row.append(out["logits"][b, -1].astype(np.float32))
-    return BatchRun(prompt_logits, steps)
+    return prompt, steps
+
+
+def run_onnx_batch(model_dir: Path, prompts: list[list[int]], side: str, feed_tokens: list[list[int]],
+                   pad_id: int = 3, max_length: int | None = None, providers=None, static_mask: bool = False,
+                   ) -> BatchRun:
+    """The prompts padded on `side`, prefilled as one batch, then decode steps (see run_onnx_masked)."""
+    ids, mask = pad(prompts, side, pad_id)
+    prompt, steps = run_onnx_masked(model_dir, ids, mask, feed_tokens, max_length, providers, static_mask)
+    columns = real_columns(prompts, side)
+    return BatchRun([prompt[b, columns[b]] for b in range(len(prompts))], steps)
 
 
 def run_onnx_solo(model_dir: Path, prompt: list[int], feed_tokens: list[int], providers=None) -> BatchRun:
@@ -136,6 +179,24 @@ def batch_vs_solo(batch: BatchRun, solos: list[BatchRun]) -> tuple[float, float]
     decode = max((float(np.max(np.abs(x - y))) for rows, s in zip(batch.step_logits, solos)
                   for x, y in zip(rows, s.step_logits[0])), default=0.0)
     return prompt, decode
+
+
+def without_reorder(model_dir: Path, dst: Path) -> Path:
+    """A copy of an export whose "real tokens first" reorder is bypassed (control: GroupQueryAttention alone)."""
+    import shutil
+
+    import onnx
+
+    shutil.copytree(model_dir, dst)
+    proto = onnx.load(str(dst / "model.onnx"), load_external_data=False)
+    (scatter,) = [n for n in proto.graph.node if n.op_type == "ScatterElements"]
+    (gather,) = [n for n in proto.graph.node if n.op_type == "GatherND"]
+    assert scatter.input[0] == "input_ids", scatter.input
+    bypass = {scatter.output[0]: "input_ids", gather.output[0]: gather.input[0]}
+    for node in proto.graph.node:
+        node.input[:] = [bypass.get(i, i) for i in node.input]
+    onnx.save(proto, str(dst / "model.onnx"))
+    return dst
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:

@@ -34,6 +34,9 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
     rank int64 [B, S]: the aligned column of the caller's column s. With m the new tokens' mask (the last S columns
     of attention_mask) and c = cumsum(m): rank = c - 1 for a real token and n + s - c for a pad (n = sum(m)), i.e.
     real tokens keep their order at 0..n-1 and pads keep theirs at n..S-1 (a permutation for any mask).
+    A single new token counts as real whatever its mask column says: that is a decode step, and with the static
+    [B, max_length] mask of CUDA-graph decoding (ones up to the current length, then zeros) its column is not the
+    last one. (GroupQueryAttention, too, takes every new token of a step with a cache as real.)
     """
     one = g.shared_constant("const.one_i64", np.array(1, np.int64))
     axis1 = g.ints("const.axis1", [1])
@@ -46,6 +49,8 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
     with g.scope("padding"):
         new = g.op("Shape", [input_ids], start=1, end=2)  # [S]
         mask = g.op("Slice", [attention_mask, g.op("Neg", [new]), g.ints("const.int64_max", [INT64_MAX]), axis1])
+        single = g.op("Cast", [g.op("Equal", [new, g.ints("const.1", [1])])], to=ir.DataType.INT64)
+        mask = g.op("Max", [mask, single])  # [B, S]: which new tokens are real
         count = g.op("ReduceSum", [mask, axis1], keepdims=1)  # [B, 1] real new tokens per row
         cumsum = g.op("CumSum", [mask, one])  # along axis 1
         columns = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)),
@@ -61,7 +66,10 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
 
 
 def restore_order(g: GraphBuilder, hidden: ir.Value, rank: ir.Value) -> ir.Value:
-    """hidden [B, S, H] in the aligned layout -> the caller's column order (out[b, s] = hidden[b, rank[b, s]])."""
+    """hidden [B, S, H] in the aligned layout -> the caller's column order (out[b, s] = hidden[b, rank[b, s]]).
+
+    GatherND over whole rows (batch_dims=1): the index is [B, S, 1], not a [B, S, H] GatherElements index.
+    """
     with g.scope("padding_restore"):
-        index = g.op("Expand", [g.op("Unsqueeze", [rank, g.ints("const.axis_last", [-1])]), g.op("Shape", [hidden])])
-        return g.op("GatherElements", [hidden, index], axis=1)
+        index = g.op("Unsqueeze", [rank, g.ints("const.axis_last", [-1])])
+        return g.op("GatherND", [hidden, index], batch_dims=1)
