@@ -47,14 +47,17 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
                       axis=0)
         total_len = g.op("Cast", [length], to=ir.DataType.INT32)
     with g.scope("padding"):
+        # Shape-derived values stay on the host and feed only host-side inputs (Slice starts, Range limit); everything
+        # else derives from device tensors, so a CUDA session needs no Memcpy node (CUDA-graph capture requires that).
         new = g.op("Shape", [input_ids], start=1, end=2)  # [S]
+        columns = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)),
+                                 g.op("Squeeze", [new, g.ints("const.axis0", [0])]), one])  # [S]
         mask = g.op("Slice", [attention_mask, g.op("Neg", [new]), g.ints("const.int64_max", [INT64_MAX]), axis1])
-        single = g.op("Cast", [g.op("Equal", [new, g.ints("const.1", [1])])], to=ir.DataType.INT64)
+        last_column = g.op("ReduceMax", [columns], keepdims=1)  # [1]: S - 1
+        single = g.op("Cast", [g.op("Equal", [last_column, g.ints("const.0", [0])])], to=ir.DataType.INT64)
         mask = g.op("Max", [mask, single])  # [B, S]: which new tokens are real
         count = g.op("ReduceSum", [mask, axis1], keepdims=1)  # [B, 1] real new tokens per row
         cumsum = g.op("CumSum", [mask, one])  # along axis 1
-        columns = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)),
-                                 g.op("Squeeze", [new, g.ints("const.axis0", [0])]), one])  # [S]
         real_rank = g.op("Sub", [cumsum, one])
         pad_rank = g.op("Sub", [g.op("Add", [count, columns]), cumsum])
         rank = g.op("Where", [g.op("Cast", [mask], to=ir.DataType.BOOL), real_rank, pad_rank])
