@@ -55,7 +55,8 @@ def generate(args) -> None:
                 medians[folder].append(statistics.median(_step_times(model, prompts, args.new_tokens)))
         for folder, runs in medians.items():
             step = statistics.median(runs)
-            print(f"batch {batch} (prompts {lengths}) {folder}: median {step * 1e3:.2f} ms/step, {batch / step:.1f} tok/s; "
+            print(f"batch {batch} (prompts {lengths}) {folder}: median {step * 1e3:.2f} ms/step, "
+                  f"{batch / step:.1f} tok/s; "
                   f"best {min(runs) * 1e3:.2f} ms/step, {batch / min(runs):.1f} tok/s "
                   f"(repeats {', '.join(f'{r * 1e3:.2f}' for r in runs)} ms)")
 

@@ -2,10 +2,11 @@
 
 Three prompts of 17, 11 and 5 tokens (tests/batching.py) run as one batch, padded on the left or on the right, with
 a growing cache (present -> past) or one preallocated shared buffer (onnxruntime-genai's layout; also with the
-static decode mask of CUDA-graph decoding), then 6 decode steps fed each row's own greedy tokens; every row's prompt logits (at its real columns) and decode logits must equal
-the same prompt run alone. onnxruntime-genai's own batching (right-padded with the pad token, as its
-Tokenizer.encode_batch pads) must pick the same 16 greedy tokens as each prompt generated alone. The 11-token row is
-longer than the sliding windows (8) of mistral, gpt_oss, gemma2/3/4 and is padded in every batch.
+static decode mask of CUDA-graph decoding), then 6 decode steps fed each row's own greedy tokens; every row's prompt
+logits (at its real columns) and decode logits must equal the same prompt run alone. onnxruntime-genai's own
+batching (right-padded with the pad token, as its Tokenizer.encode_batch pads) must pick the same 16 greedy tokens as
+each prompt generated alone. The 11-token row is longer than the sliding windows (8) of mistral, gpt_oss and
+gemma2/3/4 and is padded in every batch; the 5-token row decodes past the window.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _step_graph():
     mask = g.input("attention_mask", ir.DataType.INT64, ["B", "T"])
     hidden = g.input("hidden", ir.DataType.FLOAT, ["B", "S", 2])
     aligned, step, rank = step_inputs(g, ids, mask)
-    for value, name, dtype in [(aligned, "aligned", ir.DataType.INT64), (step.seqlens_k, "seqlens_k", ir.DataType.INT32),
+    for value, name, dtype in [(aligned, "aligned", ir.DataType.INT64),
+                               (step.seqlens_k, "seqlens_k", ir.DataType.INT32),
                                (step.total_sequence_length, "total", ir.DataType.INT32),
                                (step.token_mask, "token_mask", ir.DataType.BOOL),
                                (step.token_count, "token_count", ir.DataType.INT64),

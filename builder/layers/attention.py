@@ -32,8 +32,8 @@ class AttentionInputs:
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
-    token_mask: ir.Value | None = None  # bool [batch, sequence_length]: which new tokens are real (column < n)
-    token_count: ir.Value | None = None  # int64 [batch]: n, the real new tokens per row
+    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
+    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
 
 
 @dataclass
