@@ -25,10 +25,15 @@ from builder.weights import Concatenated
 
 @dataclass
 class AttentionInputs:
-    """Per-step values every attention layer shares, computed once by the decoder."""
+    """Per-step values every layer shares, computed once by the decoder (builder/layers/padding.py).
+
+    Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
+    """
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
+    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
+    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
 
 
 @dataclass
