@@ -4,12 +4,12 @@ Inputs follow onnxruntime-genai's decoder convention: input_ids [batch, sequence
 attention_mask [batch, total_sequence_length] int64, and each layer's past state; outputs logits
 [batch, sequence_length, vocab] and each layer's present state. The state is what each layer's token mixer declares
 (builder/state.py: a KV cache for full attention, conv + recurrent state for linear attention, none for a layer that
-reuses another layer's keys/values); its names carry the decoder layer index, and shapes are per layer.
+reuses another layer's keys/values); its names carry the decoder layer index, and shapes are per layer. Every layer
+runs with each row's real new tokens first (builder/layers/padding.py); logits come back in the caller's order.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 import builder
@@ -21,32 +21,13 @@ from builder.layers.embedding import embedding
 from builder.layers.linear_attention import linear_attention
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
-from builder.layers.norm import rms_norm, skip_rms_norm
+from builder.layers.norm import skip_stream_norm
+from builder.layers.padding import restore_order, step_inputs
+from builder.layers.residual import sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
 from builder.spec import DenseMoeSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
-
-
-def token_mask(g: GraphBuilder, attention_mask: ir.Value, input_ids: ir.Value) -> ir.Value:
-    """int64 [batch, sequence_length]: 1 where a new token is real, 0 where it is padding (the last sequence_length
-    columns of attention_mask)."""
-    with g.scope("token_mask"):
-        length = g.op("Shape", [input_ids], start=1, end=2)
-        return g.op("Slice", [attention_mask, g.op("Neg", [length]),
-                              g.ints("const.int64_max", [np.iinfo(np.int64).max]), g.ints("const.axis1", [1])])
-
-
-def _step_inputs(g: GraphBuilder, attention_mask: ir.Value, input_ids: ir.Value) -> StepInputs:
-    with g.scope("attn_mask"):
-        total = g.op("ReduceSum", [attention_mask, g.ints("const.axis1", [1])], keepdims=0)
-        seqlens = g.op("Cast", [g.op("Sub", [total, g.constant("const.one_i64", np.array(1, np.int64))])],
-                       to=ir.DataType.INT32)
-        length = g.op("Gather", [g.op("Shape", [attention_mask]), g.constant("const.idx1", np.array(1, np.int64))],
-                      axis=0)
-        total_len = g.op("Cast", [length], to=ir.DataType.INT32)
-    return StepInputs(seqlens_k=seqlens, total_sequence_length=total_len,
-                      make_token_mask=lambda: token_mask(g, attention_mask, input_ids))
 
 
 def _token_mixer(ctx: LayerContext, x: ir.Value, index: int, layer: LayerSpec, step: StepInputs, pasts: dict,
@@ -88,7 +69,8 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     pasts = {(t.layer, t.kind): g.input(t.past_name, state_dtypes[t.dtype], list(t.past_shape)) for t in states}
     kv_sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
-    step = _step_inputs(g, attention_mask, input_ids)
+    # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
+    input_ids, step, rank = step_inputs(g, input_ids, attention_mask)
 
     hidden = embedding(ctx, input_ids)
     per_layer = per_layer_inputs(ctx, input_ids, hidden) if spec.per_layer_input_size else None
@@ -96,23 +78,13 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     presents: dict = {}
     for i, layer in enumerate(spec.layers):
         with g.scope(f"layers.{i}"):
-            with g.scope("attn_norm"):
-                if pending is None:
-                    x = rms_norm(ctx, hidden, f"layers.{i}.attn_norm.weight")
-                else:
-                    x, residual = skip_rms_norm(ctx, pending, residual, f"layers.{i}.attn_norm.weight")
+            x, residual = sublayer_input(ctx, pending, residual, i, "attn", layer)
             shares = i in kv_sources or getattr(layer.attention, "kv_source", None) is not None
             attn_out, present = _token_mixer(ctx, x, i, layer, step, pasts, kv_store if shares else None)
             presents.update(present)
-            if layer.norm_scheme == "sandwich":
-                with g.scope("post_attn_norm"):
-                    attn_out = rms_norm(ctx, attn_out, f"layers.{i}.post_attn_norm.weight")
-            with g.scope("ffn_norm"):
-                x, residual = skip_rms_norm(ctx, attn_out, residual, f"layers.{i}.ffn_norm.weight")
-            pending = _ffn(ctx, x, residual, i, layer)
-            if layer.norm_scheme == "sandwich":
-                with g.scope("post_ffn_norm"):
-                    pending = rms_norm(ctx, pending, f"layers.{i}.post_ffn_norm.weight")
+            attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)
+            x, residual = sublayer_input(ctx, attn_out, residual, i, "ffn", layer)
+            pending = sublayer_output(ctx, _ffn(ctx, x, residual, i, layer), i, "ffn", layer)
             if per_layer is not None:
                 with g.scope("per_layer"):
                     residual = g.op("Add", [pending, residual])
@@ -124,8 +96,8 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                   ctx.weights.get(f"layers.{i}.layer_scalar", (1,)))
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
-        x, _ = skip_rms_norm(ctx, pending, residual, "final_norm.weight")
-    logits = lm_head(ctx, x)
+        x, _ = skip_stream_norm(ctx, pending, residual, "final_norm")
+    logits = lm_head(ctx, restore_order(g, x, rank))
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
     for t in states:

@@ -22,7 +22,10 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
             rows.append((f"layers.{i}.attn.qkv", plan.format_for("attn.q", i).describe()))
             rows.append((f"layers.{i}.attn.o", plan.format_for("attn.o", i).describe()))
         if isinstance(layer.ffn, MlpSpec):
-            rows.append((f"layers.{i}.mlp.gate_up", plan.format_for("mlp.gate", i).describe()))
+            if layer.ffn.gated:
+                rows.append((f"layers.{i}.mlp.gate_up", plan.format_for("mlp.gate", i).describe()))
+            else:
+                rows.append((f"layers.{i}.mlp.up", plan.format_for("mlp.up", i).describe()))
             rows.append((f"layers.{i}.mlp.down", plan.format_for("mlp.down", i).describe()))
         elif isinstance(layer.ffn, MoeSpec):
             moe = prepared.settings.moe

@@ -8,6 +8,7 @@ from builder.checkpoint import Checkpoint
 from builder.errors import CheckpointError, UnsupportedModelError
 from builder.spec import RopeSpec
 from builder.weights import Stored, WeightMap
+from builders.config import Config
 
 
 def require(config: dict, key: str, arch: str):
@@ -69,3 +70,31 @@ def reject_fields(config: dict, arch: str, fields: dict[str, object]) -> None:
         value = config.get(key, supported)
         if value not in (supported, None):
             raise UnsupportedModelError(f"{arch}: config field {key}={value!r} is not supported (only {supported!r}).")
+
+
+def projection_table(dst: str, src: str, projections: Iterable[str], *, bias: bool) -> dict[str, str]:
+    """{dst.p.weight: src.p_proj.weight} for each projection p, and the .bias pairs when `bias`.
+
+    projection_table("layers.{i}.attn", "model.layers.{i}.self_attn", "qkvo", bias=True). Biases are mapped only
+    when the spec reads them, so a bias tensor the config does not announce is left unconsumed and refused.
+    """
+    kinds = ("weight", "bias") if bias else ("weight",)
+    return {f"{dst}.{p}.{kind}": f"{src}.{p}_proj.{kind}" for p in projections for kind in kinds}
+
+
+def checked_rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None,
+                      default_theta: float = 10000.0) -> RopeSpec:
+    """rope_spec read through a Config, refusing (exit 3, naming the field) a rope type not computed here."""
+    from builder.layers.rotary import SUPPORTED_ROPE_TYPES
+
+    params = cfg.sub("rope_parameters", None)
+    if params is not None and layer_type is not None and layer_type in params:
+        params = params.sub(layer_type)
+    if params is not None and ("rope_type" in params or "rope_theta" in params):
+        params.str("rope_type", "default", choices=SUPPORTED_ROPE_TYPES)
+    else:
+        scaling = cfg.sub("rope_scaling", None)
+        if scaling is not None:
+            scaling.str("rope_type" if "rope_type" in scaling else "type", "default", choices=SUPPORTED_ROPE_TYPES)
+        cfg.float("rope_theta", default_theta)
+    return rope_spec(cfg.data, rotary_dim, layer_type=layer_type, default_theta=default_theta)

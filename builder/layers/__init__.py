@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -16,19 +15,16 @@ from builder.weights import Weight, WeightMap, WholeMap, row_blocks
 
 @dataclass
 class StepInputs:
-    """Per-step values every token mixer shares, computed once by the decoder (builder/decoder.py)."""
+    """Per-step values every token mixer shares, computed once by the decoder (builder/layers/padding.py).
 
-    seqlens_k: ir.Value  # int32 [batch]: total length - 1 (GroupQueryAttention)
+    Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
+    """
+
+    seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
-    make_token_mask: Callable[[], ir.Value]  # built on first use, so graphs that never ask have no such node
-    derived: dict = field(default_factory=dict)  # values computed once from the above and shared by layers
-
-    @property
-    def token_mask(self) -> ir.Value:
-        """int64 [batch, sequence]: 1 for the real new tokens, 0 for padding."""
-        if "token_mask" not in self.derived:
-            self.derived["token_mask"] = self.make_token_mask()
-        return self.derived["token_mask"]
+    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
+    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
+    derived: dict = field(default_factory=dict)  # values a layer computes once from the above and shares
 
 
 @dataclass

@@ -10,10 +10,11 @@
                  key head)
     y = out_proj(GatedRMSNorm(out, norm.weight, z; silu))                  norm.weight applied as w, never 1 + w
 
-Padding: a pad position is an exact no-op wherever it sits in the row. Its conv input is zero, its log-decay 0 and
-its update rate 0, so the recurrent state passes through unchanged; the present conv state is gathered from the last
-kernel-1 real inputs of [past conv state | new inputs] (the op's own present would hold trailing pads). The layer is
-therefore exact for right padding, for left padding with an empty state, and for batch 1.
+Padding: the decoder runs every layer with each row's real new tokens first (builder/layers/padding.py), so pads are
+a row's trailing columns; each pad is an exact no-op. Its conv input is zero, its log-decay 0 and its update rate 0,
+so the recurrent state passes through unchanged, and the present conv state is gathered per row from the kernel-1
+entries of [past conv state | new inputs] that end at the row's last real token (token_count; the op's own present
+would hold the trailing pads). A padded batch therefore gives every row exactly its unpadded result.
 
 The recurrence (q/k/v after the conv, the gate, LinearAttention and its state) runs in the export's recurrent dtype
 (ExportSettings.recurrent_dtype: float32 unless asked otherwise), the rest in the activation dtype.
@@ -47,25 +48,16 @@ def _token_mask(ctx: LayerContext, step: StepInputs, dtype: ir.DataType) -> ir.V
 
 
 def _conv_tail_index(ctx: LayerContext, step: StepInputs, width: int) -> ir.Value:
-    """int64 [batch, width]: for each row, the positions in [past conv state (width) | new inputs] of its last
-    `width` real entries (past entries count as real). Shared by every layer with this conv width."""
+    """int64 [batch, width]: the positions in [past conv state (width) | new inputs] of each row's last `width` real
+    entries. Real new tokens are a row's first n columns (the decoder's aligned layout), so they end at n + width - 1.
+    Shared by every layer with this conv width."""
     key = ("conv_tail_index", width)
     if key not in step.derived:
         g = ctx.g
         with g.scope(f"conv_tail_index_{width}"):
-            # real[b, t]: 1 for the past state's entries and the real new tokens
-            real = g.op("Pad", [step.token_mask, g.ints(f"pads.left1.{width}", [0, width, 0, 0]),
-                                g.shared_constant("const.one_i64_scalar", np.array(1, np.int64))], mode="constant")
-            rank = g.op("CumSum", [real, g.shared_constant("const.axis1_scalar", np.array(1, np.int64))])
-            total = g.op("ReduceMax", [rank, g.ints("const.axis1", [1])], keepdims=1)  # [batch, 1]
-            # wanted ranks total - width + 1 .. total, one per state slot
-            offsets = g.shared_constant(f"const.tail_offsets.{width}", np.arange(1 - width, 1, dtype=np.int64))
-            wanted = g.op("Add", [total, offsets])  # [batch, width]
-            hits = g.op("And", [g.op("Equal", [g.op("Unsqueeze", [rank, g.ints("const.axis1", [1])]),
-                                               g.op("Unsqueeze", [wanted, g.ints("const.axis2", [2])])]),
-                                g.op("Cast", [g.op("Unsqueeze", [real, g.ints("const.axis1", [1])])],
-                                     to=ir.DataType.BOOL)])  # [batch, width, width + sequence]
-            step.derived[key] = g.op("ArgMax", [g.op("Cast", [hits], to=ir.DataType.FLOAT)], axis=2, keepdims=0)
+            count = g.op("Unsqueeze", [step.token_count, g.ints("const.axis1", [1])])  # [batch, 1]
+            step.derived[key] = g.op("Add", [count, g.shared_constant(f"const.arange.{width}",
+                                                                      np.arange(width, dtype=np.int64))])
     return step.derived[key]
 
 
