@@ -7,8 +7,9 @@ equal the argmax of a cache-free forward pass. The export selects its cos/sin ca
 length. What is proved here:
 - a prompt on either side of the switch (12 and 40 tokens, switch at 32) and its decode steps match transformers'
   cache-free logits within 1e-4, and onnxruntime-genai reproduces transformers' 16 greedy tokens for a 40-token prompt;
-- a sequence that grows across the switch is exact when re-prefilled at the crossing (as transformers' generate does),
-  and plain KV-cache decode past the switch is not (keys cached under the short set): measured, not hidden;
+- a sequence that grows across the switch: every decode step equals transformers' forward *with its KV cache* (which
+  keeps keys cached under the short set, as the export does); past the switch that differs from a cache-free pass
+  (measured, not hidden), and re-prefilling at the crossing, as transformers' generate does, gives those exactly;
 - onnxruntime-genai's model type "phi3" rewinds (re-prefills) at length 4097, the switch of the released Phi-3 /
   Phi-3.5 / Phi-4-mini checkpoints (original 4096): with that switch, greedy generation crossing it matches
   transformers 16/16, while the same model as a generic "decoder" (no rewind) does not;
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import factory
 import parity
@@ -60,19 +62,30 @@ def test_genai_greedy_past_the_switch(tiny_checkpoint, exported):
     assert parity.genai_greedy(exported("phi3"), LONG_PROMPT, 16) == expected
 
 
-def test_growing_across_the_switch_needs_a_re_prefill(tiny_checkpoint, exported):
+def test_across_the_switch_the_graph_is_transformers_cached_forward(tiny_checkpoint, exported):
+    """Decoding from a 28-token prompt to 36 tokens (switch at 32): every step equals transformers' own forward with
+    its KV cache (that pass too picks the set by its total length and keeps the cached keys as rotated). It differs
+    from a cache-free pass past the switch, which is what transformers' generate uses there (it re-prefills), and
+    re-prefilling the export at the crossing gives those logits exactly."""
     model, out = parity.load_hf(tiny_checkpoint("phi3")), exported("phi3")
     ids = [int(i) for i in np.random.RandomState(0).randint(4, 500, SWITCH - 4)]
     continuation = parity.hf_greedy(model, ids, 8)
+    run = parity.run_onnx(out, ids, 8, feed_tokens=continuation)
+    with torch.no_grad():
+        step = model(input_ids=torch.tensor([ids]), use_cache=True)
+        assert parity.max_abs(run.prompt_logits, step.logits[0].numpy()) <= TOL
+        for k, token in enumerate(continuation):
+            step = model(input_ids=torch.tensor([[token]]), cache=step.cache, use_cache=True)
+            assert parity.max_abs(run.step_logits[k], step.logits[0, -1].numpy()) <= TOL, k
+
     # transformers' generate = argmax of a cache-free pass at every step (it re-prefills at the crossing)
     passes = [parity.hf_logits(model, ids + continuation[:k])[-1] for k in range(9)]  # pass k predicts token k
     assert continuation == [int(np.argmax(p)) for p in passes[:8]]
-    run = parity.run_onnx(out, ids, 8, feed_tokens=continuation)
     errors = [parity.max_abs(step, passes[k + 1]) for k, step in enumerate(run.step_logits)]
     totals = [len(ids) + k + 1 for k in range(8)]
     assert all(e <= TOL for e, t in zip(errors, totals) if t <= SWITCH), errors
     assert all(e > 0.1 for e, t in zip(errors, totals) if t > SWITCH), errors  # measured 1.3-2.7
-    # re-prefilled at the crossing (the 33-token sequence as a prompt), then decoding: exact again
+    # re-prefilled at the crossing (the 33-token sequence as a prompt), then decoding: the cache-free logits
     crossing = SWITCH + 1 - len(ids)
     seq = ids + continuation[:crossing]
     again = parity.run_onnx(out, seq, 8 - crossing, feed_tokens=continuation[crossing:])

@@ -9,9 +9,9 @@ GroupQueryAttention runs with do_rotary=0 (`rotary_outside`).
 
 A rope with a length switch (longrope) gets two cache pairs and an If on the run's total sequence length, so a run
 of length <= the switch reads the short set at every position and a longer run the long set, as transformers does
-for each forward pass. Keys already in the KV cache keep the rotation of the run that wrote them: a sequence that
-grows across the switch is exact only when its runtime re-prefills it at the crossing, as transformers' generate and
-onnxruntime-genai's Phi-3 rewind do (see README, "longrope").
+for each forward pass; keys already in the KV cache keep the rotation of the run that wrote them, as in transformers'
+cache. (A cache-free pass of a sequence grown past the switch differs from that; transformers' generate and
+onnxruntime-genai's Phi-3 rewind re-prefill at the crossing: see README, "longrope".)
 """
 
 from __future__ import annotations
