@@ -59,6 +59,8 @@ class AttentionSpec:
     o_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, Gemma 3)
     qk_norm_after_rope: bool = False  # the q/k norm comes after rotary instead (HunYuan): rotary runs outside GQA
+    # (beta, period): q *= 1 + beta * ln(1 + floor(position / period)) (Ministral 3's llama_4_scaling_beta)
+    query_position_scale: tuple[float, int] | None = None
     scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
     softcap: float = 0.0  # attention logit softcapping (Gemma 2)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)

@@ -1,7 +1,9 @@
 """The text decoders inside Mistral 3 and Qwen2.5-VL / Qwen3-VL checkpoints (vision towers deliberately skipped).
 
-Each wrapper holds a Llama-layout decoder: Mistral 3 a Mistral (text_config.model_type "mistral"), Qwen2.5-VL a
-Qwen2 (q/k/v biases), Qwen3-VL a Qwen3 (per-head q/k norm). The export is the text decoder alone, fed token ids:
+Each wrapper holds a Llama-layout decoder: Mistral 3 a Mistral (text_config.model_type "mistral") or a Ministral 3
+("ministral3": YaRN, and queries scaled by 1 + beta * ln(1 + floor(position / original context)), the
+query_position_scale variant), Qwen2.5-VL a Qwen2 (q/k/v biases), Qwen3-VL a Qwen3 (per-head q/k norm). The export
+is the text decoder alone, fed token ids:
 - positions are text-only, so Qwen's mRoPE is plain rope (builders/common.py, MROPE_FIELDS, says why); its section
   fields are checked, not used;
 - the decoder's tensors are found under whichever prefix the checkpoint uses (transformers 5 "model.language_model.",
@@ -31,7 +33,7 @@ SKIPPED = {  # tensors of the other modalities, per wrapper
 }
 # text model types each wrapper may hold; qkv_bias: "qkv" (fixed q/k/v biases) or "config" (attention_bias, all four)
 VARIANTS = {
-    "Mistral3ForConditionalGeneration": dict(text_types=("mistral",), qk_norm=False, bias=None),
+    "Mistral3ForConditionalGeneration": dict(text_types=("mistral", "ministral3"), qk_norm=False, bias=None),
     "Qwen2_5_VLForConditionalGeneration": dict(text_types=("qwen2_5_vl_text", "qwen2_5_vl"), qk_norm=False,
                                                bias="qkv"),
     "Qwen3VLForConditionalGeneration": dict(text_types=("qwen3_vl_text", "qwen3_vl"), qk_norm=True, bias="config"),
@@ -40,7 +42,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 def _windows(cfg: Config, arch: str, num_layers: int) -> list[int | None]:
-    if arch == "Mistral3ForConditionalGeneration":  # MistralConfig: one window on every layer when set
+    if arch == "Mistral3ForConditionalGeneration":  # Mistral / Ministral3Config: one window on every layer when set
         return [cfg.int("sliding_window", None, minimum=1)] * num_layers
     if arch == "Qwen3VLForConditionalGeneration":  # no sliding attention
         return [None] * num_layers
@@ -65,13 +67,20 @@ def make_spec(config: dict) -> ModelSpec:
     settings = rope_settings(cfg)
     kind = rope_type(settings, ROPE_TYPES, aliases={"mrope": "default"})
     text_positions_mrope(settings, head_dim)
-    rope = rope_from(settings, kind, head_dim, context, default_theta=1_000_000.0, drop=MROPE_FIELDS)
+    rope = rope_from(settings, kind, head_dim, context, default_theta=1_000_000.0,
+                     drop=(*MROPE_FIELDS, "llama_4_scaling_beta"))
+    query_scale = None
+    if text_type == "ministral3":  # transformers requires the beta; 0 leaves queries unscaled
+        beta = settings.float("llama_4_scaling_beta")
+        period = settings.int("original_max_position_embeddings", context, minimum=1)
+        query_scale = (beta, period) if beta else None
     bias = {"qkv": (True, False), "config": (cfg.bool("attention_bias", False),) * 2, None: (False, False)}
     qkv_bias, o_bias = bias[variant["bias"]]
     mlp = MlpSpec(intermediate_size=cfg.int("intermediate_size", minimum=1))
     layers = tuple(LayerSpec(attention=AttentionSpec(
         num_heads=heads, num_kv_heads=cfg.int("num_key_value_heads", None) or heads, head_dim=head_dim, rope=rope,
-        qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=variant["qk_norm"], sliding_window=window), ffn=mlp)
+        qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=variant["qk_norm"], sliding_window=window,
+        query_position_scale=query_scale), ffn=mlp)
         for window in _windows(cfg, arch, num_layers))
     return ModelSpec(architecture=arch, model_type=text_type, vocab_size=cfg.int("vocab_size"), hidden_size=hidden,
                      layers=layers, context_length=context, norm_eps=cfg.float("rms_norm_eps", 1e-6),
@@ -103,5 +112,5 @@ def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
 
 register(Family("vlm-text", tuple(VARIANTS), make_spec, map_weights, text_config_key="text_config",
                 wrapper_fields=("tie_word_embeddings",),
-                notes="text decoders of Mistral 3 (Mistral) and Qwen2.5-VL / Qwen3-VL (Qwen2 / Qwen3; mRoPE with "
+                notes="text decoders of Mistral 3 (Mistral, Ministral 3) and Qwen2.5-VL / Qwen3-VL (Qwen2 / Qwen3; mRoPE with "
                       "text-only positions is plain rope); vision towers and projectors deliberately skipped"))

@@ -43,8 +43,15 @@ CASES = {  # case -> (factory arch, config overrides)
     "phi3_rotary_outside": ("phi3", {"partial_rotary_factor": 0.5, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
 }
+# Ministral 3 inside Mistral 3: YaRN and queries scaled by 1 + beta * ln(1 + floor(position / 8)) from position 8 on
+MINISTRAL3_TEXT = {**factory.ARCHS["mistral3"].config["text_config"], "model_type": "ministral3",
+                   "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 32.0,
+                                       "beta_slow": 1.0, "original_max_position_embeddings": 8, "mscale": 1.0,
+                                       "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}}
+CASES["ministral3"] = ("mistral3", {"text_config": MINISTRAL3_TEXT})
 GENAI_TYPES = {"phi3": "phi3", "phi4_mini": "phi3", "smollm3": "smollm3", "hunyuan": "hunyuandensev1",
-               "mistral3": "mistral", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+               "mistral3": "mistral", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "ministral3": "decoder"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ def test_fp32_logits_match_transformers(case, checkpoint, exported):
 
 
 @pytest.mark.genai
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", [*FAMILIES, "ministral3"])
 def test_genai_greedy_matches_transformers_generate(case, checkpoint, exported):
     assert parity.genai_config(exported(case))["model"]["type"] == GENAI_TYPES[case]
     expected = parity.hf_greedy(parity.load_hf(checkpoint(case)), parity.PROMPT_IDS, NEW_TOKENS)
@@ -189,12 +196,25 @@ def test_hunyuan_norm_before_rotary_would_be_far_off(checkpoint, exported, tmp_p
     ("smollm3", {"no_rope_layers": [1, 1]}),  # NoPE layer back to rotary
     ("hunyuan", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),  # alpha dropped
     ("phi4_mini", {"partial_rotary_factor": 1.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),
+    ("ministral3", {"rope_parameters": {**MINISTRAL3_TEXT["rope_parameters"], "llama_4_scaling_beta": 0.0}}),
 ])
 def test_reference_depends_on_the_feature(case, changes, checkpoint, tmp_path):
     with_feature = parity.hf_logits(parity.load_hf(checkpoint(case)), parity.PROMPT_IDS)
-    without = parity.hf_logits(parity.load_hf(with_config(checkpoint(case), tmp_path / "c", **changes)),
-                               parity.PROMPT_IDS)
+    without = parity.hf_logits(parity.load_hf(with_config(checkpoint(case), tmp_path / "c", text=case == "ministral3",
+                                                          **changes)), parity.PROMPT_IDS)
     assert parity.max_abs(with_feature, without) > 1000 * TOL
+
+
+def test_ministral3_queries_are_scaled_by_position(exported):
+    model = parity.load_graph(exported("ministral3"), weights=True)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    table = next(i for i in model.graph.initializer if i.name.startswith("query_position_scale"))
+    positions = np.arange(256)
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(table), 1 + 0.5 * np.log1p(positions // 8), rtol=1e-6)
+    for gqa in parity.nodes_of(model, "GroupQueryAttention"):
+        mul = producer[gqa.input[0]]
+        assert mul.op_type == "Mul" and producer[mul.input[0]].op_type == "Split"
+        assert producer[producer[mul.input[1]].input[0]].input[0] == table.name  # Unsqueeze(Gather(table, pos))
 
 
 @pytest.mark.parametrize("case, prefix", [("mistral3", "language_model.model."), ("qwen2_5_vl", "model."),
@@ -317,8 +337,8 @@ BAD = [
     ("hunyuan", {"num_experts": 8}, UnsupportedModelError, "field 'num_experts'=8 is not supported"),
     ("hunyuan", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, UnsupportedModelError,
      "field 'rope_parameters.rope_type'='longrope' is not supported"),
-    ("mistral3", {"model_type": "ministral3"}, UnsupportedModelError,
-     "field 'model_type'='ministral3' is not supported (supported: 'mistral')"),
+    ("mistral3", {"model_type": "llama"}, UnsupportedModelError,
+     "field 'model_type'='llama' is not supported (supported: 'mistral', 'ministral3')"),
     ("qwen2_5_vl", {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 4], "rope_theta": 1e6}},
      CheckpointError, "field 'rope_parameters.mrope_section' is [2, 3, 4]"),
     ("qwen3_vl", {"hidden_act": "gelu"}, UnsupportedModelError, "field 'hidden_act'='gelu' is not supported"),

@@ -4,10 +4,11 @@ One packed QKV projection feeds the op (the checkpoint's fused qkv tensor when i
 concatenated). Layers whose rotary the op cannot do (q/k norm after rotary, rotary half-widths that are not a multiple
 of 8) are rotated before it (builder/layers/rotary_graph.py). Per-head q/k RMSNorm is either fused into the op
 (CUDA: q_norm_weight / k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it
-(CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink),
-weightless v norm (Gemma 4), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
-new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while
-the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
+(CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale,
+attention sinks (head_sink), weightless v norm (Gemma 4), a query scale by position (Ministral 3), and KV sharing:
+a layer with kv_source feeds GroupQueryAttention the source layer's new (normalised, un-rotated) keys/values and
+cache, so the op rebuilds exactly the source's keys and values while the layer itself has no k/v projection and no
+cache of its own (its present outputs are left unused).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext
@@ -54,12 +56,30 @@ def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tup
 
 
 def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: AttentionInputs):
-    if step.position_ids is None:
-        step.position_ids = position_ids(ctx, step.seqlens_k, q)
+    positions = _positions(ctx, step, q)
     caches = cos_sin(ctx, attn.rope, step.total_sequence_length)
     with ctx.g.scope("rotary"):
-        return (rotate(ctx, q, attn.rope, attn.num_heads, step.position_ids, caches),
-                rotate(ctx, k, attn.rope, attn.num_kv_heads, step.position_ids, caches))
+        return (rotate(ctx, q, attn.rope, attn.num_heads, positions, caches),
+                rotate(ctx, k, attn.rope, attn.num_kv_heads, positions, caches))
+
+
+def _positions(ctx: LayerContext, step: AttentionInputs, like: ir.Value) -> ir.Value:
+    if step.position_ids is None:
+        step.position_ids = position_ids(ctx, step.seqlens_k, like)
+    return step.position_ids
+
+
+def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: AttentionInputs) -> ir.Value:
+    """q * (1 + beta * ln(1 + floor(position / period))), from a table over the context (rotation commutes with it)."""
+    g, (beta, period) = ctx.g, attn.query_position_scale
+    name = f"query_position_scale.{beta:g}.{period}"
+    if not g.has_initializer(name):
+        positions = np.arange(ctx.spec.context_length, dtype=np.float64)
+        table = 1 + beta * np.log1p(np.floor(positions / period))
+        g.constant(name, table.astype(np.float32).astype(ctx.settings.numpy_dtype))
+    with g.scope("query_scale"):
+        scale = g.op("Gather", [g.initializer(name), _positions(ctx, step, q)], axis=0)
+        return g.op("Mul", [q, g.op("Unsqueeze", [scale, g.ints("const.-1", [-1])])])
 
 
 def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> ir.Value:
@@ -117,8 +137,8 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
 
     q_norm = k_norm = None
     # keys/values must exist as separate values when a later layer shares them, v gets its own norm, or q/k are
-    # rotated before the op
-    separate = attn.v_norm or kv_store is not None or outside
+    # rotated or scaled before the op
+    separate = attn.v_norm or kv_store is not None or outside or attn.query_position_scale is not None
     if attn.qk_norm and ctx.settings.fuse_qk_norm and not separate:
         q, k, v = qkv, None, None
         q_norm = norm_weight(ctx, f"{prefix}.q_norm.weight", attn.head_dim)
@@ -135,6 +155,8 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
                 k = _per_head_norm(ctx, k, f"{prefix}.k_norm.weight", attn.head_dim)
         if outside and not attn.qk_norm_after_rope:
             q, k = _rotate_qk(ctx, q, k, attn, step)
+        if attn.query_position_scale is not None:
+            q = _scale_query(ctx, q, attn, step)
         if attn.v_norm:
             with g.scope("v_norm"):
                 v = _weightless_head_norm(ctx, v, attn.head_dim)
