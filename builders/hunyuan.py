@@ -4,8 +4,9 @@ The q/k norms (query_layernorm / key_layernorm) apply to the rotated q and k, so
 qk_norm_after_rope variant (rotary outside GroupQueryAttention). The released checkpoints label their rope "dynamic"
 with a fixed `alpha`, which transformers computes as a static NTK stretch of the base (ntk_alpha:
 theta * alpha^(d / (d - 2))), not as dynamic NTK; a "dynamic" rope without alpha is dynamic NTK, exact up to
-max_position_embeddings. Config fields of the original remote code that transformers does not read (use_cla,
-use_mixed_mlp_moe, num_experts > 1, mlp_bias) are refused when they would change the maths.
+max_position_embeddings. Fields of the original remote code that transformers' dense model does not implement
+(use_cla: cross-layer KV sharing, use_mixed_mlp_moe, num_experts > 1) are refused: such a checkpoint is not this
+dense model.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _rope(cfg: Config, head_dim: int, context: int):
 def make_spec(config: dict) -> ModelSpec:
     cfg = Config(config, ARCH)
     cfg.str("hidden_act", "silu", choices=("silu",))
-    cfg.reject({"pretraining_tp": 1, "use_cla": False, "use_mixed_mlp_moe": False, "mlp_bias": False})
+    cfg.reject({"use_cla": False, "use_mixed_mlp_moe": False})
     if cfg.int("num_experts", 1) != 1:
         raise cfg.unsupported("num_experts", cfg.int("num_experts"), "1 (dense); HunYuan MoE is another architecture")
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)

@@ -46,7 +46,8 @@ def _rope(cfg: Config, head_dim: int, max_positions: int):
     original = cfg.int("original_max_position_embeddings", PHI3_DEFAULT_ORIGINAL_CONTEXT, minimum=1)
     for key in ("short_factor", "long_factor"):
         rope.list(key, of=float, length=rotary_dim // 2)
-    rope.float("factor", None), rope.float("attention_factor", None)
+    for key in ("factor", "attention_factor"):  # optional numbers (rotary.py derives them when absent)
+        rope.float(key, None)
     return rope_from(rope, kind, rotary_dim, max_positions, overrides={"original_max_position_embeddings": original})
 
 

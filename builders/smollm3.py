@@ -36,7 +36,6 @@ def rope_layers(cfg: Config, num_layers: int) -> list[bool]:
 def make_spec(config: dict) -> ModelSpec:
     cfg = Config(config, ARCH)
     cfg.str("hidden_act", "silu", choices=("silu",))
-    cfg.reject({"pretraining_tp": 1})
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     head_dim = cfg.int("head_dim", None, minimum=1) or hidden // heads
     num_layers, context = cfg.int("num_hidden_layers", minimum=1), cfg.int("max_position_embeddings", minimum=1)

@@ -31,12 +31,15 @@ SKIPPED = {  # tensors of the other modalities, per wrapper
     "Qwen2_5_VLForConditionalGeneration": ("visual.", "model.visual."),
     "Qwen3VLForConditionalGeneration": ("visual.", "model.visual."),
 }
-# text model types each wrapper may hold; qkv_bias: "qkv" (fixed q/k/v biases) or "config" (attention_bias, all four)
+# text model types each wrapper may hold; bias: "qkv" (fixed q/k/v biases), "config" (attention_bias, all four) or
+# None; theta: the text config class's default rope_theta
 VARIANTS = {
-    "Mistral3ForConditionalGeneration": dict(text_types=("mistral", "ministral3"), qk_norm=False, bias=None),
+    "Mistral3ForConditionalGeneration": dict(text_types=("mistral", "ministral3"), qk_norm=False, bias=None,
+                                             theta=10_000.0),
     "Qwen2_5_VLForConditionalGeneration": dict(text_types=("qwen2_5_vl_text", "qwen2_5_vl"), qk_norm=False,
-                                               bias="qkv"),
-    "Qwen3VLForConditionalGeneration": dict(text_types=("qwen3_vl_text", "qwen3_vl"), qk_norm=True, bias="config"),
+                                               bias="qkv", theta=1_000_000.0),
+    "Qwen3VLForConditionalGeneration": dict(text_types=("qwen3_vl_text", "qwen3_vl"), qk_norm=True, bias="config",
+                                            theta=500_000.0),
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
@@ -54,11 +57,10 @@ def _windows(cfg: Config, arch: str, num_layers: int) -> list[int | None]:
 
 
 def make_spec(config: dict) -> ModelSpec:
-    arch = config["architectures"][0]
+    arch = Config(config, "multimodal text decoder").list("architectures", of=str)[0]
     cfg, variant = Config(config, arch), VARIANTS[arch]
     text_type = cfg.str("model_type", choices=variant["text_types"])
     cfg.str("hidden_act", "silu", choices=("silu",))
-    cfg.reject({"mlp_bias": False, "pretraining_tp": 1})
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     head_dim = cfg.int("head_dim", None, minimum=1) or hidden // heads
     if variant["bias"] == "qkv" and head_dim * heads != hidden:  # Qwen2.5-VL's attention uses hidden / heads
@@ -67,7 +69,7 @@ def make_spec(config: dict) -> ModelSpec:
     settings = rope_settings(cfg)
     kind = rope_type(settings, ROPE_TYPES, aliases={"mrope": "default"})
     text_positions_mrope(settings, head_dim)
-    rope = rope_from(settings, kind, head_dim, context, default_theta=1_000_000.0,
+    rope = rope_from(settings, kind, head_dim, context, default_theta=variant["theta"],
                      drop=(*MROPE_FIELDS, "llama_4_scaling_beta"))
     query_scale = None
     if text_type == "ministral3":  # transformers requires the beta; 0 leaves queries unscaled
