@@ -138,9 +138,11 @@ def test_longrope_caches_switch_on_the_sequence_length(exported):
     assert len(ifs) == 1
     greater = next(n for n in model.graph.node if n.output[0] == ifs[0].input[0])
     gqas = parity.nodes_of(model, "GroupQueryAttention")
-    assert greater.op_type == "Greater" and greater.input[0] == gqas[0].input[6]  # total_sequence_length
+    longest = next(n for n in model.graph.node if n.output[0] == greater.input[0])
+    assert greater.op_type == "Greater" and longest.op_type == "ReduceMax"
+    assert longest.input[0] == gqas[0].input[5]  # max(seqlens_k) > 31: the longest row has more than 32 tokens
     limit = next(i for i in model.graph.initializer if i.name == greater.input[1])
-    assert int(onnx.numpy_helper.to_array(limit)) == 32
+    assert int(onnx.numpy_helper.to_array(limit)) == 31
     branches = {a.name: a.g for a in ifs[0].attribute}
     assert [n.input[0] for n in branches["then_branch"].node] == ["cos_cache_long", "sin_cache_long"]
     assert [n.input[0] for n in branches["else_branch"].node] == ["cos_cache_short", "sin_cache_short"]

@@ -57,7 +57,7 @@ def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tup
 
 def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: AttentionInputs):
     positions = _positions(ctx, step, q)
-    caches = cos_sin(ctx, attn.rope, step.total_sequence_length)
+    caches = cos_sin(ctx, attn.rope, step.seqlens_k)
     with ctx.g.scope("rotary"):
         return (rotate(ctx, q, attn.rope, attn.num_heads, positions, caches),
                 rotate(ctx, k, attn.rope, attn.num_kv_heads, positions, caches))
@@ -176,7 +176,7 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     q, k, v = qkv
 
     in_op = rotary_in_op(attn)
-    cos, sin = cos_sin(ctx, attn.rope, step.total_sequence_length) if in_op else (None, None)
+    cos, sin = cos_sin(ctx, attn.rope, step.seqlens_k) if in_op else (None, None)
     sinks = ctx.float_initializer(f"{prefix}.sinks", w.get(f"{prefix}.sinks", (attn.num_heads,))) if attn.sinks else None
     inputs = [q, k, v, past_key, past_value, step.seqlens_k, step.total_sequence_length, cos, sin,
               None, None, sinks, None, None, q_norm, k_norm]

@@ -7,11 +7,12 @@ GroupQueryAttention rotates q and k itself from cos/sin caches indexed by positi
 For those layers q and k are rotated here with com.microsoft RotaryEmbedding at the positions the op would use, and
 GroupQueryAttention runs with do_rotary=0 (`rotary_outside`).
 
-A rope with a length switch (longrope) gets two cache pairs and an If on the run's total sequence length, so a run
-of length <= the switch reads the short set at every position and a longer run the long set, as transformers does
-for each forward pass; keys already in the KV cache keep the rotation of the run that wrote them, as in transformers'
-cache. (A cache-free pass of a sequence grown past the switch differs from that; transformers' generate and
-onnxruntime-genai's Phi-3 rewind re-prefill at the crossing: see README, "longrope".)
+A rope with a length switch (longrope) gets two cache pairs and an If on the run's sequence length (the longest
+row's past + new tokens, from seqlens_k rather than the attention mask's width), so a run of length <= the switch
+reads the short set at every position and a longer run the long set, as transformers does for each forward pass
+(its length: max position + 1); keys already in the KV cache keep the rotation of the run that wrote them, as in
+transformers' cache. (A cache-free pass of a sequence grown past the switch differs from that; transformers'
+generate and onnxruntime-genai's Phi-3 rewind re-prefill at the crossing: see README, "longrope".)
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def _branch(name: str, cos: ir.Value, sin: ir.Value) -> ir.Graph:
     return ir.Graph([], [n.outputs[0] for n in nodes], nodes=nodes, name=f"rope_{name}")
 
 
-def cos_sin(ctx: LayerContext, rope: RopeSpec, total_length: ir.Value) -> tuple[ir.Value, ir.Value]:
+def cos_sin(ctx: LayerContext, rope: RopeSpec, seqlens_k: ir.Value) -> tuple[ir.Value, ir.Value]:
     """cos/sin caches [max_positions, rotary_dim/2] for this run, shared by every layer with the same rope (named by
-    order of first use). total_length: int32 scalar, the run's total sequence length (past + new)."""
+    order of first use). seqlens_k: int32 [batch], each row's total length - 1."""
     caches = ctx.rope_caches
     if rope not in caches:
         suffix = "" if not caches else f"_{len(caches)}"
@@ -62,8 +63,9 @@ def cos_sin(ctx: LayerContext, rope: RopeSpec, total_length: ir.Value) -> tuple[
             g = ctx.g
             short, long = _cache_pair(ctx, rope, f"_short{suffix}"), _cache_pair(ctx, rope, f"_long{suffix}", True)
             with g.scope("rope_switch"):
-                limit = g.shared_constant(f"const.rope_switch.{switch}", np.array(switch, np.int32))
-                is_long = g.op("Greater", [total_length, limit])
+                longest = g.op("ReduceMax", [seqlens_k], keepdims=0)  # total length - 1 of the longest row
+                limit = g.shared_constant(f"const.rope_switch.{switch - 1}", np.array(switch - 1, np.int32))
+                is_long = g.op("Greater", [longest, limit])
                 caches[rope] = g.op("If", [is_long], outputs=2, then_branch=_branch(f"long{suffix}", *long),
                                     else_branch=_branch(f"short{suffix}", *short))
     return caches[rope]
