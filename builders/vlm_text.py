@@ -114,5 +114,6 @@ def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
 
 register(Family("vlm-text", tuple(VARIANTS), make_spec, map_weights, text_config_key="text_config",
                 wrapper_fields=("tie_word_embeddings",),
-                notes="text decoders of Mistral 3 (Mistral, Ministral 3) and Qwen2.5-VL / Qwen3-VL (Qwen2 / Qwen3; mRoPE with "
-                      "text-only positions is plain rope); vision towers and projectors deliberately skipped"))
+                notes="text decoders of Mistral 3 (Mistral, Ministral 3) and Qwen2.5-VL / Qwen3-VL (Qwen2 / Qwen3; "
+                      "mRoPE with text-only positions is plain rope); vision towers and projectors deliberately "
+                      "skipped"))
