@@ -26,6 +26,8 @@ class Family:
     # Multimodal wrappers keep the text model's config under this key (e.g. "text_config").
     text_config_key: str | None = None
     notes: str = ""
+    # Wrapper (top-level) fields that override the text config's when set (e.g. tie_word_embeddings).
+    wrapper_fields: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -71,5 +73,7 @@ def family_for(architecture: str) -> Family:
 def text_config(family: Family, config: dict) -> dict:
     """The config that describes the text decoder (the wrapper's text_config for multimodal checkpoints)."""
     if family.text_config_key and family.text_config_key in config:
-        return {**config[family.text_config_key], "architectures": config.get("architectures")}
+        text = {**config[family.text_config_key], "architectures": config.get("architectures")}
+        text.update({key: config[key] for key in family.wrapper_fields if config.get(key) is not None})
+        return text
     return config

@@ -24,6 +24,7 @@ class StepInputs:
     total_sequence_length: ir.Value  # int32 scalar
     token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
     token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
+    position_ids: ir.Value | None = None  # int64 [batch, sequence], made on first use (rotary outside the op)
     derived: dict = field(default_factory=dict)  # values a layer computes once from the above and shares
 
 

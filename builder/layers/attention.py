@@ -1,12 +1,16 @@
 """Self-attention through com.microsoft GroupQueryAttention (rotary inside the op, KV cache in/out).
 
-One packed QKV projection feeds the op. Per-head q/k RMSNorm is either fused into the op (CUDA: q_norm_weight /
-k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it (CPU rejects the inputs).
-Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink),
-weightless v norm (Gemma 4), an output gate (Qwen3.5 / Qwen3-Next: the gate rows ride in the packed projection
-and the op's output is multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
-new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while
-the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
+One packed QKV projection feeds the op (the checkpoint's fused qkv tensor when it stores one, else q, k and v
+concatenated). Layers whose rotary the op cannot do (q/k norm after rotary, rotary half-widths that are not a multiple
+of 8) are rotated before it (builder/layers/rotary_graph.py). Per-head q/k RMSNorm is either fused into the op
+(CUDA: q_norm_weight / k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it
+(CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale,
+attention sinks (head_sink), weightless v norm (Gemma 4), a query scale by position (Ministral 3), an output gate
+(Qwen3.5 / Qwen3-Next: gate rows packed after q|k|v, the op's output multiplied by their sigmoid before o_proj), and
+KV sharing:
+a layer with kv_source feeds GroupQueryAttention the source layer's new (normalised, un-rotated) keys/values and
+cache, so the op rebuilds exactly the source's keys and values while the layer itself has no k/v projection and no
+cache of its own (its present outputs are left unused).
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
-from builder.layers.rotary import cos_sin_cache
-from builder.spec import AttentionSpec, RopeSpec
-from builder.weights import Concatenated
+from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
+from builder.spec import AttentionSpec
+from builder.weights import Concatenated, Weight, WeightMap
 
 
 @dataclass
@@ -34,16 +39,45 @@ class SharedKV:
     past_value: ir.Value
 
 
-def rotary_caches(ctx: LayerContext, rope: RopeSpec) -> tuple[ir.Value, ir.Value]:
-    """cos/sin caches, shared by every layer with the same rope (named by order of first use)."""
-    caches = ctx.rope_caches
-    if rope not in caches:
-        suffix = "" if not caches else f"_{len(caches)}"
-        cos, sin = cos_sin_cache(rope)
-        dtype = ctx.settings.numpy_dtype
-        caches[rope] = (ctx.g.constant(f"cos_cache{suffix}", cos.astype(dtype)),
-                        ctx.g.constant(f"sin_cache{suffix}", sin.astype(dtype)))
-    return caches[rope]
+def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tuple[int, ...]) -> Weight:
+    """The fused qkv weight/bias as the checkpoint stores it, else q, k and v concatenated; then the output-gate
+    rows when the layer has them (one MatMul, split after)."""
+    if f"{prefix}.qkv.{kind}" in w:
+        packed = w.get(f"{prefix}.qkv.{kind}", (attn.q_size + 2 * attn.kv_size, *tail))
+    else:
+        packed = Concatenated((w.get(f"{prefix}.q.{kind}", (attn.q_size, *tail)),
+                               w.get(f"{prefix}.k.{kind}", (attn.kv_size, *tail)),
+                               w.get(f"{prefix}.v.{kind}", (attn.kv_size, *tail))))
+    if attn.output_gate:
+        return Concatenated((packed, w.get(f"{prefix}.gate.{kind}", (attn.q_size, *tail))))
+    return packed
+
+
+def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: StepInputs):
+    positions = _positions(ctx, step, q)
+    caches = cos_sin(ctx, attn.rope, step.seqlens_k)
+    with ctx.g.scope("rotary"):
+        return (rotate(ctx, q, attn.rope, attn.num_heads, positions, caches),
+                rotate(ctx, k, attn.rope, attn.num_kv_heads, positions, caches))
+
+
+def _positions(ctx: LayerContext, step: StepInputs, like: ir.Value) -> ir.Value:
+    if step.position_ids is None:
+        step.position_ids = position_ids(ctx, step.seqlens_k, like)
+    return step.position_ids
+
+
+def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: StepInputs) -> ir.Value:
+    """q * (1 + beta * ln(1 + floor(position / period))), from a table over the context (rotation commutes with it)."""
+    g, (beta, period) = ctx.g, attn.query_position_scale
+    name = f"query_position_scale.{beta:g}.{period}"
+    if not g.has_initializer(name):
+        positions = np.arange(ctx.spec.context_length, dtype=np.float64)
+        table = 1 + beta * np.log1p(np.floor(positions / period))
+        g.constant(name, table.astype(np.float32).astype(ctx.settings.numpy_dtype))
+    with g.scope("query_scale"):
+        scale = g.op("Gather", [g.initializer(name), _positions(ctx, step, q)], axis=0)
+        return g.op("Mul", [q, g.op("Unsqueeze", [scale, g.ints("const.-1", [-1])])])
 
 
 def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> ir.Value:
@@ -95,32 +129,27 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan
     q_size, kv_size = attn.q_size, attn.kv_size
+    outside = rotary_outside(attn)
+    if outside and kv_store is not None:
+        raise ValueError(f"layer {layer}: KV sharing with rotary outside GroupQueryAttention is not implemented")
     if attn.kv_source is not None:
         shared = kv_store[attn.kv_source]
         q = _query_only(ctx, x, layer, attn)
         return _group_query_attention(ctx, layer, attn, step, [q, shared.key, shared.value],
                                       shared.past_key, shared.past_value, None, None)
-    parts = [w.get(f"{prefix}.q.weight", (q_size, hidden)), w.get(f"{prefix}.k.weight", (kv_size, hidden)),
-             w.get(f"{prefix}.v.weight", (kv_size, hidden))]
-    if attn.output_gate:  # gate rows after q|k|v: one MatMul, then split off
-        parts.append(w.get(f"{prefix}.gate.weight", (q_size, hidden)))
-    qkv_bias = None
-    if attn.qkv_bias:
-        bias_parts = [w.get(f"{prefix}.q.bias", (q_size,)), w.get(f"{prefix}.k.bias", (kv_size,)),
-                      w.get(f"{prefix}.v.bias", (kv_size,))]
-        if attn.output_gate:
-            bias_parts.append(w.get(f"{prefix}.gate.bias", (q_size,)))
-        qkv_bias = Concatenated(tuple(bias_parts))
+    qkv_bias = _packed(w, prefix, "bias", attn, ()) if attn.qkv_bias else None
     with g.scope("qkv_proj"):
-        qkv = linear(ctx, x, f"{prefix}.qkv", Concatenated(tuple(parts)), plan.format_for("attn.q", layer), qkv_bias)
+        qkv = linear(ctx, x, f"{prefix}.qkv", _packed(w, prefix, "weight", attn, (hidden,)),
+                     plan.format_for("attn.q", layer), qkv_bias)
     gate = None
     if attn.output_gate:
         qkv, gate = g.op("Split", [qkv, g.ints(f"split.qkv_gate.{q_size + 2 * kv_size}.{q_size}",
                                                   [q_size + 2 * kv_size, q_size])], axis=-1, outputs=2)
 
     q_norm = k_norm = None
-    # keys/values must exist as separate values when a later layer shares them or v gets its own norm
-    separate = attn.v_norm or kv_store is not None
+    # keys/values must exist as separate values when a later layer shares them, v gets its own norm, or q/k are
+    # rotated or scaled before the op
+    separate = attn.v_norm or kv_store is not None or outside or attn.query_position_scale is not None
     # GroupQueryAttention's fused q/k norm is per head only
     if attn.qk_norm and attn.qk_norm_scope == "head" and ctx.settings.fuse_qk_norm and not separate:
         q, k, v = qkv, None, None
@@ -129,11 +158,17 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     elif attn.qk_norm or separate:
         q, k, v = g.op("Split", [qkv, g.ints(f"split.qkv.{q_size}.{kv_size}", [q_size, kv_size, kv_size])],
                        axis=-1, outputs=3)
+        if outside and attn.qk_norm_after_rope:
+            q, k = _rotate_qk(ctx, q, k, attn, step)
         if attn.qk_norm:
             with g.scope("q_norm"):
                 q = _qk_norm(ctx, q, f"{prefix}.q_norm.weight", attn, q_size)
             with g.scope("k_norm"):
                 k = _qk_norm(ctx, k, f"{prefix}.k_norm.weight", attn, kv_size)
+        if outside and not attn.qk_norm_after_rope:
+            q, k = _rotate_qk(ctx, q, k, attn, step)
+        if attn.query_position_scale is not None:
+            q = _scale_query(ctx, q, attn, step)
         if attn.v_norm:
             with g.scope("v_norm"):
                 v = _weightless_head_norm(ctx, v, attn.head_dim)
@@ -153,9 +188,8 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     plan = ctx.settings.plan
     q, k, v = qkv
 
-    cos = sin = None
-    if attn.rope is not None:
-        cos, sin = rotary_caches(ctx, attn.rope)
+    in_op = rotary_in_op(attn)
+    cos, sin = cos_sin(ctx, attn.rope, step.seqlens_k) if in_op else (None, None)
     sinks = ctx.float_initializer(f"{prefix}.sinks", w.get(f"{prefix}.sinks", (attn.num_heads,))) if attn.sinks else None
     inputs = [q, k, v, past_key, past_value, step.seqlens_k, step.total_sequence_length, cos, sin,
               None, None, sinks, None, None, q_norm, k_norm]
@@ -165,7 +199,7 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     out, present_key, present_value = g.ms(
         "GroupQueryAttention", inputs, outputs=3,
         num_heads=attn.num_heads, kv_num_heads=attn.num_kv_heads, scale=float(scale),
-        do_rotary=int(attn.rope is not None), rotary_interleaved=int(bool(attn.rope and attn.rope.interleaved)),
+        do_rotary=int(in_op), rotary_interleaved=int(in_op and attn.rope.interleaved),
         local_window_size=attn.sliding_window if attn.sliding_window else -1,
         softcap=float(attn.softcap) if attn.softcap else None,
         qk_norm_epsilon=float(ctx.spec.norm_eps) if q_norm is not None else None)
