@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import tiny_tokenizer
+from checkpoint_layouts import apply_layout
 from tiny_tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, TOKENIZER_VOCAB, UNK, special_token_ids  # noqa: F401
 
 
@@ -469,7 +470,7 @@ def make_checkpoint(arch: str, out_dir: Path, *, seed: int = 0, shards: int = 1,
     tensors = _on_disk_tensors(model, _DTYPES[dtype])
     if mxfp4:
         tensors = _to_mxfp4(tensors)
-    tensors = _apply_layout(tensors, _recipe(arch).layout, seed)
+    tensors = apply_layout(tensors, _recipe(arch).layout, seed)
     _write_safetensors(tensors, out_dir, shards)
 
     cfg_dict = _config_json(arch, config, config_overrides)
@@ -483,25 +484,6 @@ def make_checkpoint(arch: str, out_dir: Path, *, seed: int = 0, shards: int = 1,
     })
     make_tokenizer(out_dir)
     return out_dir
-
-
-def _apply_layout(tensors: dict[str, torch.Tensor], layout: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
-    """Released-checkpoint layouts that save_pretrained does not write (see ArchRecipe.layout)."""
-    out = dict(tensors)
-    if "fused_experts" in layout:
-        for gate in sorted(n for n in tensors if n.endswith(".experts.0.gate_proj.weight")):
-            base = gate.removesuffix(".0.gate_proj.weight")
-            count = sum(1 for n in tensors if n.startswith(base + ".") and n.endswith(".gate_proj.weight"))
-            parts = {p: torch.stack([out.pop(f"{base}.{e}.{p}_proj.weight") for e in range(count)])
-                     for p in ("gate", "up", "down")}
-            out[f"{base}.gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1).contiguous()
-            out[f"{base}.down_proj"] = parts["down"].contiguous()
-    if "mtp" in layout:  # names as released; transformers ignores mtp.* when loading
-        gen = torch.Generator().manual_seed(seed + 2)
-        for name, shape in (("mtp.fc.weight", (64, 128)), ("mtp.norm.weight", (64,)),
-                            ("mtp.layers.0.mlp.down_proj.weight", (64, 32))):
-            out[name] = torch.randn(shape, generator=gen).to(next(iter(tensors.values())).dtype)
-    return dict(sorted(out.items()))
 
 
 def _write_json(path: Path, data: dict) -> None:
