@@ -101,11 +101,11 @@ def _np_dtype(ort_type: str):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16}[ort_type]
 
 
-def _state_inputs(session) -> list:
+def state_inputs(session) -> list:
     return [i for i in session.get_inputs() if i.name.startswith(("past_", "past."))]
 
 
-def _present_name(past_name: str) -> str:
+def present_name(past_name: str) -> str:
     """past_key_values.{i}.key -> present.{i}.key, past.{i}.conv -> present.{i}.conv, past_X -> present_X."""
     if past_name.startswith("past_key_values."):
         return "present." + past_name.removeprefix("past_key_values.")
@@ -116,7 +116,7 @@ def _present_name(past_name: str) -> str:
 
 def _first_feed(session, ids: np.ndarray, mask: np.ndarray, max_length: int | None) -> dict:
     feed = {"input_ids": ids, "attention_mask": mask}
-    for s in _state_inputs(session):
+    for s in state_inputs(session):
         shape = [ids.shape[0] if d == "batch_size" else d for d in s.shape]
         if s.name.startswith("past_key_values."):
             shape[2] = max_length or 0
@@ -136,8 +136,8 @@ def _decode(session, out: dict, mask: np.ndarray, tokens: list[int], static_widt
     if static_width is not None:
         fed = (np.arange(static_width)[None, :] < mask.sum(1, keepdims=True)).astype(np.int64)
     feed = {"input_ids": np.array(tokens, np.int64)[:, None], "attention_mask": fed}
-    for s in _state_inputs(session):
-        feed[s.name] = out[_present_name(s.name)]
+    for s in state_inputs(session):
+        feed[s.name] = out[present_name(s.name)]
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feed))), mask
 
