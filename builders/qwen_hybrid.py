@@ -57,7 +57,8 @@ VARIANTS = {
 
 
 def _config(config: dict) -> Config:
-    arch = config["architectures"][0]
+    """The text config (text_config of a multimodal checkpoint, merged by builders.text_config); errors name it."""
+    arch = (config.get("architectures") or ["Qwen3_5ForCausalLM"])[0]  # checked by Checkpoint.architecture
     return Config(config, arch, path="text_config." if arch.endswith("ForConditionalGeneration") else "")
 
 

@@ -221,6 +221,7 @@ ARCHS: dict[str, ArchRecipe] = {
     "qwen3_5": ArchRecipe("qwen3_5_text", "Qwen3_5ForCausalLM", _QWEN35_TEXT),
     "qwen3_5_vlm": ArchRecipe("qwen3_5", "Qwen3_5ForConditionalGeneration", {"text_config": _QWEN35_TEXT,
                               **_QWEN35_VLM}, text_config_key="text_config", layout=("mtp",)),
+    "qwen3_5_moe": ArchRecipe("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", {**_QWEN35_TEXT, **_QWEN35_MOE}),
     # the released layout: multimodal, experts fused 3-D, an mtp head; default layer_types (3 linear : 1 full)
     "qwen3_5_moe_vlm": ArchRecipe("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", {
         "text_config": {**_QWEN35_TEXT, "layer_types": None, **_QWEN35_MOE}, **_QWEN35_VLM},

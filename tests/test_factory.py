@@ -91,7 +91,7 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
         assert {"sliding_attention", "full_attention"} <= set(text["layer_types"])
 
 
-HYBRID = ("qwen3_5", "qwen3_5_vlm", "qwen3_5_moe_vlm", "qwen3_next")
+HYBRID = ("qwen3_5", "qwen3_5_vlm", "qwen3_5_moe", "qwen3_5_moe_vlm", "qwen3_next")
 
 
 def test_hybrid_recipes_mix_layer_kinds_and_carry_the_released_layouts(tiny_checkpoint):

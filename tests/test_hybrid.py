@@ -1,5 +1,5 @@
-"""End-to-end tests of the hybrid linear-attention families: Qwen3.5 (CausalLM and multimodal layouts), Qwen3.5-MoE
-(multimodal, experts fused 3-D, an mtp head) and Qwen3-Next (fused in_proj_qkvz / in_proj_ba, experts per expert).
+"""End-to-end tests of the hybrid linear-attention families: Qwen3.5 and Qwen3.5-MoE (CausalLM layout; multimodal
+layout with experts fused 3-D and an mtp head) and Qwen3-Next (fused in_proj_qkvz / in_proj_ba, experts per expert).
 
 What is proved here:
 - fp32/cpu exports reproduce transformers fp32 logits within 1e-4 at every prompt position and through four decode
@@ -42,11 +42,12 @@ TOL = 1e-4  # fp32 logits max-abs; measured 5e-6 .. 1.2e-5
 CASES = {
     "qwen3_5": ("qwen3_5", {}),
     "qwen3_5_vlm": ("qwen3_5_vlm", {}),
+    "qwen3_5_moe": ("qwen3_5_moe", {}),
     "qwen3_5_moe_vlm": ("qwen3_5_moe_vlm", {}),
     "qwen3_next": ("qwen3_next", {}),
     "linear_only": ("qwen3_5", {"layer_types": ["linear_attention"] * 4}),
 }
-FAMILIES = ["qwen3_5", "qwen3_5_vlm", "qwen3_5_moe_vlm", "qwen3_next"]
+FAMILIES = ["qwen3_5", "qwen3_5_vlm", "qwen3_5_moe", "qwen3_5_moe_vlm", "qwen3_next"]
 LINEAR_LAYERS = {"qwen3_5": [0, 2, 3], "qwen3_5_vlm": [0, 2, 3], "qwen3_5_moe_vlm": [0, 1, 2], "qwen3_next": [0, 2]}
 CONV, KEY_HEADS, VALUE_HEADS, HEAD = 2 * 2 * 16 + 4 * 16, 2, 4, 16  # the factory's linear-attention shapes
 
