@@ -65,7 +65,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     input_ids = g.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     attention_mask = g.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
     states = spec.state
-    state_dtypes = {"io": dtype, "recurrent": FLOAT_DTYPES[settings.recurrent_dtype][0]}
+    state_dtypes = {"io": dtype, "linear_attn": FLOAT_DTYPES[settings.linear_attn_dtype][0]}
     pasts = {(t.layer, t.kind): g.input(t.past_name, state_dtypes[t.dtype], list(t.past_shape)) for t in states}
     kv_sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers

@@ -134,10 +134,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("fuse_qk_norm_gqa", "bool", None,
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
            "CUDA only; default true on cuda, false on cpu."),
-    Option("recurrent_state_fp32", "bool", True,
-           "Hybrid (linear-attention) models: keep the recurrent state, and the LinearAttention op that updates it, in "
-           "float32 when activations are fp16/bf16 (transformers keeps it in float32); false stores it in the "
-           "activation dtype. No effect on fp32 activations (cpu)."),
+    Option("linear_attn_fp32", "bool", True,
+           "Hybrid (linear-attention) models with fp16/bf16 activations: run the linear-attention core (causal conv, "
+           "decay gate, gated delta rule, gated norm) and keep its conv and recurrent state in float32, as "
+           "transformers keeps the recurrent state; false runs it in the activation dtype. No effect on fp32 "
+           "activations (cpu)."),
     Option("moe_quant_bits", "int", None,
            "Bits for MoE expert weights (QMoE). Default: 4 for -p int4, 8 for -p int8.", choices=(4, 8)),
     Option("qmoe_block_size", "int", 32,

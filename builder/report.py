@@ -75,7 +75,8 @@ def rope_rows(spec) -> list[str]:
 def describe(prepared) -> str:
     spec, settings = prepared.spec, prepared.settings
     attn = spec.attention
-    heads = f"heads {attn.num_heads} (kv {attn.num_kv_heads}, head_dim {attn.head_dim})" if attn else "no full attention"
+    heads = (f"heads {attn.num_heads} (kv {attn.num_kv_heads}, head_dim {attn.head_dim})" if attn
+             else "no full attention")
     lines = [
         f"architecture: {spec.architecture} (model_type {spec.model_type})",
         f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, {heads}, "
@@ -89,8 +90,8 @@ def describe(prepared) -> str:
         mixer = spec.layers[linear[0]].attention
         lines.append(f"linear attention (Gated DeltaNet): layers {','.join(map(str, linear))}; key heads "
                      f"{mixer.num_key_heads} x {mixer.key_head_dim}, value heads {mixer.num_value_heads} x "
-                     f"{mixer.value_head_dim}, conv kernel {mixer.conv_kernel}, recurrent state "
-                     f"{settings.recurrent_dtype}")
+                     f"{mixer.value_head_dim}, conv kernel {mixer.conv_kernel}, core and state in "
+                     f"{settings.linear_attn_dtype}")
     lines.append(f"quantization: {settings.plan.summary()}")
     lines += [f"note: {note}" for note in settings.plan.notes]
     rows = plan_rows(prepared)

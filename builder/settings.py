@@ -48,10 +48,10 @@ class ExportSettings:
         return FLOAT_DTYPES[self.io_dtype][1]
 
     @property
-    def recurrent_dtype(self) -> str:
-        """The linear-attention recurrent state's dtype: float32 (as transformers keeps it) unless
-        recurrent_state_fp32=false, which stores it in the activation dtype."""
-        return "float32" if self.extra.get("recurrent_state_fp32", True) else self.io_dtype
+    def linear_attn_dtype(self) -> str:
+        """The dtype linear-attention layers compute their core in and keep their conv / recurrent state in: float32
+        (transformers keeps the recurrent state in float32) unless linear_attn_fp32=false: the activation dtype."""
+        return "float32" if self.extra.get("linear_attn_fp32", True) else self.io_dtype
 
     @classmethod
     def resolve(cls, precision: str, ep: str, extra_items: list[str] | dict | None = None) -> "ExportSettings":

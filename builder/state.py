@@ -35,9 +35,9 @@ KINDS: dict[str, StateKind] = {k.name: k for k in (
               "present_recurrent_names", None),
 )}
 
-# The dtype a state tensor is stored in: "io" follows the export's activation dtype; "recurrent" is the
-# recurrent-state dtype of the export (ExportSettings.recurrent_dtype: float32 unless asked otherwise).
-STATE_DTYPES = ("io", "recurrent")
+# The dtype a state tensor is stored in: "io" follows the export's activation dtype; "linear_attn" is the dtype of the
+# linear-attention core (ExportSettings.linear_attn_dtype: float32 unless asked otherwise).
+STATE_DTYPES = ("io", "linear_attn")
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ def linear_attention_state(layer: int, conv_channels: int, conv_kernel: int, val
                            value_head_dim: int) -> tuple[StateTensor, StateTensor]:
     conv = ("batch_size", conv_channels, conv_kernel - 1)
     recurrent = ("batch_size", value_heads, key_head_dim, value_head_dim)
-    return (StateTensor("conv", layer, conv, conv),
-            StateTensor("recurrent", layer, recurrent, recurrent, dtype="recurrent"))
+    return (StateTensor("conv", layer, conv, conv, dtype="linear_attn"),
+            StateTensor("recurrent", layer, recurrent, recurrent, dtype="linear_attn"))
 
 
 def model_state(spec) -> tuple[StateTensor, ...]:

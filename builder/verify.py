@@ -52,7 +52,7 @@ def detect_precision(model_path: Path, config: dict) -> tuple[str, str]:
     bits = {a.i for n in model.graph.node if n.op_type in ("MatMulNBits", "QMoE") for a in n.attribute
             if a.name in ("bits", "expert_weight_bits")}
     elem = next((i.type.tensor_type.elem_type for i in model.graph.input
-                 if (parsed := parse_past(i.name)) and parsed[0].name != "recurrent"), onnx.TensorProto.FLOAT)
+                 if (parsed := parse_past(i.name)) and parsed[0].sequence_axis is not None), onnx.TensorProto.FLOAT)
     if bits or "MatMulNBits" in ops:
         precision = "int8" if bits == {8} else "int4"
     else:

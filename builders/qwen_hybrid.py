@@ -211,7 +211,8 @@ def _map_attention(t: Tensors, weights: WeightMap, src: str, dst: str, attn: Att
         weights.add(f"{dst}.q.{kind}", SelectedRows(q_proj, q_rows), f"{src}.q_proj.{kind}")
         weights.add(f"{dst}.gate.{kind}", SelectedRows(q_proj, gate_rows), f"{src}.q_proj.{kind}")
         for p in "kv":
-            weights.add(f"{dst}.{p}.{kind}", t(f"{src}.{p}_proj.{kind}", (attn.kv_size, *tail)), f"{src}.{p}_proj.{kind}")
+            source = f"{src}.{p}_proj.{kind}"
+            weights.add(f"{dst}.{p}.{kind}", t(source, (attn.kv_size, *tail)), source)
     weights.add(f"{dst}.o.weight", t(f"{src}.o_proj.weight", (hidden, attn.q_size)), f"{src}.o_proj.weight")
     if attn.o_bias:
         weights.add(f"{dst}.o.bias", t(f"{src}.o_proj.bias", (hidden,)), f"{src}.o_proj.bias")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CUDA checks of the hybrid (Gated DeltaNet) exports: fp16/bf16/int4 parity against transformers fp32, and the
 drift of the recurrent state over 256 decode steps with the state kept in float32 (default) or in the activation
-dtype (recurrent_state_fp32=false).
+dtype (linear_attn_fp32=false).
 
 Two halves, like scripts/gpu_bundle.py + scripts/gpu_check.py: `prepare` runs on the CPU machine (tiny checkpoints
 with real linear-attention head sizes, ortbuild exports for -e cuda, transformers fp32 references), `run` on the GPU
@@ -52,9 +52,9 @@ MODELS = {  # name -> (factory architecture, overrides)
 EXPORTS = [
     ("fp32", "fp32", [], False),
     ("fp16", "fp16", [], True),
-    ("fp16-state16", "fp16", ["recurrent_state_fp32=false"], True),
+    ("fp16-state16", "fp16", ["linear_attn_fp32=false"], True),
     ("bf16", "bf16", [], True),
-    ("bf16-state16", "bf16", ["recurrent_state_fp32=false"], True),
+    ("bf16-state16", "bf16", ["linear_attn_fp32=false"], True),
     ("int4", "int4", [], False),
 ]
 
@@ -84,7 +84,8 @@ def _references(checkpoint: Path) -> dict[str, np.ndarray]:
             if step in STATE_CHECKPOINTS:
                 for i, layer in enumerate(cache.layers):
                     if hasattr(layer, "recurrent_states"):
-                        out[f"recurrent.{i}.step{step}"] = layer.recurrent_states[0].float().clone().numpy()  # updated in place
+                        # a copy: the cache updates this tensor in place at the next step
+                        out[f"recurrent.{i}.step{step}"] = layer.recurrent_states[0].float().clone().numpy()
         short = PROMPT + tokens[:DECODE_STEPS]
         out["parity_logits"] = model(torch.tensor([short]), use_cache=False).logits[0].float().numpy()
     out["drift_tokens"] = np.array(tokens, np.int64)
@@ -221,7 +222,8 @@ def run_one(ort, folder: Path, entry: dict, reference: dict, provider: str) -> d
     err = np.abs(ours - ref)
     n = len(PROMPT)
     row = {"provider": decoder.provider, "prompt_max_abs": float(err[:n].max()),
-           "decode_max_abs": float(err[n:].max()), "top1": f"{int((ours.argmax(-1) == ref.argmax(-1)).sum())}/{len(ref)}",
+           "decode_max_abs": float(err[n:].max()),
+           "top1": f"{int((ours.argmax(-1) == ref.argmax(-1)).sum())}/{len(ref)}",
            "reference_logit_std": float(ref.std()), "seconds": round(time.perf_counter() - start, 3)}
     if not entry["drift"]:
         return row

@@ -370,9 +370,24 @@ def test_config_the_graph_does_not_compute_exits_3(case, changes, says, writable
     assert_refused(capsys, _export_args(folder, out), UNSUPPORTED, says, out=out)
 
 
-def test_fp16_on_cpu_is_refused_before_writing(checkpoint, tmp_path, capsys):
+def test_fp16_activations_keep_the_linear_attention_core_in_float32(checkpoint, exported):
+    """-p fp16: the projections run in fp16, the conv / gate / recurrence / gated norm and both states in float32
+    (Casts around the core), which also lets the export run on CPU, whose kernels for these ops are float32 only."""
+    model_dir = exported("qwen3_5_moe_vlm", "fp16")
+    types = {i.name: i.type.tensor_type.elem_type for i in parity.load_graph(model_dir).graph.input}
+    assert types["past.0.conv"] == types["past.0.recurrent"] == 1 and types["past_key_values.3.key"] == 10
+    model = parity.load_hf(checkpoint("qwen3_5_moe_vlm"))
+    tokens = parity.hf_greedy(model, parity.PROMPT_IDS, 4)
+    full = parity.hf_logits(model, parity.PROMPT_IDS + tokens)
+    run = parity.run_onnx(model_dir, parity.PROMPT_IDS, 4, feed_tokens=tokens)
+    ours = np.concatenate([run.prompt_logits, np.stack(run.step_logits)])
+    assert np.abs(ours - full).max() < 0.05 and (ours.argmax(-1) == full.argmax(-1)).all()
+
+
+def test_fp16_core_on_cpu_is_refused_before_writing(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["-m", str(checkpoint("qwen3_5")), "-o", str(out), "-p", "fp16", "-e", "cpu", "-q"]
+    args = ["-m", str(checkpoint("qwen3_5")), "-o", str(out), "-p", "fp16", "-e", "cpu", "-q", "--extra_options",
+            "linear_attn_fp32=false"]
     assert_refused(capsys, args, UNSUPPORTED, "CPU kernels for CausalConvWithState and LinearAttention are float32 "
                    "only", out=out)
 

@@ -16,8 +16,9 @@ so the recurrent state passes through unchanged, and the present conv state is g
 entries of [past conv state | new inputs] that end at the row's last real token (token_count; the op's own present
 would hold the trailing pads). A padded batch therefore gives every row exactly its unpadded result.
 
-The recurrence (q/k/v after the conv, the gate, LinearAttention and its state) runs in the export's recurrent dtype
-(ExportSettings.recurrent_dtype: float32 unless asked otherwise), the rest in the activation dtype.
+The core (conv, gate, LinearAttention, GatedRMSNorm) and both states run in ExportSettings.linear_attn_dtype: float32
+unless asked otherwise, so fp16/bf16 exports keep the recurrent state as transformers does and need no fp16/bf16
+kernels for these ops (Casts in and out); the projections run in the activation dtype.
 """
 
 from __future__ import annotations
@@ -89,11 +90,11 @@ def linear_attention(ctx: LayerContext, x: ir.Value, layer: int, spec: LinearAtt
     prefix = f"layers.{layer}.linear_attn"
     plan = ctx.settings.plan
     io = ctx.settings.ir_dtype
-    if ctx.settings.ep == "cpu" and ctx.settings.io_dtype != "float32":
-        raise UnsupportedModelError(f"{ctx.spec.architecture}: -p {ctx.settings.precision} -e cpu: ONNX Runtime's CPU "
-                                    "kernels for CausalConvWithState and LinearAttention are float32 only. Use -p fp32, "
-                                    "int4 or int8 for cpu (float32 activations), or -e cuda.")
-    core, core_np = FLOAT_DTYPES[ctx.settings.recurrent_dtype]
+    if ctx.settings.ep == "cpu" and ctx.settings.linear_attn_dtype != "float32":
+        raise UnsupportedModelError(f"{ctx.spec.architecture}: linear_attn_fp32=false with -p {ctx.settings.precision}"
+                                    " -e cpu: ONNX Runtime's CPU kernels for CausalConvWithState and LinearAttention "
+                                    "are float32 only. Keep linear_attn_fp32=true (the default) or export for -e cuda.")
+    core, core_np = FLOAT_DTYPES[ctx.settings.linear_attn_dtype]
     channels, value_size, heads = spec.conv_channels, spec.value_size, spec.num_value_heads
     width = spec.conv_kernel - 1
 
@@ -108,16 +109,16 @@ def linear_attention(ctx: LayerContext, x: ir.Value, layer: int, spec: LinearAtt
         ab = linear(ctx, x, f"{prefix}.ab", Concatenated((w.get(f"{prefix}.a.weight", (heads, hidden)),
                                                           w.get(f"{prefix}.b.weight", (heads, hidden)))), FLOAT)
 
+    if core != io:
+        qkv, ab, z = (g.op("Cast", [t], to=core) for t in (qkv, ab, z))
     with g.scope("conv"):
         conv_in = g.op("Transpose", [qkv], perm=[0, 2, 1])  # [batch, channels, sequence]
         weight = ctx.float_initializer(f"{prefix}.conv.weight",
-                                       w.get(f"{prefix}.conv.weight", (channels, 1, spec.conv_kernel)))
+                                       w.get(f"{prefix}.conv.weight", (channels, 1, spec.conv_kernel)), dtype=core)
         conv_out, _ = g.ms("CausalConvWithState", [conv_in, weight, None, past_conv], outputs=2, activation="silu")
         mixed = g.op("Transpose", [conv_out], perm=[0, 2, 1])
     present_conv = _present_conv_state(ctx, step, past_conv, conv_in, width)
 
-    if core != io:
-        mixed, ab = g.op("Cast", [mixed], to=core), g.op("Cast", [ab], to=core)
     key_size = spec.key_size
     q, k, v = g.op("Split", [mixed, g.ints(f"split.{key_size}.{key_size}.{value_size}",
                                            [key_size, key_size, value_size])], axis=-1, outputs=3)
@@ -140,11 +141,12 @@ def linear_attention(ctx: LayerContext, x: ir.Value, layer: int, spec: LinearAtt
     out, present_recurrent = g.ms("LinearAttention", [q, k, v, past_recurrent, decay, beta], outputs=2,
                                   q_num_heads=spec.num_key_heads, kv_num_heads=heads, update_rule="gated_delta",
                                   scale=1.0 / math.sqrt(spec.key_head_dim))
+    with g.scope("norm"):
+        scale = ctx.float_initializer(f"{prefix}.norm.weight", w.get(f"{prefix}.norm.weight", (spec.value_head_dim,)),
+                                      dtype=core)
+        out = g.ms("GatedRMSNorm", [out, scale, z], activation="silu", epsilon=float(ctx.spec.norm_eps))
     if core != io:
         out = g.op("Cast", [out], to=io)
-    with g.scope("norm"):
-        scale = ctx.float_initializer(f"{prefix}.norm.weight", w.get(f"{prefix}.norm.weight", (spec.value_head_dim,)))
-        out = g.ms("GatedRMSNorm", [out, scale, z], activation="silu", epsilon=float(ctx.spec.norm_eps))
     with g.scope("out_proj"):
         out = linear(ctx, out, f"{prefix}.out", w.get(f"{prefix}.out.weight", (hidden, value_size)),
                      plan.format_for("linear_attn.out", layer))
