@@ -1,7 +1,8 @@
 """Parity harness shared by the end-to-end tests: run an exported model with onnxruntime (prompt + KV-cache decode
 steps) and onnxruntime-genai (greedy generation), and the same through transformers.
 
-Kept free of assertions: tests decide tolerances. Nothing here depends on the code under test except `export`.
+Kept free of assertions: tests decide tolerances. Nothing here depends on the code under test except `export` and
+builder/state.py's naming of state inputs (past -> present), which every state kind shares.
 """
 
 from __future__ import annotations
