@@ -11,6 +11,7 @@ from builder.decoder import build_decoder
 from builder.genai_config import genai_config
 from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
 from builder.progress import Progress
+from builder.report import written_formats
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
 from builder.weights import WeightMap
@@ -70,7 +71,7 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
         progress.note(note)
     progress.stage(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
                    f"{spec.vocab_size}; -p {precision} -e {ep}")
-    model_ir = build_decoder(spec, settings, prepared.weights, on_written=progress.wrote)
+    model_ir = build_decoder(spec, settings, prepared.weights)
     reject_unconsumed(prepared.checkpoint, spec.architecture)
     filename = settings.extra["filename"]
     with atomic_folder(output, overwrite) as folder:
@@ -79,5 +80,6 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
         write_json(folder / "genai_config.json", genai_config(spec, settings, prepared.config, generation, filename))
         copy_tokenizer(prepared.checkpoint.folder, folder)
         write_json(folder / MANIFEST, manifest(model, input_dir, spec, settings))
-    progress.stage(f"done: {output}")
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    progress.finish(output, size, written_formats(model_ir.graph, {"int4": 4, "int8": 8}.get(precision)))
     return output
