@@ -131,3 +131,35 @@ def choose_providers(runtime: Runtime, model_path: Path, ep: str, where: str) ->
             "-e cpu to check the weights here.")
     return [CPU_EP], "cpu", [f"the model was exported for cuda but {runtime.describe()} has no CUDA provider, so it "
                              "ran on the CPU provider (it uses no CUDA-only feature)"]
+
+
+# ------------------------------------------------------------------------------------------ versions
+
+
+def installed_genai_version() -> str | None:
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return None
+    return getattr(og, "__version__", None)
+
+
+def version_warnings(runtime: Runtime, requires: dict | None, model_path: Path, ep: str) -> list[str]:
+    """Warnings when the installed onnxruntime / onnxruntime-genai is older than the export needs. `requires` comes
+    from ortbuild.json; an export made by another tool has none, so it is derived from its graph here."""
+    from builder.runtime_requirements import older_than_required, onnx_nodes, requirements
+
+    if not requires:
+        import json
+
+        import onnx
+
+        try:
+            config = json.loads((model_path.parent / "genai_config.json").read_text())
+            genai_type = config["model"]["type"]
+        except (OSError, ValueError, KeyError, TypeError):
+            genai_type = "decoder"
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+        requires = requirements(onnx_nodes(graph), ep, genai_type)
+    return older_than_required(requires, {"onnxruntime": runtime.version,
+                                          "onnxruntime-genai": installed_genai_version()})

@@ -20,7 +20,7 @@ import numpy as np
 
 from builder.errors import CheckpointError, OutputError, RuntimeUnavailableError, UsageError, VerificationError
 from builder.export import MANIFEST
-from builder.runtime import CUDA_EP, choose_providers, cuda_only_features, installed_runtime
+from builder.runtime import CUDA_EP, choose_providers, cuda_only_features, installed_runtime, version_warnings
 from builder.verify_report import DEFAULT_STEPS, Policy, PromptResult, Report
 
 DEFAULT_PROMPTS = (
@@ -76,9 +76,9 @@ def describe_output(out_dir: Path) -> dict:
     manifest = read_manifest(out_dir)
     if manifest:
         return {"precision": manifest["precision"], "ep": manifest["ep"], "source": manifest.get("source"),
-                "filename": filename}
+                "filename": filename, "requires": manifest.get("requires")}
     precision, ep = detect_precision(out_dir / filename, config)
-    return {"precision": precision, "ep": ep, "source": None, "filename": filename}
+    return {"precision": precision, "ep": ep, "source": None, "filename": filename, "requires": None}
 
 
 # ----------------------------------------------------------------------------------------------- the reference side
@@ -286,8 +286,11 @@ def compare_prompt(decoder: OnnxDecoder, reference_model, ids: list[int], steps:
 def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[list[int]] | None = None,
            prompts: list[str] | None = None, steps: int = DEFAULT_STEPS, tolerance: float | None = None,
            min_top1: float | None = None, use_genai: bool = True, reference_dtype: str = "float32",
-           cache_dir: str | None = None) -> Report:
-    """Measure an output folder against its reference checkpoint; never raises for a failed check (see Report)."""
+           cache_dir: str | None = None, warn=None) -> Report:
+    """Measure an output folder against its reference checkpoint; never raises for a failed check (see Report).
+
+    `warn(text)` is called at once for a runtime older than the export needs (the same text is a note in the report).
+    """
     out_dir = Path(out_dir)
     info = describe_output(out_dir)
     reference = reference or info["source"]
@@ -300,6 +303,10 @@ def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[l
     runtime = installed_runtime("`ortbuild verify`")
     model_path = out_dir / info["filename"]
     providers, provider, notes = choose_providers(runtime, model_path, info["ep"], str(out_dir))
+    too_old = version_warnings(runtime, info["requires"], model_path, info["ep"])
+    for warning in too_old:
+        (warn or (lambda text: None))(warning)
+    notes += too_old
     config = json.loads((out_dir / "genai_config.json").read_text())
     if prompt_ids is None:
         prompt_ids = encode_prompts(list(prompts or DEFAULT_PROMPTS), out_dir, reference)
@@ -318,23 +325,25 @@ def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[l
     model = load_reference(reference, reference_dtype, cache_dir)
     if reference_dtype != "float32":
         report.notes.append(f"reference run in {reference_dtype}, not float32: errors include the reference's own")
-    decoder = _start_decoder(model_path, providers, runtime, report, str(out_dir))
+    decoder = _start_decoder(model_path, providers, runtime, report, str(out_dir), too_old)
     for ids in prompt_ids:
         try:
             report.prompts.append(compare_prompt(decoder, model, list(ids), steps, config))
         except Exception as exc:
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise
-            raise _cannot_run(exc, info["ep"], decoder.session.get_providers(), str(out_dir)) from exc
+            raise _cannot_run(exc, info["ep"], decoder.session.get_providers(), str(out_dir), too_old) from exc
     del decoder
     _genai_compare(report, out_dir, config, steps, use_genai)
     return report
 
 
-def _cannot_run(exc: Exception, ep: str, active: list[str], where: str) -> Exception:
-    """An onnxruntime failure while running: a cuda export on the CPU provider cannot run here (exit 7); any other
-    failure is the export's (exit 6)."""
+def _cannot_run(exc: Exception, ep: str, active: list[str], where: str, too_old: list[str]) -> Exception:
+    """An onnxruntime failure while running: a cuda export on the CPU provider, or a runtime older than the export
+    needs, cannot run here (exit 7); any other failure is the export's (exit 6)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if too_old:
+        return RuntimeUnavailableError(f"onnxruntime cannot run {where} ({text}): {too_old[0]}")
     if ep == "cuda" and CUDA_EP not in active:
         return RuntimeUnavailableError(
             f"{where} was exported for CUDA and the CPU provider cannot run it ({text}); nothing was compared. Run "
@@ -342,13 +351,16 @@ def _cannot_run(exc: Exception, ep: str, active: list[str], where: str) -> Excep
     return VerificationError(f"onnxruntime failed running {where} on {', '.join(active)}: {text}")
 
 
-def _start_decoder(model_path: Path, providers: list[str], runtime, report: Report, where: str) -> OnnxDecoder:
+def _start_decoder(model_path: Path, providers: list[str], runtime, report: Report, where: str,
+                   too_old: list[str]) -> OnnxDecoder:
     """An OnnxDecoder on `providers`. onnxruntime-gpu lists the CUDA provider even where it cannot start (no GPU, no
     CUDA libraries) and then falls back to CPU, so the session's providers are checked, and a cuda export that fails
     to load on the CPU provider is reported as not runnable here rather than as a failed verification."""
     try:
         decoder = OnnxDecoder(model_path, providers)
     except VerificationError as exc:
+        if too_old:
+            raise RuntimeUnavailableError(f"{exc}: {too_old[0]}") from None
         if report.ep == "cuda" and CUDA_EP not in providers:
             raise RuntimeUnavailableError(f"{where} was exported for CUDA and the CPU provider cannot load it "
                                           f"({exc}); nothing was compared. Run the same command on a machine with an "

@@ -76,7 +76,8 @@ def register(cli_group: click.Group) -> None:
             raise UsageError("pass either --prompt-ids or --prompts, not both.")
         report = verify(out_dir, reference, prompt_ids=parse_prompt_ids(prompt_ids), prompts=list(prompts) or None,
                         steps=steps, tolerance=tolerance, min_top1=min_top1, use_genai=not no_genai,
-                        reference_dtype=reference_dtype, cache_dir=cache_dir)
+                        reference_dtype=reference_dtype, cache_dir=cache_dir,
+                        warn=lambda text: click.echo(f"ortbuild: warning: {text}", err=True))
         lines = report.summary_lines()
         for line in lines[-1:] if quiet else lines:
             click.echo(line)
