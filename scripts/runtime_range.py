@@ -2,9 +2,10 @@
 """Run the onnxruntime-dependent tests on both ends of the supported runtime range (called by .ci/run).
 
 The ends: the oldest onnxruntime pyproject.toml's `cpu` extra allows (its `>=` pin) and the newest on the package
-index. Each runs in its own virtual environment layered over this one (--system-site-packages: torch, transformers
-and onnxruntime-genai come from here; the venv's own onnxruntime shadows the installed one). A version equal to the
-installed onnxruntime is skipped: the main test run covers it. When the newest release lies above the pinned range
+index. Each runs in its own virtual environment layered over the running one, a venv or not (a .pth file adds this
+interpreter's site-packages after the venv's own: torch, transformers, onnxruntime-genai and ortbuild come from here,
+and the venv's onnxruntime shadows the installed one). A version equal to the installed onnxruntime is skipped: the
+main test run covers it. When the newest release lies above the pinned range
 and passes, the pin can be widened; when it fails, the pin keeps users off it.
 
     python3 scripts/runtime_range.py            # floor and newest
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import tomllib
 from pathlib import Path
@@ -57,10 +59,16 @@ def installed() -> str | None:
 def run_tests(version: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         venv = Path(tmp) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         python = str(venv / "bin" / "python")
-        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"onnxruntime=={version}"],
-                       check=True)
+        own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        parents = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+        # addsitedir also runs the parent's .pth files (editable installs)
+        (Path(own) / "_runtime_range_parent.pth").write_text(
+            "".join(f"import site; site.addsitedir({path!r})\n" for path in parents))
+        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--ignore-installed", f"onnxruntime=={version}"], check=True)
         got = subprocess.run([python, "-c", "import onnxruntime; print(onnxruntime.__version__)"], capture_output=True,
                              text=True, cwd=tmp).stdout.strip()
         if got != version:
