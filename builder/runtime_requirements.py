@@ -98,7 +98,8 @@ def requirements(nodes, ep: str, genai_type: str) -> dict:
         for feature in _node_features(op, used, attributes) + (["cpu"] if ep == "cpu" else []):
             if feature in table:
                 kind, _, name = feature.partition(":")
-                text = f"{op} CPU kernel" if kind == "cpu" else f"{op} {'input' if kind == 'input' else 'attribute'} {name}"
+                what = {"cpu": "CPU kernel", "input": f"input {name}", "attr": f"attribute {name}"}[kind]
+                text = f"{op} {what}"
                 needs[text] = table[feature]
         for (value_op, attr, value), version in CPU_VALUE_SINCE.items():
             if ep == "cpu" and op == value_op and ints.get(attr) == value:

@@ -320,6 +320,7 @@ def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[l
     report = Report(output=str(out_dir), reference=str(reference), precision=info["precision"], ep=info["ep"],
                     provider=provider, steps=steps, policy=Policy.for_precision(info["precision"], tolerance, min_top1))
     report.notes += notes
+    report.runtime = runtime.describe()
     if runtime.conflict_note():
         report.notes.append(runtime.conflict_note())
     model = load_reference(reference, reference_dtype, cache_dir)

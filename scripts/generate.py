@@ -70,7 +70,8 @@ def main() -> int:
     while not generator.is_done() and len(new_tokens) < args.max_new_tokens:
         generator.generate_next_token()
         new_tokens.append(int(generator.get_next_tokens()[0]))
-    print(f"model:     {model_dir} ({ep} export; onnxruntime-genai {og.__version__})")
+    cuda = "CUDA and CPU" if og.is_cuda_available() else "CPU only"
+    print(f"model:     {model_dir} ({ep} export; onnxruntime-genai {og.__version__}, {cuda})")
     print(f"prompt:    {args.prompt!r} ({len(ids)} tokens)")
     print(f"generated: {tokenizer.decode(new_tokens)!r} ({len(new_tokens)} tokens: {new_tokens})")
     return 0

@@ -73,7 +73,7 @@ def test_prepacked_qmoe_needs_cuda_and_raw_qmoe_runs_on_cpu_with_a_note(cuda_exp
     # qmoe_weights_prepacked=0 ships raw experts, which the CPU kernel reads: that export verifies here.
     code, out, err = run_cli(capsys, "verify", str(cuda_exports["moe_raw"]), *IDS, "--min-top1", "-1")
     assert code == 0, err
-    assert "(int4, cuda; run on cpu)" in out
+    assert f"(int4, cuda; run on cpu with {runtime.installed_runtime().describe()})" in out
     assert "has no CUDA provider, so it ran on the CPU provider (it uses no CUDA-only feature)" in out
 
 
@@ -114,6 +114,7 @@ def test_cuda_provider_is_used_when_onnxruntime_has_it(cuda_exports, monkeypatch
     report = verify(cuda_exports["fp16_unfused"], prompt_ids=[[5, 17, 99]], steps=1, use_genai=False)
     assert FakeCudaSession.asked == [[CUDA_EP, CPU_EP]]
     assert report.provider == "cuda" and report.notes == []
+    assert report.runtime.endswith("(CUDA, CPU)") and report.to_json()["runtime"] == report.runtime
     assert report.passed
 
 
