@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from builder.errors import UsageError
+from builder.options import OPTIONS
 
 BASE_METHODS = ("default", "rtn", "k_quant")
 
@@ -125,6 +126,7 @@ class QuantPlan:
         if bits is None:
             ignored = [PLACEMENT_FLAGS[f] for f in sorted(flags)]
             ignored += ["quantize_embeddings"] if extra["quantize_embeddings"] else []
+            ignored += [f"{o.name}={extra[o.name]}" for o in OPTIONS if o.quantized_only and extra[o.name] != o.default]
             if ignored:
                 notes.append(f"-p {precision} keeps every weight in float; ignoring {', '.join(ignored)}.")
             return cls(bits=None, num_layers=num_layers, tied_embeddings=tied_embeddings, notes=tuple(notes))
