@@ -140,6 +140,7 @@ class Checkpoint:
         self.config = self._read_config()
         self._refs = self._index_tensors()
         self._consumed: set[str] = set()
+        self._skipped: dict[str, set[str]] = {}  # reason -> tensors left out on purpose
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -218,6 +219,9 @@ class Checkpoint:
     @property
     def architecture(self) -> str:
         archs = self.config.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs):
+            raise CheckpointError(f"{self.folder / 'config.json'}: 'architectures' is {archs!r}; expected a list of "
+                                  'model class names, e.g. "architectures": ["LlamaForCausalLM"]. Fix the config.')
         if not archs:
             raise CheckpointError(f"{self.folder / 'config.json'} has no 'architectures' entry; cannot tell which "
                                   "model this is. Add the model class transformers saves there, e.g. "
@@ -237,9 +241,17 @@ class Checkpoint:
         self._consumed.add(name)
         return ref
 
-    def ignore(self, *names: str) -> None:
-        """Mark tensors as knowingly unused (e.g. a vision tower when exporting the text decoder)."""
-        self._consumed.update(n for n in names if n in self._refs)
+    def ignore(self, *names: str, reason: str) -> None:
+        """Leave tensors out on purpose (e.g. a vision tower when exporting the text decoder), saying why: the
+        reasons and names are reported (see skipped); anything else nobody used is an error."""
+        present = {n for n in names if n in self._refs}
+        self._consumed.update(present)
+        if present:
+            self._skipped.setdefault(reason, set()).update(present)
+
+    def skipped(self) -> dict[str, list[str]]:
+        """reason -> sorted names of the tensors left out on purpose."""
+        return {reason: sorted(names) for reason, names in self._skipped.items()}
 
     def unconsumed(self) -> list[str]:
         return sorted(set(self._refs) - self._consumed)

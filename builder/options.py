@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from builder.errors import UsageError
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+from builder.quant import BLOCK_SIZES
 
 
 def _parse_bool(text: str) -> bool:

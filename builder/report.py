@@ -1,11 +1,42 @@
 """Human-readable description of a prepared export: architecture, settings and the per-weight plan.
 
-Printed by `ortbuild inspect` and `--dry-run` before any weight is read.
+Printed by `ortbuild inspect` and `--dry-run` before any weight is read. The plan table has a row for every weight
+whose storage the QuantPlan decides (every projection, expert, embedding table and head the graph writes), named by
+the initializer prefix the graph gives it; per-expert weights are grouped per layer (`experts.*`). Norms, biases,
+sinks, layer scalars and rotary caches are always stored in the model's float dtype.
 """
 
 from __future__ import annotations
 
-from builder.spec import MlpSpec, MoeSpec
+from builder.spec import DenseMoeSpec, MlpSpec, MoeSpec
+
+ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary caches"
+
+
+def _layer_rows(plan, i: int, layer) -> list[tuple[str, str]]:
+    attn, ffn = layer.attention, layer.ffn
+    fmt = lambda role: plan.format_for(role, i).describe()  # noqa: E731
+    rows = [(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
+            (f"layers.{i}.attn.o", fmt("attn.o"))]
+    mlp = ffn.mlp if isinstance(ffn, DenseMoeSpec) else ffn if isinstance(ffn, MlpSpec) else None
+    if mlp is not None:
+        rows += [(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")), (f"layers.{i}.mlp.down", fmt("mlp.down"))]
+    if isinstance(ffn, MoeSpec):
+        experts = plan.format_for("moe.experts", i)
+        op = " (MoE)" if experts.is_float else " (QMoE)"
+        rows += [(f"layers.{i}.moe.router", fmt("moe.router")), (f"layers.{i}.moe.fc1", experts.describe() + op),
+                 (f"layers.{i}.moe.fc2", experts.describe() + op)]
+        if ffn.shared_expert_size:
+            rows += [(f"layers.{i}.moe.shared.gate_up", fmt("moe.shared.gate")),
+                     (f"layers.{i}.moe.shared.down", fmt("moe.shared.down"))]
+            if ffn.shared_expert_gated:
+                rows.append((f"layers.{i}.moe.shared_gate", fmt("moe.shared_gate")))
+    elif isinstance(ffn, DenseMoeSpec):
+        each = f" ({ffn.moe.num_experts} experts, one MatMul each)"
+        rows += [(f"layers.{i}.moe.router", fmt("moe.router")),
+                 (f"layers.{i}.moe.experts.*.gate_up", fmt("moe.experts") + each),
+                 (f"layers.{i}.moe.experts.*.down", fmt("moe.experts") + each)]
+    return rows
 
 
 def plan_rows(prepared) -> list[tuple[str, str]]:
@@ -13,18 +44,14 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
     spec, plan = prepared.spec, prepared.settings.plan
     embed = plan.format_for("embed")
     rows = [("embed", embed.describe() + ("" if embed.is_float else " (GatherBlockQuantized)"))]
+    if spec.per_layer_input_size:
+        rows += [("per_layer.embed", plan.format_for("per_layer.embed").describe()),
+                 ("per_layer.projection", plan.format_for("per_layer.projection").describe())]
     for i, layer in enumerate(spec.layers):
-        rows.append((f"layers.{i}.attn.qkv", plan.format_for("attn.q", i).describe()))
-        rows.append((f"layers.{i}.attn.o", plan.format_for("attn.o", i).describe()))
-        if isinstance(layer.ffn, MlpSpec):
-            rows.append((f"layers.{i}.mlp.gate_up", plan.format_for("mlp.gate", i).describe()))
-            rows.append((f"layers.{i}.mlp.down", plan.format_for("mlp.down", i).describe()))
-        elif isinstance(layer.ffn, MoeSpec):
-            moe = prepared.settings.moe
-            experts = "float (MoE)" if moe.bits is None else (
-                f"int{moe.bits} QMoE " + (f"block {moe.block_size}" if moe.block_size > 0 else "per-channel"))
-            rows.append((f"layers.{i}.moe.router", plan.format_for("moe.router", i).describe()))
-            rows.append((f"layers.{i}.moe.experts", experts))
+        rows += _layer_rows(plan, i, layer)
+        if spec.per_layer_input_size:
+            rows += [(f"layers.{i}.per_layer.gate", plan.format_for("per_layer.gate", i).describe()),
+                     (f"layers.{i}.per_layer.projection", plan.format_for("per_layer.projection", i).describe())]
     head = plan.format_for("lm_head").describe()
     if plan.shares_embedding:
         head += " (reads the embed bytes)"
@@ -43,9 +70,10 @@ def describe(prepared) -> str:
         f"fused q/k norm: {settings.fuse_qk_norm}",
     ]
     lines.append(f"quantization: {settings.plan.summary()}")
-    lines += [f"note: {note}" for note in settings.plan.notes]
+    lines += [f"note: {note}" for note in prepared.notes]
     rows = plan_rows(prepared)
     width = max(len(name) for name, _ in rows)
+    lines.append(f"stored as {settings.io_dtype} whatever the plan: {ALWAYS_MODEL_DTYPE}")
     lines.append("plan:")
     lines += [f"  {name.ljust(width)}  {fmt}" for name, fmt in rows]
     return "\n".join(lines)

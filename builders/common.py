@@ -1,41 +1,71 @@
-"""Helpers shared by family modules: reading HF config fields, rope parameters, name-table weight mapping."""
+"""Helpers shared by family modules: typed geometry and rope reads, name-table weight mapping, consumption checks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
+import numpy as np
+
 from builder.checkpoint import Checkpoint
-from builder.errors import CheckpointError, UnsupportedModelError
-from builder.spec import RopeSpec
-from builder.weights import Stored, WeightMap
+from builder.errors import CheckpointError
+from builder.spec import ModelSpec, RopeSpec
+from builder.weights import Stored, WeightMap, block_spans
+from builders.config import Config
+
+# Rope types the rotary layer computes, and the parameters each reads: name -> (kind, required)
+ROPE_PARAMETERS: dict[str, dict[str, tuple[str, bool]]] = {
+    "default": {},
+    "dynamic": {},  # dynamic NTK changes frequencies only past the trained length, which the cache does not cover
+    "linear": {"factor": ("float", True)},
+    "llama3": {"factor": ("float", True), "low_freq_factor": ("float", True), "high_freq_factor": ("float", True),
+               "original_max_position_embeddings": ("int", True)},
+    "yarn": {"factor": ("float", True), "original_max_position_embeddings": ("int", False),
+             "attention_factor": ("float", False), "mscale": ("float", False), "mscale_all_dim": ("float", False),
+             "beta_fast": ("float", False), "beta_slow": ("float", False), "truncate": ("bool", False)},
+}
 
 
-def require(config: dict, key: str, arch: str):
-    if key not in config or config[key] is None:
-        raise CheckpointError(f"{arch}: config.json has no '{key}', which this architecture needs.")
-    return config[key]
+def head_dim(cfg: Config) -> int:
+    heads = cfg.int("num_attention_heads", minimum=1)
+    return cfg.int("head_dim", None, minimum=1) or cfg.int("hidden_size", minimum=1) // heads
 
 
-def head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+def kv_heads(cfg: Config) -> int:
+    heads = cfg.int("num_attention_heads", minimum=1)
+    kv = cfg.int("num_key_value_heads", None, minimum=1) or heads
+    if heads % kv:
+        raise cfg.bad("num_key_value_heads", kv, f"a divisor of num_attention_heads={heads}")
+    return kv
 
 
-def rope_spec(config: dict, rotary_dim: int, *, layer_type: str | None = None,
+def typed_params(params: Config, table: dict[str, tuple[str, bool]]) -> tuple[tuple[str, object], ...]:
+    """The (name, value) pairs of `table` read from `params` with their types, sorted (hashable RopeSpec params)."""
+    read = {"float": params.float, "int": params.int, "bool": params.bool}
+    values = {name: read[kind](name, None if not required else Config.REQUIRED) for name, (kind, required)
+              in table.items()}
+    return tuple(sorted((k, v) for k, v in values.items() if v is not None))
+
+
+def rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None,
               default_theta: float = 10000.0) -> RopeSpec:
     """RopeSpec from transformers-5 `rope_parameters` (optionally per layer type) or the older rope_theta/scaling."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and layer_type is not None and layer_type in params:
-        params = params[layer_type]
-    if not isinstance(params, dict) or ("rope_type" not in params and "rope_theta" not in params):
-        scaling = config.get("rope_scaling") or {}
-        params = {**scaling, "rope_theta": config.get("rope_theta", default_theta)}
-    params = dict(params)
-    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    theta = float(params.pop("rope_theta", config.get("rope_theta", default_theta)))
-    params.pop("partial_rotary_factor", None)
-    hashable = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
-    return RopeSpec(theta=theta, rotary_dim=rotary_dim, rope_type=rope_type, params=hashable,
-                    max_positions=int(config.get("max_position_embeddings", 4096)))
+    params = cfg.sub("rope_parameters", None)
+    if params is not None and layer_type is not None and layer_type in params:
+        params = params.sub(layer_type)
+    theta = cfg.float("rope_theta", default_theta)
+    if params is None or ("rope_type" not in params and "rope_theta" not in params):
+        params = cfg.sub("rope_scaling", None) or Config({}, cfg.architecture, cfg.where, f"{cfg.path}rope_scaling.")
+    rope_type = params.str("rope_type", None, choices=tuple(ROPE_PARAMETERS))
+    if rope_type is None:  # the legacy spelling of rope_scaling
+        rope_type = params.str("type", "default", choices=tuple(ROPE_PARAMETERS))
+    for where in (params, cfg):
+        partial = where.float("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise where.unsupported("partial_rotary_factor", partial, why="this architecture rotates whole heads")
+    return RopeSpec(theta=params.float("rope_theta", theta), rotary_dim=rotary_dim, rope_type=rope_type,
+                    params=typed_params(params, ROPE_PARAMETERS[rope_type]),
+                    max_positions=cfg.int("max_position_embeddings", 4096, minimum=1))
 
 
 def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_layers: int) -> None:
@@ -53,19 +83,69 @@ def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_l
                 weights.expect(name, hf)
 
 
+def _same_values(a, b) -> bool:
+    """Whether two weights hold the same values (torch.equal after loading), reading row blocks until one differs."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    return all(np.array_equal(a.rows(start, stop), b.rows(start, stop)) for start, stop in block_spans(a))
+
+
+def resolve_tied_head(spec: ModelSpec, ckpt: Checkpoint, weights: WeightMap) -> tuple[ModelSpec, list[str]]:
+    """Tie the lm_head to the embedding the way transformers 5 loads a checkpoint whose config ties them.
+
+    A stored lm_head.weight equal to the embedding is a redundant copy (left out, noted); one that differs wins:
+    transformers then keeps both tensors untied (warning that the config is wrong), so the export unties too. A
+    checkpoint that stores only the head has it serve as the embedding as well. Returns (spec, notes).
+    """
+    if not spec.tie_embeddings or "lm_head.weight" not in weights:
+        return spec, []
+    head_source = weights.source("lm_head.weight")
+    if "embed.weight" not in weights:
+        weights.add("embed.weight", weights.pop("lm_head.weight"), head_source)
+        return spec, [f"the config ties the embedding to the lm_head and the checkpoint stores only {head_source}; "
+                      "it serves as both, as transformers loads it."]
+    if _same_values(weights.peek("embed.weight"), weights.peek("lm_head.weight")):
+        weights.pop("lm_head.weight")
+        ckpt.ignore(head_source, reason="a copy of the tied embedding (identical values)")
+        return spec, []
+    return replace(spec, tie_embeddings=False), [
+        f"the config ties the lm_head to the embedding, but {head_source} differs from "
+        f"{weights.source('embed.weight')}; exported untied with the stored lm_head, as transformers loads it "
+        "(set tie_word_embeddings=false in config.json to say so)."]
+
+
+def ignore_declared(ckpt: Checkpoint, ignored: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Leave out the tensors a family declares it does not export (e.g. a vision tower), with the reason."""
+    for reason, prefixes in ignored:
+        ckpt.ignore(*(n for n in ckpt.names() if n.startswith(prefixes)), reason=reason)
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def reject_unconsumed(ckpt: Checkpoint, architecture: str) -> None:
     """Fail on checkpoint tensors nobody used: silent leftovers hide wrong mappings."""
     left = ckpt.unconsumed()
     if left:
-        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
-        raise CheckpointError(f"{architecture}: {len(left)} checkpoint tensor(s) were not used by the export: {shown}. "
-                              "The checkpoint has parts this exporter does not understand (or a mapping is wrong); "
-                              "refusing to write a model that silently drops weights.")
+        raise CheckpointError(f"{architecture}: {len(left)} checkpoint tensor(s) were not used by the export: "
+                              f"{_listed(left)}. The checkpoint has parts this exporter does not understand (or a "
+                              "mapping is wrong); refusing to write a model that silently drops weights.")
 
 
-def reject_fields(config: dict, arch: str, fields: dict[str, object]) -> None:
-    """Refuse config fields that change the maths when set to anything but the value we implement."""
-    for key, supported in fields.items():
-        value = config.get(key, supported)
-        if value not in (supported, None):
-            raise UnsupportedModelError(f"{arch}: config field {key}={value!r} is not supported (only {supported!r}).")
+def reject_unread(weights: WeightMap) -> None:
+    """Fail on mapped tensors the graph never read (a spec flag that leaves them out, or a wrong mapping)."""
+    unread = weights.unread()
+    if unread:
+        shown = [f"{weights.source(name) or name}" + (f" (as {name})" if weights.source(name) else "")
+                 for name in unread]
+        raise CheckpointError(f"{weights.architecture}: {len(unread)} checkpoint tensor(s) were mapped but not read "
+                              f"by the graph: {_listed(shown)}. The config switches off what would read them (e.g. "
+                              "attention_bias, a per-head norm) or a mapping is wrong; refusing to write a model that "
+                              "silently drops weights.")
+
+
+def skip_notes(ckpt: Checkpoint) -> list[str]:
+    """One progress note per reason for the tensors left out on purpose."""
+    return [f"left out {len(names)} checkpoint tensor(s) on purpose, {reason}: {_listed(sorted(names), 3)}."
+            for reason, names in ckpt.skipped().items()]

@@ -3,7 +3,7 @@
 One packed QKV projection feeds the op. Per-head q/k RMSNorm is either fused into the op (CUDA: q_norm_weight /
 k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it (CPU rejects the inputs).
 Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink),
-weightless v norm (Gemma 4), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
+weightless v norm and values from the key projection (Gemma 4), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
 new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while
 the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
 """
@@ -98,13 +98,14 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
         q = _query_only(ctx, x, layer, attn)
         return _group_query_attention(ctx, layer, attn, step, [q, shared.key, shared.value],
                                       shared.past_key, shared.past_value, None, None)
+    value_proj = "k" if attn.k_eq_v else "v"  # k_eq_v: the value projection is the key projection
     qkv_weight = Concatenated((w.get(f"{prefix}.q.weight", (q_size, hidden)),
                                w.get(f"{prefix}.k.weight", (kv_size, hidden)),
-                               w.get(f"{prefix}.v.weight", (kv_size, hidden))))
+                               w.get(f"{prefix}.{value_proj}.weight", (kv_size, hidden))))
     qkv_bias = None
     if attn.qkv_bias:
         qkv_bias = Concatenated((w.get(f"{prefix}.q.bias", (q_size,)), w.get(f"{prefix}.k.bias", (kv_size,)),
-                                 w.get(f"{prefix}.v.bias", (kv_size,))))
+                                 w.get(f"{prefix}.{value_proj}.bias", (kv_size,))))
     with g.scope("qkv_proj"):
         qkv = linear(ctx, x, f"{prefix}.qkv", qkv_weight, plan.format_for("attn.q", layer), qkv_bias)
 

@@ -10,6 +10,9 @@ from builder.spec import MlpSpec
 from builder.weights import Concatenated
 
 
+GATED = ("silu", "gelu_tanh", "gelu")  # the activations gated MLPs compute: act(gate(x)) * up(x)
+
+
 def activation(ctx: LayerContext, x: ir.Value, kind: str) -> ir.Value:
     g = ctx.g
     if kind == "silu":
@@ -18,7 +21,10 @@ def activation(ctx: LayerContext, x: ir.Value, kind: str) -> ir.Value:
         return g.op("Gelu", [x], approximate="tanh")
     if kind == "gelu":
         return g.op("Gelu", [x])
-    raise ValueError(f"unknown activation {kind!r}")
+    from builder.errors import UnsupportedModelError
+
+    raise UnsupportedModelError(f"activation {kind!r} is not computed by the gated MLP layer (it computes "
+                                f"{', '.join(GATED)}).")
 
 
 def gated_mlp(ctx: LayerContext, x: ir.Value, prefix: str, mlp: MlpSpec, layer: int | None,
