@@ -237,7 +237,8 @@ class Checkpoint:
     def tensor(self, name: str) -> TensorRef:
         ref = self._refs.get(name)
         if ref is None:
-            raise CheckpointError(f"{self.architecture}: tensor {name} missing from the checkpoint in {self.folder}.")
+            raise CheckpointError(f"{self.architecture}: tensor {name} missing from the checkpoint in {self.folder} "
+                                  "(the config implies it). The checkpoint is incomplete or does not match its config.")
         self._consumed.add(name)
         return ref
 

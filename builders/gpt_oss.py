@@ -60,7 +60,8 @@ def make_spec(cfg: Config) -> ModelSpec:
     _check_quantization(cfg)
     cfg = _with_rope_default(cfg)
     experts = cfg.int("num_local_experts", minimum=1)
-    top_k = cfg.int("num_experts_per_tok", None, minimum=1) or cfg.int("experts_per_token", minimum=1)
+    top_k = (cfg.int("num_experts_per_tok", None, minimum=1) or cfg.int("experts_per_token", None, minimum=1)
+             or cfg.int("num_experts_per_tok"))  # neither: name the current spelling
     if top_k > experts:
         raise cfg.bad("num_experts_per_tok", top_k, f"at most num_local_experts={experts}")
     moe = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=cfg.int("intermediate_size", minimum=1),
