@@ -115,7 +115,8 @@ def export_cmd(**kwargs):
 @click.option("-c", "--cache_dir", default=None)
 @click.option("--extra_options", "extra", multiple=True, metavar="KEY=VALUE ...")
 def inspect_cmd(model, precision, ep, cache_dir, extra):
-    """Print the architecture and the per-weight quantization plan, reading no weights."""
+    """Print the architecture and the per-weight quantization plan, reading no weights (but a tied model's stored
+    lm_head, compared with the embedding)."""
     from builder.export import prepare
     from builder.report import describe
 

@@ -133,9 +133,11 @@ OPTIONS: tuple[Option, ...] = (
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
            "CUDA only; default true on cuda, false on cpu."),
     Option("moe_quant_bits", "int", None,
-           "Bits for MoE expert weights (QMoE). Default: 4 for -p int4, 8 for -p int8.", choices=(4, 8)),
+           "Bits for routed MoE expert weights (QMoE, or Gemma 4's per-expert MatMulNBits). Default: 4 for -p int4, "
+           "8 for -p int8.", choices=(4, 8)),
     Option("qmoe_block_size", "int", 32,
-           "QMoE expert scales: block size along K (16..256), or <= 0 for per-channel scales.",
+           "Routed expert scales: block size along K (16..256), or <= 0 for per-channel scales (QMoE only: a usage "
+           "error for per-expert MatMulNBits experts).",
            check=_qmoe_block_size_check),
     Option("qmoe_weights_prepacked", "int", -1,
            "CUDA QMoE expert layout: -1 auto (ship the offline SM80 CUTLASS layout, attribute omitted — ORT reads an "
