@@ -10,33 +10,23 @@ kv_heads may differ between layers).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 import builder
 from builder.graph import GraphBuilder
 from builder.layers import LayerContext
-from builder.layers.attention import AttentionInputs, attention
+from builder.layers.attention import attention
 from builder.layers.dense_moe import dense_moe_block
 from builder.layers.embedding import embedding
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
-from builder.layers.norm import rms_norm, skip_rms_norm
+from builder.layers.norm import skip_stream_norm
+from builder.layers.padding import restore_order, step_inputs
+from builder.layers.residual import sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
 from builder.spec import DenseMoeSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
-
-
-def _step_inputs(g: GraphBuilder, attention_mask: ir.Value) -> AttentionInputs:
-    with g.scope("attn_mask"):
-        total = g.op("ReduceSum", [attention_mask, g.ints("const.axis1", [1])], keepdims=0)
-        seqlens = g.op("Cast", [g.op("Sub", [total, g.constant("const.one_i64", np.array(1, np.int64))])],
-                       to=ir.DataType.INT32)
-        length = g.op("Gather", [g.op("Shape", [attention_mask]), g.constant("const.idx1", np.array(1, np.int64))],
-                      axis=0)
-        total_len = g.op("Cast", [length], to=ir.DataType.INT32)
-    return AttentionInputs(seqlens_k=seqlens, total_sequence_length=total_len)
 
 
 def _ffn(ctx: LayerContext, x: ir.Value, residual: ir.Value, index: int, layer: LayerSpec) -> ir.Value:
@@ -66,7 +56,8 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
              for i, slot in slots.items()}
     kv_sources = {layer.attention.kv_source for layer in spec.layers} - {None}
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
-    step = _step_inputs(g, attention_mask)
+    # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
+    input_ids, step, rank = step_inputs(g, input_ids, attention_mask)
 
     hidden = embedding(ctx, input_ids)
     per_layer = per_layer_inputs(ctx, input_ids, hidden) if spec.per_layer_input_size else None
@@ -74,11 +65,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     presents = []
     for i, layer in enumerate(spec.layers):
         with g.scope(f"layers.{i}"):
-            with g.scope("attn_norm"):
-                if pending is None:
-                    x = rms_norm(ctx, hidden, f"layers.{i}.attn_norm.weight")
-                else:
-                    x, residual = skip_rms_norm(ctx, pending, residual, f"layers.{i}.attn_norm.weight")
+            x, residual = sublayer_input(ctx, pending, residual, i, "attn", layer)
             with g.scope("attn"):
                 shares = i in kv_sources or layer.attention.kv_source is not None
                 attn_out, present_key, present_value = attention(ctx, x, i, layer.attention, step,
@@ -86,15 +73,9 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                                  kv_store=kv_store if shares else None)
             if i in slots:
                 presents.append((i, present_key, present_value))
-            if layer.norm_scheme == "sandwich":
-                with g.scope("post_attn_norm"):
-                    attn_out = rms_norm(ctx, attn_out, f"layers.{i}.post_attn_norm.weight")
-            with g.scope("ffn_norm"):
-                x, residual = skip_rms_norm(ctx, attn_out, residual, f"layers.{i}.ffn_norm.weight")
-            pending = _ffn(ctx, x, residual, i, layer)
-            if layer.norm_scheme == "sandwich":
-                with g.scope("post_ffn_norm"):
-                    pending = rms_norm(ctx, pending, f"layers.{i}.post_ffn_norm.weight")
+            attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)
+            x, residual = sublayer_input(ctx, attn_out, residual, i, "ffn", layer)
+            pending = sublayer_output(ctx, _ffn(ctx, x, residual, i, layer), i, "ffn", layer)
             if per_layer is not None:
                 with g.scope("per_layer"):
                     residual = g.op("Add", [pending, residual])
@@ -106,8 +87,8 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                   ctx.weights.get(f"layers.{i}.layer_scalar", (1,)))
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
-        x, _ = skip_rms_norm(ctx, pending, residual, "final_norm.weight")
-    logits = lm_head(ctx, x)
+        x, _ = skip_stream_norm(ctx, pending, residual, "final_norm")
+    logits = lm_head(ctx, restore_order(g, x, rank))
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
     for i, key, value in presents:

@@ -8,7 +8,8 @@ from builder.spec import ModelSpec
 # HF model_type -> the type onnxruntime-genai 0.18 knows; anything else runs as its generic "decoder".
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt_oss": "gptoss",
                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "gemma3": "gemma3_text",
-               "gemma4_text": "gemma4_text", "gemma4": "gemma4_text"}
+               "gemma4_text": "gemma4_text", "gemma4": "gemma4_text", "granite": "granite", "nemotron": "nemotron",
+               "ernie4_5": "ernie4_5"}
 
 SEARCH_KEYS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,

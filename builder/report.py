@@ -20,7 +20,8 @@ def _layer_rows(plan, i: int, layer) -> list[tuple[str, str]]:
             (f"layers.{i}.attn.o", fmt("attn.o"))]
     mlp = ffn.mlp if isinstance(ffn, DenseMoeSpec) else ffn if isinstance(ffn, MlpSpec) else None
     if mlp is not None:
-        rows += [(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")), (f"layers.{i}.mlp.down", fmt("mlp.down"))]
+        rows += [(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")) if mlp.gated else (f"layers.{i}.mlp.up", fmt("mlp.up")),
+                 (f"layers.{i}.mlp.down", fmt("mlp.down"))]
     if isinstance(ffn, MoeSpec):
         experts = plan.format_for("moe.experts", i)
         op = " (MoE)" if experts.is_float else " (QMoE)"

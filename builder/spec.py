@@ -6,14 +6,15 @@ HF config. A new architecture feature is a new field here plus a small layer var
 Canonical weight names (what family weight maps produce, what layers consume); linear weights keep the Hugging Face
 orientation [out_features, in_features]:
     embed.weight                       [vocab, hidden]
-    layers.{i}.attn_norm.weight        norm before attention
-    layers.{i}.post_attn_norm.weight   norm on the attention output (sandwich norms only)
+    layers.{i}.attn_norm.weight        norm before attention (every norm also has .bias when norm_kind="layer")
+    layers.{i}.post_attn_norm.weight   norm on the attention output (sandwich and post norm schemes)
     layers.{i}.ffn_norm.weight         norm before the MLP / MoE
-    layers.{i}.post_ffn_norm.weight    norm on the MLP output (sandwich norms only)
+    layers.{i}.post_ffn_norm.weight    norm on the MLP output (sandwich and post norm schemes)
     layers.{i}.attn.{q,k,v,o}.weight / .bias   (no v when k_eq_v; no k/v for KV-sharing layers)
-    layers.{i}.attn.{q_norm,k_norm}.weight   per-head RMSNorm weights [head_dim]
+    layers.{i}.attn.{q_norm,k_norm}.weight   per-head RMSNorm weights [head_dim]; [q_size] / [kv_size] when
+                                             qk_norm_scope="projection"
     layers.{i}.attn.sinks              [num_heads]
-    layers.{i}.mlp.{gate,up,down}.weight / .bias
+    layers.{i}.mlp.{gate,up,down}.weight / .bias   (no gate when MlpSpec.gated is False)
     layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
     layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden] in the layout its consumer reads: gate/up rows
                                               interleaved (g0, u0, g1, u1, ...) for the fused MoE op (MoeSpec),
@@ -58,6 +59,8 @@ class AttentionSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, Gemma 3)
+    # "head": one RMSNorm per head over head_dim; "projection": one RMSNorm over the whole q / k projection (OLMo 2)
+    qk_norm_scope: str = "head"
     scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
     softcap: float = 0.0  # attention logit softcapping (Gemma 2)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)
@@ -79,8 +82,9 @@ class AttentionSpec:
 @dataclass(frozen=True)
 class MlpSpec:
     intermediate_size: int
-    activation: str = "silu"  # gated: act(gate(x)) * up(x); "silu" | "gelu_tanh" | "gelu"
+    activation: str = "silu"  # "silu" | "gelu_tanh" | "gelu" | "relu2" (relu(x)^2)
     bias: bool = False
+    gated: bool = True  # True: down(act(gate(x)) * up(x)); False: down(act(up(x))) (Nemotron)
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,10 @@ class DenseMoeSpec:
 class LayerSpec:
     attention: AttentionSpec
     ffn: MlpSpec | MoeSpec | DenseMoeSpec
-    # "pre": x + attn(norm(x)), x + ffn(norm(x)).  "sandwich": x + post_norm(attn(norm(x))) (Gemma 2/3)
+    # "pre": x + attn(norm(x)), x + ffn(norm(x)).  "sandwich": x + post_norm(attn(norm(x))) (Gemma 2/3).
+    # "post": x + post_norm(attn(x)), no norm before a sublayer (OLMo 2/3). See layers/residual.py.
     norm_scheme: str = "pre"
+    residual_scale: float = 1.0  # each sublayer output is multiplied by this before the add (Granite)
     output_scale: bool = False  # the layer's output is multiplied by weight layers.{i}.layer_scalar [1] (Gemma 4)
 
 
@@ -133,11 +139,14 @@ class ModelSpec:
     layers: tuple[LayerSpec, ...]
     context_length: int
     norm_eps: float = 1e-6
-    norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applied as (1 + w)
-    embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden) (in model dtype)
+    norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applied as (1 + w); Nemotron's LayerNorm too
+    norm_kind: str = "rms"  # the residual-stream norms: "rms" RMSNorm, "layer" LayerNorm with bias (Nemotron)
+    # Embeddings are multiplied by this (in model dtype): Gemma sqrt(hidden), Granite embedding_multiplier
+    embedding_scale: float | None = None
     tie_embeddings: bool = False
     lm_head_bias: bool = False
     final_softcap: float = 0.0
+    logits_divisor: float = 1.0  # logits are divided by this (Granite logits_scaling)
     # Per-layer input embeddings (Gemma 4 hidden_size_per_layer_input): 0 when absent; see layers/per_layer_input.py
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0

@@ -47,9 +47,12 @@ def typed_params(params: Config, table: dict[str, tuple[str, bool]]) -> tuple[tu
     return tuple(sorted((k, v) for k, v in values.items() if v is not None))
 
 
-def rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None,
-              default_theta: float = 10000.0) -> RopeSpec:
-    """RopeSpec from transformers-5 `rope_parameters` (optionally per layer type) or the older rope_theta/scaling."""
+def rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None, default_theta: float = 10000.0,
+              partial: bool = False) -> RopeSpec:
+    """RopeSpec from transformers-5 `rope_parameters` (optionally per layer type) or the older rope_theta/scaling.
+
+    A rope type not computed here is refused (exit 3, naming the field). partial_rotary_factor is refused too unless
+    `partial` says the caller has turned it into `rotary_dim` (Nemotron)."""
     params = cfg.sub("rope_parameters", None)
     if params is not None and layer_type is not None and layer_type in params:
         params = params.sub(layer_type)
@@ -60,12 +63,22 @@ def rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None,
     if rope_type is None:  # the legacy spelling of rope_scaling
         rope_type = params.str("type", "default", choices=tuple(ROPE_PARAMETERS))
     for where in (params, cfg):
-        partial = where.float("partial_rotary_factor", 1.0)
-        if partial != 1.0:
-            raise where.unsupported("partial_rotary_factor", partial, why="this architecture rotates whole heads")
+        factor = where.float("partial_rotary_factor", 1.0)
+        if factor != 1.0 and not partial:
+            raise where.unsupported("partial_rotary_factor", factor, why="this architecture rotates whole heads")
     return RopeSpec(theta=params.float("rope_theta", theta), rotary_dim=rotary_dim, rope_type=rope_type,
                     params=typed_params(params, ROPE_PARAMETERS[rope_type]),
                     max_positions=cfg.int("max_position_embeddings", 4096, minimum=1))
+
+
+def projection_table(dst: str, src: str, projections: Iterable[str], *, bias: bool) -> dict[str, str]:
+    """{dst.p.weight: src.p_proj.weight} for each projection p, and the .bias pairs when `bias`.
+
+    projection_table("layers.{i}.attn", "model.layers.{i}.self_attn", "qkvo", bias=True). Biases are mapped only
+    when the spec reads them, so a bias tensor the config does not announce is left unconsumed and refused.
+    """
+    kinds = ("weight", "bias") if bias else ("weight",)
+    return {f"{dst}.{p}.{kind}": f"{src}.{p}_proj.{kind}" for p in projections for kind in kinds}
 
 
 def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_layers: int) -> None:

@@ -6,6 +6,10 @@ transformers reference both run here, so the GPU side never depends on its own t
 
     python scripts/gpu_bundle.py --out .gpu_bundle        # then carry .gpu_bundle to the GPU machine
     python scripts/gpu_check.py .gpu_bundle --out $OUT    # there
+
+The bundle also holds fp16 exports of every family for the batched-generation check (names `batch-*`): there the
+GPU compares each row of a padded batch with the same prompt run alone, so no transformers reference is needed.
+`--only batch` bundles just those.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import batching  # noqa: E402
 import factory  # noqa: E402
 import parity  # noqa: E402
 
@@ -53,12 +58,36 @@ CONFIGS = [
     ("gemma2-fp16", "gemma2", {}, {}, "fp16", []),
 ]
 DECODE_STEPS = 4
+# Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.
+BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64}}
+BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})})
+                 for case, (arch, overrides) in batching.FAMILIES.items()]
+BATCH_DECODE_STEPS = 6
+
+
+def bundle_batch(out: Path, work: Path, only: list[str] | None) -> list[dict]:
+    manifest = []
+    for name, arch, overrides in BATCH_CONFIGS:
+        if only and name not in only and "batch" not in only:
+            continue
+        entry = {"name": name, "kind": "batch", "arch": arch, "precision": "fp16", "extra": [],
+                 "prompts": batching.PROMPTS, "decode_steps": BATCH_DECODE_STEPS}
+        try:
+            ckpt = factory.make_checkpoint(arch, work / name, **overrides)
+            parity.export(ckpt, out / name, "fp16", "cuda", [])
+            entry["status"] = "exported"
+        except Exception as exc:
+            entry.update(status="export failed", error=f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        print(f"{name}: {entry['status']}", flush=True)
+        manifest.append(entry)
+    return manifest
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu_bundle")
-    parser.add_argument("--only", nargs="*", help="config names to include")
+    parser.add_argument("--only", nargs="*", help="config names to include (`batch`: every batch-* config)")
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -87,6 +116,7 @@ def main() -> int:
             traceback.print_exc()
         print(f"{name}: {entry['status']}", flush=True)
         manifest.append(entry)
+    manifest += bundle_batch(args.out, work, args.only)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())

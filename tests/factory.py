@@ -139,6 +139,28 @@ ARCHS: dict[str, ArchRecipe] = {
         "boi_token_id": 506, "eoi_token_id": 507, "image_token_id": 508, "video_token_id": 509,
         "boa_token_id": 510, "eoa_token_index": 511, "audio_token_id": 505, "tie_word_embeddings": True,
     }, text_config_key="text_config"),
+    # Granite: every multiplier away from 1 (as granite-3.x), attention and MLP biases on.
+    "granite": ArchRecipe("granite", "GraniteForCausalLM", _cfg(
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=2.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # OLMo 2: norms on the sublayer outputs only, q/k RMSNorm over the whole projection; biases on.
+    "olmo2": ArchRecipe("olmo2", "Olmo2ForCausalLM", _cfg(
+        tie_word_embeddings=False, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # OLMo 3: OLMo 2 plus sliding/full layers with their own rope (yarn on full layers, as the 32k checkpoints).
+    "olmo3": ArchRecipe("olmo3", "Olmo3ForCausalLM", _cfg(
+        tie_word_embeddings=False, sliding_window=_SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 64, "attention_factor": 1.2}})),
+    # Nemotron: LayerNorm (1+w) with bias, squared-ReLU up/down MLP, half rotary (rot/2 = 8 as ORT needs), biases.
+    "nemotron": ArchRecipe("nemotron", "NemotronForCausalLM", _cfg(
+        tie_word_embeddings=False, head_dim=32, hidden_act="relu2", norm_eps=1e-5, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # ERNIE 4.5 dense: interleaved rope, biases on every projection (use_bias), tied embeddings.
+    "ernie4_5": ArchRecipe("ernie4_5", "Ernie4_5ForCausalLM", _cfg(
+        tie_word_embeddings=True, use_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
 }
 
 __all__ = [

@@ -35,6 +35,11 @@ CASES = {
     "gemma4_all": ("gemma4", GEMMA4_ALL, "int4", ["int8_mixed_layers=true"]),
     "gemma4_moe": ("gemma4_moe", {}, "int4", ["moe_quant_bits=8", "qmoe_block_size=16"]),
     "gemma4_vlm": ("gemma4_vlm", {}, "int4", ["quantize_embeddings=true"]),
+    "granite": ("granite", {}, "int4", ["int4_algo_config=rtn", "int4_is_symmetric=false"]),
+    "olmo2": ("olmo2", {}, "int8", []),
+    "olmo3": ("olmo3", {}, "int4", ["last_matmul_weight_int8=true"]),
+    "nemotron": ("nemotron", {}, "int4", ["int4_block_size=16"]),
+    "ernie4_5": ("ernie4_5", {}, "int4", ["quantize_embeddings=true"]),
 }
 assert {arch for arch, *_ in CASES.values()} == set(factory.ARCHS)  # every family recipe is covered
 FORMAT = re.compile(r"^int(\d) \S+ (?:block (\d+)|per-channel) (sym|asym)")

@@ -25,10 +25,15 @@ from builder.weights import Concatenated
 
 @dataclass
 class AttentionInputs:
-    """Per-step values every attention layer shares, computed once by the decoder."""
+    """Per-step values every layer shares, computed once by the decoder (builder/layers/padding.py).
+
+    Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
+    """
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
+    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
+    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
 
 
 @dataclass
@@ -60,6 +65,15 @@ def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> 
     return g.op("Reshape", [normed, g.ints("shape.merge_heads", [0, 0, -1])])
 
 
+def _qk_norm(ctx: LayerContext, x: ir.Value, name: str, attn: AttentionSpec, size: int) -> ir.Value:
+    """q or k RMSNorm: per head, or over the whole projection of width `size` (qk_norm_scope="projection")."""
+    if attn.qk_norm_scope == "projection":
+        return rms_norm(ctx, x, name, size=size)
+    if attn.qk_norm_scope != "head":
+        raise ValueError(f"unknown q/k norm scope {attn.qk_norm_scope!r}")
+    return _per_head_norm(ctx, x, name, attn.head_dim)
+
+
 def _weightless_head_norm(ctx: LayerContext, x: ir.Value, head_dim: int) -> ir.Value:
     """RMSNorm per head with no learned scale (Gemma 4 v_norm): a ones weight, shared by every layer."""
     g = ctx.g
@@ -77,7 +91,7 @@ def _query_only(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec)
                    ctx.settings.plan.format_for("attn.q", layer), bias)
     if attn.qk_norm:
         with g.scope("q_norm"):
-            q = _per_head_norm(ctx, q, f"{prefix}.q_norm.weight", attn.head_dim)
+            q = _qk_norm(ctx, q, f"{prefix}.q_norm.weight", attn, attn.q_size)
     return q
 
 
@@ -112,7 +126,8 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     q_norm = k_norm = None
     # keys/values must exist as separate values when a later layer shares them or v gets its own norm
     separate = attn.v_norm or kv_store is not None
-    if attn.qk_norm and ctx.settings.fuse_qk_norm and not separate:
+    # GroupQueryAttention's fused q/k norm is per head only
+    if attn.qk_norm and attn.qk_norm_scope == "head" and ctx.settings.fuse_qk_norm and not separate:
         q, k, v = qkv, None, None
         q_norm = norm_weight(ctx, f"{prefix}.q_norm.weight", attn.head_dim)
         k_norm = norm_weight(ctx, f"{prefix}.k_norm.weight", attn.head_dim)
@@ -121,9 +136,9 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
                        axis=-1, outputs=3)
         if attn.qk_norm:
             with g.scope("q_norm"):
-                q = _per_head_norm(ctx, q, f"{prefix}.q_norm.weight", attn.head_dim)
+                q = _qk_norm(ctx, q, f"{prefix}.q_norm.weight", attn, q_size)
             with g.scope("k_norm"):
-                k = _per_head_norm(ctx, k, f"{prefix}.k_norm.weight", attn.head_dim)
+                k = _qk_norm(ctx, k, f"{prefix}.k_norm.weight", attn, kv_size)
         if attn.v_norm:
             with g.scope("v_norm"):
                 v = _weightless_head_norm(ctx, v, attn.head_dim)

@@ -1,4 +1,5 @@
-"""Final projection to vocabulary logits (tied or own weight), with optional final logit softcapping.
+"""Final projection to vocabulary logits (tied or own weight), with optional logit scaling (Granite divides by
+logits_scaling) and final logit softcapping.
 
 A float lm_head is a Gemm with transB=1 over the [vocab, hidden] weight as stored, so a tied head shares the
 embedding initializer and nothing is transposed in memory; a quantized head is MatMulNBits. When the plan says a
@@ -46,6 +47,8 @@ def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
                 logits = g.op("Add", [logits, ctx.float_initializer("lm_head.bias", bias)])
         else:
             logits = linear(ctx, x, "lm_head", weight, fmt, bias)
+        if spec.logits_divisor != 1.0:
+            logits = g.op("Div", [logits, ctx.scalar("logits_divisor", spec.logits_divisor)])
         if spec.final_softcap:
             cap = ctx.scalar("final_softcap", spec.final_softcap)
             logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])

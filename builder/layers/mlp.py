@@ -1,4 +1,5 @@
-"""Gated MLP: down(act(gate(x)) * up(x)), with gate and up fused into one projection."""
+"""Gated MLP: down(act(gate(x)) * up(x)), with gate and up fused into one projection; or, when MlpSpec.gated is
+False, the plain two-projection MLP down(act(up(x))) (Nemotron's squared ReLU)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from builder.spec import MlpSpec
 from builder.weights import Concatenated
 
 
-GATED = ("silu", "gelu_tanh", "gelu")  # the activations gated MLPs compute: act(gate(x)) * up(x)
+GATED = ("silu", "gelu_tanh", "gelu")  # the activations of gated MLPs (and per-expert experts): act(gate(x)) * up(x)
+ACTIVATIONS = (*GATED, "relu2")  # relu2: Nemotron's squared ReLU, plain (non-gated) MLPs
 
 
 def activation(ctx: LayerContext, x: ir.Value, kind: str) -> ir.Value:
@@ -21,15 +23,20 @@ def activation(ctx: LayerContext, x: ir.Value, kind: str) -> ir.Value:
         return g.op("Gelu", [x], approximate="tanh")
     if kind == "gelu":
         return g.op("Gelu", [x])
+    if kind == "relu2":
+        relu = g.op("Relu", [x])
+        return g.op("Mul", [relu, relu])
     from builder.errors import UnsupportedModelError
 
-    raise UnsupportedModelError(f"activation {kind!r} is not computed by the gated MLP layer (it computes "
-                                f"{', '.join(GATED)}).")
+    raise UnsupportedModelError(f"activation {kind!r} is not computed by the MLP layer (it computes "
+                                f"{', '.join(ACTIVATIONS)}).")
 
 
 def gated_mlp(ctx: LayerContext, x: ir.Value, prefix: str, mlp: MlpSpec, layer: int | None,
               role: str = "mlp") -> ir.Value:
     """prefix is the canonical weight prefix, e.g. "layers.3.mlp" (weights .gate/.up/.down)."""
+    if not mlp.gated:
+        return _plain_mlp(ctx, x, prefix, mlp, layer, role)
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     inter = mlp.intermediate_size
     gate = w.get(f"{prefix}.gate.weight", (inter, hidden))
@@ -47,3 +54,15 @@ def gated_mlp(ctx: LayerContext, x: ir.Value, prefix: str, mlp: MlpSpec, layer: 
     with g.scope("down_proj"):
         return linear(ctx, hidden_act, f"{prefix}.down", w.get(f"{prefix}.down.weight", (hidden, inter)),
                       plan.format_for(f"{role}.down", layer), down_bias)
+
+
+def _plain_mlp(ctx: LayerContext, x: ir.Value, prefix: str, mlp: MlpSpec, layer: int | None, role: str) -> ir.Value:
+    g, w, hidden, plan = ctx.g, ctx.weights, ctx.spec.hidden_size, ctx.settings.plan
+    inter = mlp.intermediate_size
+    with g.scope("up_proj"):
+        up = linear(ctx, x, f"{prefix}.up", w.get(f"{prefix}.up.weight", (inter, hidden)),
+                    plan.format_for(f"{role}.up", layer), w.get(f"{prefix}.up.bias", (inter,)) if mlp.bias else None)
+    with g.scope("down_proj"):
+        return linear(ctx, activation(ctx, up, mlp.activation), f"{prefix}.down",
+                      w.get(f"{prefix}.down.weight", (hidden, inter)), plan.format_for(f"{role}.down", layer),
+                      w.get(f"{prefix}.down.bias", (hidden,)) if mlp.bias else None)

@@ -49,7 +49,8 @@ def prepacked_layout(ctx: LayerContext) -> bool:
     return ctx.settings.ep == "cuda" and ctx.settings.qmoe_layout.prepacked != 0
 
 
-def _expert_weights(ctx: LayerContext, name: str, weight: Weight, fmt: WeightFormat) -> tuple[ir.Value, ir.Value | None]:
+def _expert_weights(ctx: LayerContext, name: str, weight: Weight,
+                    fmt: WeightFormat) -> tuple[ir.Value, ir.Value | None]:
     """Float initializer, or (packed, scales) for QMoE."""
     if fmt.is_float:
         return ctx.float_initializer(name, weight), None

@@ -1,4 +1,8 @@
-"""RMSNorm as SimplifiedLayerNormalization, and the residual-add + RMSNorm fusion SkipSimplifiedLayerNormalization."""
+"""RMSNorm as SimplifiedLayerNormalization, and the residual-add + RMSNorm fusion SkipSimplifiedLayerNormalization.
+
+The residual-stream norms follow ModelSpec.norm_kind (stream_norm / skip_stream_norm): RMSNorm, or LayerNorm with a
+bias (LayerNormalization / SkipLayerNormalization, Nemotron). Per-head q/k norms are always RMSNorm.
+"""
 
 from __future__ import annotations
 
@@ -32,4 +36,28 @@ def skip_rms_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, name: str) -> 
     """(rms_norm(x + skip), x + skip)."""
     out = ctx.g.ms("SkipSimplifiedLayerNormalization", [x, skip, norm_weight(ctx, name)], outputs=4,
                    epsilon=ctx.spec.norm_eps)
+    return out[0], out[3]
+
+
+def _layer_norm_params(ctx: LayerContext, prefix: str) -> tuple[ir.Value, ir.Value]:
+    if ctx.spec.norm_kind != "layer":
+        raise ValueError(f"unknown norm kind {ctx.spec.norm_kind!r}")
+    bias = ctx.float_initializer(f"{prefix}.bias", ctx.weights.get(f"{prefix}.bias", (ctx.spec.hidden_size,)))
+    return norm_weight(ctx, f"{prefix}.weight"), bias
+
+
+def stream_norm(ctx: LayerContext, x: ir.Value, prefix: str) -> ir.Value:
+    """The model's residual-stream norm (spec.norm_kind) over the hidden axis; weights {prefix}.weight (/.bias)."""
+    if ctx.spec.norm_kind == "rms":
+        return rms_norm(ctx, x, f"{prefix}.weight")
+    weight, bias = _layer_norm_params(ctx, prefix)
+    return ctx.g.op("LayerNormalization", [x, weight, bias], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
+
+
+def skip_stream_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, prefix: str) -> tuple[ir.Value, ir.Value]:
+    """(stream_norm(x + skip), x + skip)."""
+    if ctx.spec.norm_kind == "rms":
+        return skip_rms_norm(ctx, x, skip, f"{prefix}.weight")
+    weight, bias = _layer_norm_params(ctx, prefix)
+    out = ctx.g.ms("SkipLayerNormalization", [x, skip, weight, bias], outputs=4, epsilon=ctx.spec.norm_eps)
     return out[0], out[3]
