@@ -50,7 +50,7 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     settings = ExportSettings.resolve(precision, ep, extra_options)
     checkpoint = Checkpoint.resolve(model, input_dir, cache_dir)
     family = family_for(checkpoint.architecture)
-    config = text_config(family, checkpoint.config, checkpoint.architecture, str(checkpoint.folder / "config.json"))
+    config = text_config(family, checkpoint.config, checkpoint.architecture)
     spec = family.make_spec(config)
     ignore_declared(checkpoint, family.ignored)
     weights = family.map_weights(spec, checkpoint)

@@ -6,7 +6,7 @@ final logit softcapping, query_pre_attn_scalar and alternating sliding-window la
 norms and a rope per layer type (local base on sliding layers, scaled global base on full layers). The multimodal
 Gemma 3 checkpoint keeps the same text weights under another prefix; its vision tower is left out by
 declaration (Family.ignored), which the progress output names.
-Helpers here (text_prefix, activation, causal_only, the name tables) are shared with builders/gemma4.py.
+Helpers here (text_prefix, activation, bidirectional, the name tables) are shared with builders/gemma4.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from builder.checkpoint import Checkpoint
-from builder.errors import CheckpointError
+from builder.errors import CheckpointError, UnsupportedModelError
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec, RopeSpec
 from builder.weights import WeightMap
 from builders import Family, register
@@ -54,11 +54,9 @@ def layer_types(cfg: Config, default_pattern: int) -> list[str]:
     return types
 
 
-def causal_only(cfg: Config, allowed: tuple = (False,), why: str = "this is an embedding model") -> None:
-    """Refuse bidirectional (embedding-model) variants of the decoder."""
-    value = cfg.data.get("use_bidirectional_attention")
-    if value is not None and value not in allowed:
-        raise cfg.unsupported("use_bidirectional_attention", value, why=f"only causal decoders export; {why}")
+def bidirectional(cfg: Config, value, why: str) -> UnsupportedModelError:
+    """The error for a bidirectional (embedding-model) variant of the decoder."""
+    return cfg.unsupported("use_bidirectional_attention", value, why=f"only causal decoders export; {why}")
 
 
 def text_prefix(ckpt: Checkpoint, arch: str) -> str:
@@ -120,7 +118,8 @@ def _gemma3_ropes(cfg: Config, dim: int) -> dict[str, RopeSpec]:
 
 def make_spec(cfg: Config) -> ModelSpec:
     version = ARCHITECTURES[cfg.architecture]
-    causal_only(cfg)
+    if cfg.bool("use_bidirectional_attention", False):
+        raise bidirectional(cfg, True, "this is an embedding model")
     dim = head_dim(cfg)
     bias = cfg.bool("attention_bias", False)
     heads, kv = cfg.int("num_attention_heads", minimum=1), kv_heads(cfg)

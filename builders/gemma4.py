@@ -28,7 +28,7 @@ from builder.weights import Constant, RowMap, Stored, Weight, WeightMap
 from builders import Family, register
 from builders.common import map_table
 from builders.config import Config
-from builders.gemma import NON_TEXT, activation, attention_table, causal_only, map_common, mlp_table, norm_table, \
+from builders.gemma import NON_TEXT, activation, attention_table, bidirectional, map_common, mlp_table, norm_table, \
     text_prefix
 
 LAYER_OVERRIDES = ("head_dim", "num_key_value_heads")  # per_layer_config keys that we honour
@@ -109,7 +109,8 @@ def rope_for(cfg: Config, kind: str, dim: int) -> RopeSpec:
 
 
 def make_spec(cfg: Config) -> ModelSpec:
-    causal_only(cfg, allowed=(None, "vision"), why="'vision' is fine, it only affects image tokens")
+    if cfg.str("use_bidirectional_attention", None) == "all":  # "vision" only affects image tokens: fine
+        raise bidirectional(cfg, "all", "'vision' is fine, it only affects image tokens")
     act = activation(cfg, "hidden_activation")
     types = layer_types(cfg)
     overrides = layer_overrides(cfg, types)
