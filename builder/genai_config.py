@@ -9,7 +9,8 @@ from builder.spec import ModelSpec
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt_oss": "gptoss",
                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "gemma3": "gemma3_text",
                "gemma4_text": "gemma4_text", "gemma4": "gemma4_text", "granite": "granite", "nemotron": "nemotron",
-               "ernie4_5": "ernie4_5"}
+               "ernie4_5": "ernie4_5", "phi3": "phi3", "smollm3": "smollm3", "hunyuan_v1_dense": "hunyuandensev1",
+               "qwen2_5_vl_text": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl_text": "qwen3", "qwen3_vl": "qwen3"}
 
 SEARCH_KEYS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,

@@ -60,6 +60,33 @@ def plan_rows(prepared) -> list[tuple[str, str]]:
     return rows
 
 
+def _layer_ranges(indices: list[int]) -> str:
+    if len(indices) == 1:
+        return f"layer {indices[0]}"
+    contiguous = indices == list(range(indices[0], indices[-1] + 1))
+    return f"layers {indices[0]}-{indices[-1]}" if contiguous else "layers " + ",".join(map(str, indices))
+
+
+def rope_rows(spec) -> list[str]:
+    """How each layer rotates q/k (rope type, rotated dims, longrope switch, where the rotation runs), by layer."""
+    from builder.layers.rotary import length_switch
+    from builder.layers.rotary_graph import rotary_in_op
+
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        attn, rope = layer.attention, layer.attention.rope
+        if rope is None:
+            text = "none (NoPE)"
+        else:
+            switch = length_switch(rope)
+            text = (f"{rope.rope_type}, theta {rope.theta:g}, {rope.rotary_dim} of {attn.head_dim} dims"
+                    + (f", short factors up to {switch} tokens, long beyond" if switch else "")
+                    + (", in GroupQueryAttention" if rotary_in_op(attn) else ", RotaryEmbedding before attention")
+                    + (" (q/k norm after rotary)" if attn.qk_norm_after_rope else ""))
+        groups.setdefault(text, []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
 def describe(prepared) -> str:
     spec, settings = prepared.spec, prepared.settings
     attn = spec.attention
@@ -70,6 +97,7 @@ def describe(prepared) -> str:
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
         f"fused q/k norm: {settings.fuse_qk_norm}",
     ]
+    lines += [f"rope: {row}" for row in rope_rows(spec)]
     lines.append(f"quantization: {settings.plan.summary()}")
     lines += [f"note: {note}" for note in prepared.notes]
     rows = plan_rows(prepared)

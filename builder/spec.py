@@ -11,10 +11,12 @@ orientation [out_features, in_features]:
     layers.{i}.ffn_norm.weight         norm before the MLP / MoE
     layers.{i}.post_ffn_norm.weight    norm on the MLP output (sandwich and post norm schemes)
     layers.{i}.attn.{q,k,v,o}.weight / .bias   (no v when k_eq_v; no k/v for KV-sharing layers)
+    layers.{i}.attn.qkv.weight / .bias  [q + 2 * kv, hidden] q, k, v stored fused (Phi-3): replaces q/k/v
     layers.{i}.attn.{q_norm,k_norm}.weight   per-head RMSNorm weights [head_dim]; [q_size] / [kv_size] when
                                              qk_norm_scope="projection"
     layers.{i}.attn.sinks              [num_heads]
     layers.{i}.mlp.{gate,up,down}.weight / .bias   (no gate when MlpSpec.gated is False)
+    layers.{i}.mlp.gate_up.weight      [2 * intermediate, hidden] gate then up, stored fused (Phi-3): replaces gate/up
     layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
     layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden] in the layout its consumer reads: gate/up rows
                                               interleaved (g0, u0, g1, u1, ...) for the fused MoE op (MoeSpec),
@@ -55,12 +57,15 @@ class AttentionSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope: RopeSpec | None
+    rope: RopeSpec | None  # None: no rotary in this layer (NoPE layers, SmolLM3)
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, Gemma 3)
     # "head": one RMSNorm per head over head_dim; "projection": one RMSNorm over the whole q / k projection (OLMo 2)
     qk_norm_scope: str = "head"
+    qk_norm_after_rope: bool = False  # the q/k norm comes after rotary instead (HunYuan): rotary runs outside GQA
+    # (beta, period): q *= 1 + beta * ln(1 + floor(position / period)) (Ministral 3's llama_4_scaling_beta)
+    query_position_scale: tuple[float, int] | None = None
     scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
     softcap: float = 0.0  # attention logit softcapping (Gemma 2)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)

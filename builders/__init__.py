@@ -28,6 +28,8 @@ class Family:
     # Multimodal wrappers keep the text model's config under this key (e.g. "text_config").
     text_config_key: str | None = None
     notes: str = ""
+    # Wrapper (top-level) fields that override the text config's when set (e.g. tie_word_embeddings).
+    wrapper_fields: tuple[str, ...] = ()
     # Checkpoint tensors left out on purpose: (why, name prefixes). They are named in the progress output; any other
     # tensor that no layer reads is an error.
     ignored: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -78,5 +80,6 @@ def text_config(family: Family, config: dict, architecture: str, where: str = "c
     top = Config(config, architecture, where)
     key = family.text_config_key
     if key and key in top:
-        return top.sub(key)
+        wrapper = {name: config[name] for name in family.wrapper_fields if config.get(name) is not None}
+        return top.sub(key).updated(**wrapper)
     return top

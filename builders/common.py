@@ -1,4 +1,5 @@
-"""Helpers shared by family modules: typed geometry and rope reads, name-table weight mapping, consumption checks."""
+"""Helpers shared by family modules: typed geometry and rope reads (mRoPE included), name-table weight mapping,
+multimodal text prefixes, tied heads, consumption checks."""
 
 from __future__ import annotations
 
@@ -94,6 +95,87 @@ def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_l
                 weights.add(name, Stored(ckpt.tensor(hf)), hf)
             else:
                 weights.expect(name, hf)
+
+
+# -- typed helpers (builders.config.Config) shared by the Phi-3, SmolLM3, HunYuan and multimodal-text families -------
+
+def rope_settings(cfg: Config) -> Config:
+    """The rope settings as one Config: transformers-5 `rope_parameters`, else the older `rope_scaling` with the
+    top-level rope_theta (errors name whichever field the value came from)."""
+    params = cfg.dict("rope_parameters", None)
+    if params is not None and ("rope_type" in params or "rope_theta" in params or "type" in params):
+        return cfg.sub("rope_parameters")
+    merged = {**cfg.dict("rope_scaling", {})}
+    if "rope_theta" in cfg:
+        merged.setdefault("rope_theta", cfg.float("rope_theta"))
+    return Config(merged, cfg.architecture, cfg.where, "rope_scaling.")
+
+
+def rope_type(rope: Config, supported: tuple[str, ...], aliases: dict[str, str] | None = None) -> str:
+    """rope_type (or the legacy `type`) through `aliases`, refused with exit 3 unless in `supported`."""
+    key = "rope_type" if "rope_type" in rope else "type"
+    kind = rope.str(key, "default")
+    kind = (aliases or {}).get(kind, kind)
+    if kind not in supported:
+        raise rope.unsupported(key, kind, ", ".join(map(repr, supported)))
+    return kind
+
+
+# mRoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): each frequency pair j of the rotary half is driven by one of three
+# position streams (temporal, height, width): pairs are grouped in `mrope_section` sizes, in order (t, h, w, t, ...
+# per section) or interleaved (mrope_interleaved: Qwen3-VL). For text tokens the three streams are equal (the
+# processor gives text position p as (p, p, p)), so every pair reads the same angle p * inv_freq[j] whatever its
+# stream: mRoPE is plain rope with the same inverse frequencies. A text-only export therefore uses a default rope;
+# the section fields are only checked (they must cover the rotary half, as transformers' split requires).
+MROPE_FIELDS = ("mrope_section", "mrope_interleaved")
+
+
+def text_positions_mrope(rope: Config, rotary_dim: int) -> bool:
+    """Check the mRoPE fields of a rope (if any); returns whether the rope is an mRoPE. See MROPE_FIELDS."""
+    section = rope.list("mrope_section", None, of=int)
+    rope.bool("mrope_interleaved", False)
+    if section is None:
+        return False
+    if len(section) != 3 or sum(section) != rotary_dim // 2 or min(section) < 0:
+        raise rope.bad("mrope_section", section, f"3 non-negative sizes summing to rotary_dim / 2 = {rotary_dim // 2}")
+    return True
+
+
+def rope_from(rope: Config, kind: str, rotary_dim: int, max_positions: int, *, default_theta: float = 10000.0,
+              drop: tuple[str, ...] = (), overrides: dict | None = None) -> RopeSpec:
+    """RopeSpec of type `kind` from rope settings; `drop` names fields read elsewhere (e.g. MROPE_FIELDS),
+    `overrides` sets parameters the family resolved itself."""
+    theta = rope.float("rope_theta", default_theta)
+    skip = {"rope_type", "type", "rope_theta", "partial_rotary_factor", *drop}
+    params = {k: v for k, v in rope.data.items() if k not in skip and v is not None}
+    params.update(overrides or {})
+    hashable = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+    return RopeSpec(theta=theta, rotary_dim=rotary_dim, rope_type=kind, params=hashable, max_positions=max_positions)
+
+
+def layer_windows(cfg: Config, default_types: list[str], window: int | None) -> list[int | None]:
+    """Per-layer sliding window from config.layer_types (else `default_types`, transformers' derivation)."""
+    types = cfg.list("layer_types", None, of=str, length=len(default_types)) or default_types
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise cfg.unsupported("layer_types", unknown, "'full_attention', 'sliding_attention'")
+    if "sliding_attention" in types and window is None:
+        raise cfg.bad("sliding_window", None, "a window size (with use_sliding_window), since layer_types has "
+                      "sliding_attention layers")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def text_decoder_prefix(ckpt: Checkpoint, arch: str, prefixes: tuple[str, ...], skipped: tuple[str, ...]) -> str:
+    """The prefix of a multimodal checkpoint's text decoder (the first of `prefixes` holding embed_tokens); tensors
+    under `skipped` (vision towers, projectors) are left out on purpose, and said so."""
+    for prefix in prefixes:
+        if ckpt.has(f"{prefix}embed_tokens.weight"):
+            ckpt.ignore(*(n for n in ckpt.names() if n.startswith(skipped)),
+                        reason="the vision tower and its projector (only the text decoder is exported)")
+            return prefix
+    raise CheckpointError(f"{arch}: no token embedding found (looked for "
+                          f"{', '.join(p + 'embed_tokens.weight' for p in prefixes)}). The checkpoint does not hold "
+                          "the text decoder this architecture names.")
 
 
 def _same_values(a, b) -> bool:

@@ -22,18 +22,17 @@ DEFAULT_PARTIAL_ROTARY = 0.5  # transformers' NemotronConfig default
 
 
 def _rotary_dim(cfg: Config, head_dim: int) -> int:
-    """int(head_dim * partial_rotary_factor). ONNX Runtime's GroupQueryAttention needs half the rotated width to be
-    a multiple of 8 ("cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8")."""
+    """int(head_dim * partial_rotary_factor) (a width GroupQueryAttention cannot rotate itself is rotated before it:
+    builder/layers/rotary_graph.py)."""
     params = cfg.sub("rope_parameters", None)
     where = params if params is not None and "partial_rotary_factor" in params else cfg
     factor = where.float("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY)
     if not 0 < factor <= 1:
         raise where.bad("partial_rotary_factor", factor, "a number in (0, 1]")
     rotary = int(head_dim * factor)
-    if rotary % 16:
-        raise where.unsupported("partial_rotary_factor", factor,
-                                "a factor whose rotated width (head_dim * factor) is a multiple of 16, as ONNX "
-                                f"Runtime's GroupQueryAttention needs; head_dim is {head_dim}")
+    if rotary % 2:
+        raise where.unsupported("partial_rotary_factor", factor, f"a factor whose rotated width (head_dim * factor, "
+                                f"head_dim {head_dim}) is even")
     return rotary
 
 

@@ -56,6 +56,18 @@ CONFIGS = [
     ("gemma3-fp16-fusedqk", "gemma3", {}, {}, "fp16", []),
     ("gemma3-bf16-fusedqk", "gemma3", {}, {}, "bf16", []),
     ("gemma2-fp16", "gemma2", {}, {}, "fp16", []),
+    # longrope below its switch (12 + 4 tokens <= 32) and, with the switch moved to 8, past it
+    ("phi3-fp16", "phi3", {}, {}, "fp16", []),
+    ("phi3-fp16-long", "phi3", {"original_max_position_embeddings": 8, "rope_parameters": {
+        **factory.PHI3_LONGROPE, "original_max_position_embeddings": 8}}, {}, "fp16", []),
+    ("phi4_mini-fp16", "phi4_mini", {}, {}, "fp16", []),  # partial rotary in GroupQueryAttention, tied
+    ("smollm3-fp16", "smollm3", {}, {}, "fp16", []),  # NoPE layer
+    ("hunyuan-fp16", "hunyuan", {}, {}, "fp16", []),  # RotaryEmbedding before attention, q/k norm after it
+    ("qwen3_vl-fp16", "qwen3_vl", {}, {}, "fp16", []),
+    ("ministral3-fp16", "mistral3", {"text_config": {  # query_position_scale
+        **factory.ARCHS["mistral3"].config["text_config"], "model_type": "ministral3", "sliding_window": None,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
+                            "llama_4_scaling_beta": 0.5}}}, {}, "fp16", []),
 ]
 DECODE_STEPS = 4
 # Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.

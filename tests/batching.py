@@ -52,6 +52,12 @@ FAMILIES = {
     "olmo3": ("olmo3", {}),  # sliding window
     "nemotron": ("nemotron", {}),  # LayerNorm with bias, relu2 MLP, partial rotary
     "ernie4_5": ("ernie4_5", {}),
+    "phi3": ("phi3", {"seed": 1}),  # fused qkv/gate_up, longrope (If on the run length); seed 0 hits eos early
+    "phi4_mini": ("phi4_mini", {}),  # partial rotary, tied
+    "smollm3": ("smollm3", {}),  # NoPE layers
+    "hunyuan": ("hunyuan", {}),  # q/k norm after rotary: rotary outside the attention op
+    "mistral3": ("mistral3", {}),  # multimodal wrapper, sliding window
+    "qwen3_vl": ("qwen3_vl", {}),  # mRoPE text positions
 }
 
 

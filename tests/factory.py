@@ -7,7 +7,8 @@ random but seeded, and every 1-D weight (norms, biases, sinks, router biases) is
 initial ones/zeros so that a wrong formula (``w`` vs ``1 + w``, a dropped bias) changes the logits.
 
 Public API: ``ARCHS``, ``make_checkpoint``, ``make_tokenizer`` (tests/tiny_tokenizer.py), ``make_hub_cache``, ``load_reference``,
-``encode_mxfp4``, ``decode_mxfp4``, ``build_config``, ``special_token_ids``, ``LLAMA3_ROPE``, ``CHAT_TEMPLATE``.
+``encode_mxfp4``, ``decode_mxfp4``, ``build_config``, ``special_token_ids``, ``LLAMA3_ROPE``, ``PHI3_LONGROPE``,
+``CHAT_TEMPLATE``.
 Tests normally use the session-cached ``tiny_checkpoint`` fixture from conftest.py instead of calling
 ``make_checkpoint`` directly.
 """
@@ -78,6 +79,14 @@ _GEMMA4_TEXT = _cfg(
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}})
 
+# Phi-3.5-mini-like longrope: short/long factors switch above 32 tokens (a 40-token prompt crosses it); Phi3Config
+# reads original_max_position_embeddings at the top level (it wins over rope_parameters').
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+                 "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.5 + 0.5 * i for i in range(8)]}
+_PHI4_LONGROPE = {**PHI3_LONGROPE, "partial_rotary_factor": 0.75, "short_factor": [1.0 + 0.05 * i for i in range(24)],
+                  "long_factor": [1.5 + 0.25 * i for i in range(24)]}
+_VISION_QWEN = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+
 ARCHS: dict[str, ArchRecipe] = {
     "llama": ArchRecipe("llama", "LlamaForCausalLM", _cfg(
         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -118,6 +127,35 @@ ARCHS: dict[str, ArchRecipe] = {
         layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "phi3": ArchRecipe("phi3", "Phi3ForCausalLM", _cfg(
+        tie_word_embeddings=False, original_max_position_embeddings=32, rope_parameters=PHI3_LONGROPE)),
+    # Phi-4-mini-like: 0.75 of each 64-wide head rotates (48 dims), tied embeddings
+    "phi4_mini": ArchRecipe("phi3", "Phi3ForCausalLM", _cfg(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+        original_max_position_embeddings=32, rope_parameters=_PHI4_LONGROPE)),
+    # SmolLM3: every 2nd layer without rotary (no_rope_layers [1, 0]), tied embeddings
+    "smollm3": ArchRecipe("smollm3", "SmolLM3ForCausalLM", _cfg(
+        tie_word_embeddings=True, no_rope_layer_interval=2, rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": 2000000.0})),
+    # HunYuan dense: q/k norm after rotary; "dynamic" rope with a fixed alpha (static NTK stretch)
+    "hunyuan": ArchRecipe("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", _cfg(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                                    "rope_theta": 10000.0})),
+    "mistral3": ArchRecipe("mistral3", "Mistral3ForConditionalGeneration", {
+        "text_config": _cfg(model_type="mistral", sliding_window=_SLIDING_WINDOW,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e9}),
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 64, "patch_size": 16, "head_dim": 16},
+        "tie_word_embeddings": False, "image_token_index": 10}, text_config_key="text_config"),
+    "qwen2_5_vl": ArchRecipe("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", {
+        "text_config": _cfg(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
+        "vision_config": {**_VISION_QWEN, "fullatt_block_indexes": [0]}, "tie_word_embeddings": False},
+        text_config_key="text_config"),
+    "qwen3_vl": ArchRecipe("qwen3_vl", "Qwen3VLForConditionalGeneration", {
+        "text_config": _cfg(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                             "mrope_interleaved": True, "rope_theta": 1e6}),
+        "vision_config": {**_VISION_QWEN, "deepstack_visual_indexes": [0], "num_position_embeddings": 16},
+        "tie_word_embeddings": True}, text_config_key="text_config"),
     "gemma3": ArchRecipe("gemma3_text", "Gemma3ForCausalLM", _GEMMA3_TEXT),
     "gemma3_vlm": ArchRecipe("gemma3", "Gemma3ForConditionalGeneration", {
         "text_config": _GEMMA3_TEXT,
@@ -166,6 +204,7 @@ ARCHS: dict[str, ArchRecipe] = {
 __all__ = [
     "ARCHS",
     "LLAMA3_ROPE",
+    "PHI3_LONGROPE",
     "ArchRecipe",
     "make_checkpoint",
     "make_tokenizer",

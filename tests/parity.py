@@ -79,7 +79,11 @@ def load_hf(checkpoint: Path, dtype: str = "float32"):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype))
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype))
+    except ValueError:  # multimodal wrappers (Mistral 3, Qwen-VL): the class the config names
+        architecture = json.loads((Path(checkpoint) / "config.json").read_text())["architectures"][0]
+        model = getattr(transformers, architecture).from_pretrained(str(checkpoint), dtype=getattr(torch, dtype))
     return model.eval()
 
 

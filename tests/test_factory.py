@@ -67,9 +67,11 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
     gen = json.loads((folder / "generation_config.json").read_text())
     ids = factory.special_token_ids()
     assert cfg["architectures"] == [factory.ARCHS[arch].architecture]
-    head_dim = 32 if arch == "nemotron" else 16  # Nemotron: half rotary needs a rotated width of 16
+    # phi4_mini: 64-wide heads so that its 0.75 partial rotary (48 dims) is one GroupQueryAttention can do itself;
+    # Nemotron: half rotary needs a rotated width of 16
+    shape = {"phi4_mini": (128, 2, 1, 64), "nemotron": (64, 4, 2, 32)}.get(arch, (64, 4, 2, 16))
     assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"],
-            text["vocab_size"], text["max_position_embeddings"]) == (64, 4, 2, head_dim, 512, 256)
+            text["vocab_size"], text["max_position_embeddings"]) == (*shape, 512, 256)
     assert 2 <= text["num_hidden_layers"] <= 4
     assert gen == {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"],
                    "do_sample": False}
@@ -78,12 +80,14 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
     tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings"))
     names = set(_tensors(folder))
     assert any(n.endswith("lm_head.weight") for n in names) == (not tied), f"{arch}: lm_head vs tie mismatch"
-    assert tied == (arch.startswith("gemma") or arch in ("qwen2", "qwen3", "granite", "ernie4_5"))
+    assert tied == (arch.startswith("gemma") or arch in ("qwen2", "qwen3", "granite", "ernie4_5", "phi4_mini",
+                                                         "smollm3", "qwen3_vl"))
 
-    sliding = {"mistral", "gpt_oss", "gemma2", "gemma3", "gemma3_vlm", "gemma4", "gemma4_moe", "gemma4_vlm", "olmo3"}
+    sliding = {"mistral", "gpt_oss", "gemma2", "gemma3", "gemma3_vlm", "gemma4", "gemma4_moe", "gemma4_vlm", "olmo3",
+               "mistral3"}
     if arch in sliding:
         assert text["sliding_window"] == 8
-    if arch in sliding - {"mistral"}:
+    if arch in sliding - {"mistral", "mistral3"}:
         assert {"sliding_attention", "full_attention"} <= set(text["layer_types"])
 
 

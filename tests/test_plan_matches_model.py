@@ -40,6 +40,13 @@ CASES = {
     "olmo3": ("olmo3", {}, "int4", ["last_matmul_weight_int8=true"]),
     "nemotron": ("nemotron", {}, "int4", ["int4_block_size=16"]),
     "ernie4_5": ("ernie4_5", {}, "int4", ["quantize_embeddings=true"]),
+    "phi3": ("phi3", {}, "int4", ["int8_mixed_layers=true"]),
+    "phi4_mini": ("phi4_mini", {}, "int4", ["quantize_embeddings=true", "int4_block_size=128"]),
+    "smollm3": ("smollm3", {}, "int8", ["int4_is_symmetric=false"]),
+    "hunyuan": ("hunyuan", {}, "int4", ["int4_algo_config=k_quant"]),
+    "mistral3": ("mistral3", {}, "int4", ["last_matmul_weight_int8=true"]),
+    "qwen2_5_vl": ("qwen2_5_vl", {}, "int4", []),
+    "qwen3_vl": ("qwen3_vl", {}, "int8", ["quantize_embeddings=true"]),
 }
 assert {arch for arch, *_ in CASES.values()} == set(factory.ARCHS)  # every family recipe is covered
 FORMAT = re.compile(r"^int(\d) \S+ (?:block (\d+)|per-channel) (sym|asym)")

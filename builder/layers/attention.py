@@ -1,11 +1,14 @@
 """Self-attention through com.microsoft GroupQueryAttention (rotary inside the op, KV cache in/out).
 
-One packed QKV projection feeds the op. Per-head q/k RMSNorm is either fused into the op (CUDA: q_norm_weight /
-k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it (CPU rejects the inputs).
-Variants switched on by the AttentionSpec: sliding window, softcap, custom scale, attention sinks (head_sink),
-weightless v norm and values from the key projection (Gemma 4), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's
-new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while
-the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
+One packed QKV projection feeds the op (the checkpoint's fused qkv tensor when it stores one, else q, k and v
+concatenated). Layers whose rotary the op cannot do (q/k norm after rotary, rotary half-widths that are not a multiple
+of 8) are rotated before it (builder/layers/rotary_graph.py). Per-head q/k RMSNorm is either fused into the op
+(CUDA: q_norm_weight / k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it
+(CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale,
+attention sinks (head_sink), weightless v norm and values from the key projection (Gemma 4), a query scale by
+position (Ministral 3), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's new
+(normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while the
+layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
-from builder.layers.rotary import cos_sin_cache
-from builder.spec import AttentionSpec, RopeSpec
-from builder.weights import Concatenated
+from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
+from builder.spec import AttentionSpec
+from builder.weights import Concatenated, Weight, WeightMap
 
 
 @dataclass
@@ -34,6 +38,7 @@ class AttentionInputs:
     total_sequence_length: ir.Value  # int32 scalar
     token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
     token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
+    position_ids: ir.Value | None = None  # int64 [batch, sequence], made on first use (rotary outside the op)
 
 
 @dataclass
@@ -46,16 +51,41 @@ class SharedKV:
     past_value: ir.Value
 
 
-def rotary_caches(ctx: LayerContext, rope: RopeSpec) -> tuple[ir.Value, ir.Value]:
-    """cos/sin caches, shared by every layer with the same rope (named by order of first use)."""
-    caches = ctx.rope_caches
-    if rope not in caches:
-        suffix = "" if not caches else f"_{len(caches)}"
-        cos, sin = cos_sin_cache(rope)
-        dtype = ctx.settings.numpy_dtype
-        caches[rope] = (ctx.g.constant(f"cos_cache{suffix}", cos.astype(dtype)),
-                        ctx.g.constant(f"sin_cache{suffix}", sin.astype(dtype)))
-    return caches[rope]
+def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tuple[int, ...]) -> Weight:
+    """The fused qkv weight/bias as the checkpoint stores it, else q, k and v concatenated (v = k with k_eq_v)."""
+    if f"{prefix}.qkv.{kind}" in w:
+        return w.get(f"{prefix}.qkv.{kind}", (attn.q_size + 2 * attn.kv_size, *tail))
+    value = "k" if attn.k_eq_v else "v"  # k_eq_v: the value projection is the key projection
+    return Concatenated((w.get(f"{prefix}.q.{kind}", (attn.q_size, *tail)),
+                         w.get(f"{prefix}.k.{kind}", (attn.kv_size, *tail)),
+                         w.get(f"{prefix}.{value}.{kind}", (attn.kv_size, *tail))))
+
+
+def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: AttentionInputs):
+    positions = _positions(ctx, step, q)
+    caches = cos_sin(ctx, attn.rope, step.seqlens_k)
+    with ctx.g.scope("rotary"):
+        return (rotate(ctx, q, attn.rope, attn.num_heads, positions, caches),
+                rotate(ctx, k, attn.rope, attn.num_kv_heads, positions, caches))
+
+
+def _positions(ctx: LayerContext, step: AttentionInputs, like: ir.Value) -> ir.Value:
+    if step.position_ids is None:
+        step.position_ids = position_ids(ctx, step.seqlens_k, like)
+    return step.position_ids
+
+
+def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: AttentionInputs) -> ir.Value:
+    """q * (1 + beta * ln(1 + floor(position / period))), from a table over the context (rotation commutes with it)."""
+    g, (beta, period) = ctx.g, attn.query_position_scale
+    name = f"query_position_scale.{beta:g}.{period}"
+    if not g.has_initializer(name):
+        positions = np.arange(ctx.spec.context_length, dtype=np.float64)
+        table = 1 + beta * np.log1p(np.floor(positions / period))
+        g.constant(name, table.astype(np.float32).astype(ctx.settings.numpy_dtype))
+    with g.scope("query_scale"):
+        scale = g.op("Gather", [g.initializer(name), _positions(ctx, step, q)], axis=0)
+        return g.op("Mul", [q, g.op("Unsqueeze", [scale, g.ints("const.-1", [-1])])])
 
 
 def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> ir.Value:
@@ -107,25 +137,23 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan
     q_size, kv_size = attn.q_size, attn.kv_size
+    outside = rotary_outside(attn)
+    if outside and kv_store is not None:
+        raise ValueError(f"layer {layer}: KV sharing with rotary outside GroupQueryAttention is not implemented")
     if attn.kv_source is not None:
         shared = kv_store[attn.kv_source]
         q = _query_only(ctx, x, layer, attn)
         return _group_query_attention(ctx, layer, attn, step, [q, shared.key, shared.value],
                                       shared.past_key, shared.past_value, None, None)
-    value_proj = "k" if attn.k_eq_v else "v"  # k_eq_v: the value projection is the key projection
-    qkv_weight = Concatenated((w.get(f"{prefix}.q.weight", (q_size, hidden)),
-                               w.get(f"{prefix}.k.weight", (kv_size, hidden)),
-                               w.get(f"{prefix}.{value_proj}.weight", (kv_size, hidden))))
-    qkv_bias = None
-    if attn.qkv_bias:
-        qkv_bias = Concatenated((w.get(f"{prefix}.q.bias", (q_size,)), w.get(f"{prefix}.k.bias", (kv_size,)),
-                                 w.get(f"{prefix}.{value_proj}.bias", (kv_size,))))
+    qkv_bias = _packed(w, prefix, "bias", attn, ()) if attn.qkv_bias else None
     with g.scope("qkv_proj"):
-        qkv = linear(ctx, x, f"{prefix}.qkv", qkv_weight, plan.format_for("attn.q", layer), qkv_bias)
+        qkv = linear(ctx, x, f"{prefix}.qkv", _packed(w, prefix, "weight", attn, (hidden,)),
+                     plan.format_for("attn.q", layer), qkv_bias)
 
     q_norm = k_norm = None
-    # keys/values must exist as separate values when a later layer shares them or v gets its own norm
-    separate = attn.v_norm or kv_store is not None
+    # keys/values must exist as separate values when a later layer shares them, v gets its own norm, or q/k are
+    # rotated or scaled before the op
+    separate = attn.v_norm or kv_store is not None or outside or attn.query_position_scale is not None
     # GroupQueryAttention's fused q/k norm is per head only
     if attn.qk_norm and attn.qk_norm_scope == "head" and ctx.settings.fuse_qk_norm and not separate:
         q, k, v = qkv, None, None
@@ -134,11 +162,17 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     elif attn.qk_norm or separate:
         q, k, v = g.op("Split", [qkv, g.ints(f"split.qkv.{q_size}.{kv_size}", [q_size, kv_size, kv_size])],
                        axis=-1, outputs=3)
+        if outside and attn.qk_norm_after_rope:
+            q, k = _rotate_qk(ctx, q, k, attn, step)
         if attn.qk_norm:
             with g.scope("q_norm"):
                 q = _qk_norm(ctx, q, f"{prefix}.q_norm.weight", attn, q_size)
             with g.scope("k_norm"):
                 k = _qk_norm(ctx, k, f"{prefix}.k_norm.weight", attn, kv_size)
+        if outside and not attn.qk_norm_after_rope:
+            q, k = _rotate_qk(ctx, q, k, attn, step)
+        if attn.query_position_scale is not None:
+            q = _scale_query(ctx, q, attn, step)
         if attn.v_norm:
             with g.scope("v_norm"):
                 v = _weightless_head_norm(ctx, v, attn.head_dim)
@@ -157,9 +191,8 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     plan = ctx.settings.plan
     q, k, v = qkv
 
-    cos = sin = None
-    if attn.rope is not None:
-        cos, sin = rotary_caches(ctx, attn.rope)
+    in_op = rotary_in_op(attn)
+    cos, sin = cos_sin(ctx, attn.rope, step.seqlens_k) if in_op else (None, None)
     sinks = ctx.float_initializer(f"{prefix}.sinks", w.get(f"{prefix}.sinks", (attn.num_heads,))) if attn.sinks else None
     inputs = [q, k, v, past_key, past_value, step.seqlens_k, step.total_sequence_length, cos, sin,
               None, None, sinks, None, None, q_norm, k_norm]
@@ -169,7 +202,7 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     out, present_key, present_value = g.ms(
         "GroupQueryAttention", inputs, outputs=3,
         num_heads=attn.num_heads, kv_num_heads=attn.num_kv_heads, scale=float(scale),
-        do_rotary=int(attn.rope is not None), rotary_interleaved=int(bool(attn.rope and attn.rope.interleaved)),
+        do_rotary=int(in_op), rotary_interleaved=int(in_op and attn.rope.interleaved),
         local_window_size=attn.sliding_window if attn.sliding_window else -1,
         softcap=float(attn.softcap) if attn.softcap else None,
         qk_norm_epsilon=float(ctx.spec.norm_eps) if q_norm is not None else None)

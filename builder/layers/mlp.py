@@ -1,5 +1,6 @@
-"""Gated MLP: down(act(gate(x)) * up(x)), with gate and up fused into one projection; or, when MlpSpec.gated is
-False, the plain two-projection MLP down(act(up(x))) (Nemotron's squared ReLU)."""
+"""Gated MLP: down(act(gate(x)) * up(x)), with gate and up fused into one projection (as stored when the checkpoint
+stores them fused, gate rows first); or, when MlpSpec.gated is False, the plain two-projection MLP down(act(up(x)))
+(Nemotron's squared ReLU)."""
 
 from __future__ import annotations
 
@@ -39,15 +40,17 @@ def gated_mlp(ctx: LayerContext, x: ir.Value, prefix: str, mlp: MlpSpec, layer: 
         return _plain_mlp(ctx, x, prefix, mlp, layer, role)
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     inter = mlp.intermediate_size
-    gate = w.get(f"{prefix}.gate.weight", (inter, hidden))
-    up = w.get(f"{prefix}.up.weight", (inter, hidden))
+    if f"{prefix}.gate_up.weight" in w:  # stored fused (Phi-3): read as it is
+        gate_up_weight = w.get(f"{prefix}.gate_up.weight", (2 * inter, hidden))
+    else:
+        gate_up_weight = Concatenated((w.get(f"{prefix}.gate.weight", (inter, hidden)),
+                                       w.get(f"{prefix}.up.weight", (inter, hidden))))
     bias = None
     if mlp.bias:
         bias = Concatenated((w.get(f"{prefix}.gate.bias", (inter,)), w.get(f"{prefix}.up.bias", (inter,))))
     plan = ctx.settings.plan
     with g.scope("gate_up_proj"):
-        gate_up = linear(ctx, x, f"{prefix}.gate_up", Concatenated((gate, up)), plan.format_for(f"{role}.gate", layer),
-                         bias)
+        gate_up = linear(ctx, x, f"{prefix}.gate_up", gate_up_weight, plan.format_for(f"{role}.gate", layer), bias)
     gate_out, up_out = g.op("Split", [gate_up], axis=-1, num_outputs=2, outputs=2)
     hidden_act = g.op("Mul", [activation(ctx, gate_out, mlp.activation), up_out])
     down_bias = w.get(f"{prefix}.down.bias", (hidden,)) if mlp.bias else None

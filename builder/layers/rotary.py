@@ -2,6 +2,12 @@
 
 The maths follows transformers' rope initialisation (float32 inverse frequencies, the attention factor folded into
 cos/sin); tests compare against transformers' own ROPE_INIT_FUNCTIONS for every type handled here.
+
+longrope (Phi-3) has two frequency sets: transformers uses the short factors for a forward pass whose sequence
+(max position + 1) is at most original_max_position_embeddings and the long ones otherwise, for every position of
+that pass; `length_switch` names that length and `cos_sin_cache(rope, long=True)` gives the long set (the graph picks
+one per run, see builder/layers/rotary_graph.py). ntk_alpha (HunYuan: "dynamic" with a fixed alpha) stretches the
+base once: theta * alpha^(dim / (dim - 2)).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import numpy as np
 from builder.errors import UnsupportedModelError
 from builder.spec import RopeSpec
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "proportional")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "proportional", "longrope", "ntk_alpha")
 
 
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
@@ -77,11 +83,34 @@ def _proportional(rope: RopeSpec) -> np.ndarray:
     return (inv_freq / np.float32(rope.param("factor", 1.0))).astype(np.float32)
 
 
-def inverse_frequencies(rope: RopeSpec) -> tuple[np.ndarray, float]:
-    """(inv_freq [rotary_dim/2] float32, attention factor)."""
+def _longrope(rope: RopeSpec, long: bool) -> tuple[np.ndarray, float]:
+    """Phi-3 LongRoPE: the base frequencies divided per pair by short_factor or long_factor; the attention factor
+    defaults to sqrt(1 + ln(factor) / ln(original)), factor defaulting to max_positions / original."""
+    original = rope.param("original_max_position_embeddings")
+    factor = rope.param("factor") or rope.max_positions / original
+    attention_factor = rope.param("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = np.asarray(rope.param("long_factor" if long else "short_factor"), dtype=np.float32)
+    exponents = np.arange(0, rope.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rope.rotary_dim)
+    return (1.0 / (ext * np.float32(rope.theta) ** exponents)).astype(np.float32), float(attention_factor)
+
+
+def length_switch(rope: RopeSpec) -> int | None:
+    """The sequence length above which the rope uses its second frequency set (longrope), else None."""
+    return int(rope.param("original_max_position_embeddings")) if rope.rope_type == "longrope" else None
+
+
+def inverse_frequencies(rope: RopeSpec, *, long: bool = False) -> tuple[np.ndarray, float]:
+    """(inv_freq [rotary_dim/2] float32, attention factor); `long` picks longrope's set for long sequences."""
     kind = rope.rope_type
     if kind == "yarn":
         return _yarn(rope)
+    if kind == "longrope":
+        return _longrope(rope, long)
+    if kind == "ntk_alpha":
+        dim = rope.rotary_dim
+        return _base_inv_freq(rope.theta * rope.param("alpha") ** (dim / (dim - 2)), dim), 1.0
     if kind == "proportional":
         return _proportional(rope), 1.0
     inv_freq = _base_inv_freq(rope.theta, rope.rotary_dim)
@@ -95,9 +124,9 @@ def inverse_frequencies(rope: RopeSpec) -> tuple[np.ndarray, float]:
     raise UnsupportedModelError(f"rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}).")
 
 
-def cos_sin_cache(rope: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
+def cos_sin_cache(rope: RopeSpec, *, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin caches [max_positions, rotary_dim/2] in float32, attention factor applied."""
-    inv_freq, factor = inverse_frequencies(rope)
+    inv_freq, factor = inverse_frequencies(rope, long=long)
     positions = np.arange(rope.max_positions, dtype=np.float32)
     freqs = np.outer(positions, inv_freq).astype(np.float32)
     return (np.cos(freqs) * np.float32(factor)).astype(np.float32), (np.sin(freqs) * np.float32(factor)).astype(np.float32)
