@@ -4,7 +4,8 @@ Hypothesis deletes a field of a tiny checkpoint's config (at any depth: rope_par
 ...) or gives it a value of another JSON type, for every family recipe in tests/factory.py, and runs the real CLI's
 `inspect` (which reads tensor headers, never tensor data). The answer is a plan (exit 0: the field was optional or
 unused), or exactly one stderr line `ortbuild: bad checkpoint: ...` (exit 4: missing / ill-typed) or `ortbuild:
-unsupported model: ...` (exit 3: a value we do not compute) that names the field it is about.
+unsupported model: ...` (exit 3: a value we do not compute) that names the field it is about (after a deletion,
+possibly the field the deletion made inconsistent).
 """
 
 from __future__ import annotations
@@ -89,9 +90,11 @@ def test_broken_config_fields_give_one_line_and_the_right_exit_code(checkpoints,
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"ortbuild: {KINDS[code]}: "), lines[0]
-    # the message names the field; or, when the field decided which tensors exist (Qwen's mlp_only_layers), the
-    # tensor the config now implies; or, with the whole text_config gone, a field the decoder needs
-    named = path[-1] in lines[0] or "does not match its config" in lines[0] or path == ("text_config",)
+    # the message names the field; or the field the change made inconsistent (no partial_rotary_factor: Phi-4's
+    # short_factor no longer fits; no text_config: the decoder's fields are missing); or, when the field decided
+    # which tensors exist (Qwen's mlp_only_layers), the tensor the config now implies
+    named = (path[-1] in lines[0] or "does not match its config" in lines[0]
+             or (delete and "config.json field '" in lines[0]))
     assert named, f"{'.'.join(path)} {'deleted' if delete else f'= {value!r}'}: {lines[0]}"
 
 
