@@ -1,11 +1,11 @@
-"""Assemble the decoder graph from a ModelSpec: inputs, embedding, layers, final norm, lm_head, KV outputs.
+"""Assemble the decoder graph from a ModelSpec: inputs, embedding, layers, final norm, lm_head, state outputs.
 
 Inputs follow onnxruntime-genai's decoder convention: input_ids [batch, sequence_length] int64,
-attention_mask [batch, total_sequence_length] int64, past_key_values.{i}.key/.value
-[batch, kv_heads, past_sequence_length, head_dim]; outputs logits [batch, sequence_length, vocab] and
-present.{i}.key/.value. The cache index i counts the layers that own a cache (spec.kv_layers): layers that reuse
-another layer's keys/values (Gemma 4 KV sharing) have none. Past/present shapes are per layer (head_dim and
-kv_heads may differ between layers).
+attention_mask [batch, total_sequence_length] int64, and each layer's past state; outputs logits
+[batch, sequence_length, vocab] and each layer's present state. The state is what each layer's token mixer declares
+(builder/state.py: a KV cache for full attention, conv + recurrent state for linear attention, none for a layer that
+reuses another layer's keys/values); its names carry the decoder layer index, and shapes are per layer. Every layer
+runs with each row's real new tokens first (builder/layers/padding.py); logits come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from __future__ import annotations
 import onnx_ir as ir
 
 import builder
-from builder.graph import GraphBuilder
-from builder.layers import LayerContext
+from builder.graph import FLOAT_DTYPES, GraphBuilder
+from builder.layers import LayerContext, StepInputs
 from builder.layers.attention import attention
 from builder.layers.dense_moe import dense_moe_block
 from builder.layers.embedding import embedding
+from builder.layers.linear_attention import linear_attention
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
 from builder.layers.norm import skip_stream_norm
@@ -25,8 +26,23 @@ from builder.layers.padding import restore_order, step_inputs
 from builder.layers.residual import sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
-from builder.spec import DenseMoeSpec, LayerSpec, MlpSpec, ModelSpec
+from builder.spec import DenseMoeSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
+
+
+def _token_mixer(ctx: LayerContext, x: ir.Value, index: int, layer: LayerSpec, step: StepInputs, pasts: dict,
+                 kv_store: dict | None) -> tuple[ir.Value, dict]:
+    """The layer's attention or linear attention: (output, {(layer, state kind): present value})."""
+    g, mixer = ctx.g, layer.attention
+    if isinstance(mixer, LinearAttentionSpec):
+        with g.scope("linear_attn"):
+            out, conv, recurrent = linear_attention(ctx, x, index, mixer, step, pasts[index, "conv"],
+                                                    pasts[index, "recurrent"])
+        return out, {(index, "conv"): conv, (index, "recurrent"): recurrent}
+    with g.scope("attn"):
+        out, key, value = attention(ctx, x, index, mixer, step, pasts.get((index, "key")),
+                                    pasts.get((index, "value")), kv_store=kv_store)
+    return out, {(index, "key"): key, (index, "value"): value}
 
 
 def _ffn(ctx: LayerContext, x: ir.Value, residual: ir.Value, index: int, layer: LayerSpec) -> ir.Value:
@@ -48,13 +64,10 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     dtype = settings.ir_dtype
     input_ids = g.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     attention_mask = g.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
-    kv_shape = lambda i, length: ["batch_size", spec.layers[i].attention.num_kv_heads, length,  # noqa: E731
-                                  spec.layers[i].attention.head_dim]
-    slots = {layer: slot for slot, layer in enumerate(spec.kv_layers)}  # layer index -> cache index
-    pasts = {i: (g.input(f"past_key_values.{slot}.key", dtype, kv_shape(i, "past_sequence_length")),
-                 g.input(f"past_key_values.{slot}.value", dtype, kv_shape(i, "past_sequence_length")))
-             for i, slot in slots.items()}
-    kv_sources = {layer.attention.kv_source for layer in spec.layers} - {None}
+    states = spec.state
+    state_dtypes = {"io": dtype, "linear_attn": FLOAT_DTYPES[settings.linear_attn_dtype][0]}
+    pasts = {(t.layer, t.kind): g.input(t.past_name, state_dtypes[t.dtype], list(t.past_shape)) for t in states}
+    kv_sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
     # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
     input_ids, step, rank = step_inputs(g, input_ids, attention_mask)
@@ -62,17 +75,13 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     hidden = embedding(ctx, input_ids)
     per_layer = per_layer_inputs(ctx, input_ids, hidden) if spec.per_layer_input_size else None
     residual, pending = hidden, None
-    presents = []
+    presents: dict = {}
     for i, layer in enumerate(spec.layers):
         with g.scope(f"layers.{i}"):
             x, residual = sublayer_input(ctx, pending, residual, i, "attn", layer)
-            with g.scope("attn"):
-                shares = i in kv_sources or layer.attention.kv_source is not None
-                attn_out, present_key, present_value = attention(ctx, x, i, layer.attention, step,
-                                                                 *pasts.get(i, (None, None)),
-                                                                 kv_store=kv_store if shares else None)
-            if i in slots:
-                presents.append((i, present_key, present_value))
+            shares = i in kv_sources or getattr(layer.attention, "kv_source", None) is not None
+            attn_out, present = _token_mixer(ctx, x, i, layer, step, pasts, kv_store if shares else None)
+            presents.update(present)
             attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)
             x, residual = sublayer_input(ctx, attn_out, residual, i, "ffn", layer)
             pending = sublayer_output(ctx, _ffn(ctx, x, residual, i, layer), i, "ffn", layer)
@@ -91,7 +100,6 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     logits = lm_head(ctx, restore_order(g, x, rank))
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
-    for i, key, value in presents:
-        g.output(key, f"present.{slots[i]}.key", dtype, kv_shape(i, "total_sequence_length"))
-        g.output(value, f"present.{slots[i]}.value", dtype, kv_shape(i, "total_sequence_length"))
+    for t in states:
+        g.output(presents[t.layer, t.kind], t.present_name, state_dtypes[t.dtype], list(t.present_shape))
     return ir.Model(g.graph, ir_version=10, producer_name="ortbuild", producer_version=builder.__version__)

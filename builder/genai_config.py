@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
+from builder.state import genai_names
 
 # HF model_type -> the type onnxruntime-genai 0.18 knows; anything else runs as its generic "decoder".
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt_oss": "gptoss",
                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "gemma3": "gemma3_text",
                "gemma4_text": "gemma4_text", "gemma4": "gemma4_text", "granite": "granite", "nemotron": "nemotron",
                "ernie4_5": "ernie4_5", "phi3": "phi3", "smollm3": "smollm3", "hunyuan_v1_dense": "hunyuandensev1",
-               "qwen2_5_vl_text": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl_text": "qwen3", "qwen3_vl": "qwen3"}
+               "qwen2_5_vl_text": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl_text": "qwen3", "qwen3_vl": "qwen3",
+               "qwen3_5_text": "qwen3_5_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe_text": "qwen3_5_moe_text",
+               "qwen3_5_moe": "qwen3_5_moe_text"}
 
 SEARCH_KEYS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
@@ -34,7 +37,12 @@ def token_ids(config: dict, generation: dict | None) -> tuple[int | None, int | 
 def genai_config(spec: ModelSpec, settings: ExportSettings, config: dict, generation: dict | None,
                  filename: str) -> dict:
     bos, eos, pad = token_ids(config, generation)
-    attn = spec.attention
+    # head/heads describe the first full-attention layer; a model with none describes its first token mixer
+    attn = spec.attention or spec.layers[0].attention
+    head_size, heads, kv_heads = ((attn.head_dim, attn.num_heads, attn.num_kv_heads) if spec.attention else
+                                  (attn.value_head_dim, attn.num_value_heads, attn.num_key_heads))
+    states = spec.state
+    past_names, present_names = genai_names(states)
     provider_options = [{"cuda": {}}] if settings.ep == "cuda" else []
     search = {key: (generation or {}).get(key, default) for key, default in SEARCH_KEYS.items()}
     search.update({"max_length": spec.context_length, "min_length": 0, "early_stopping": True,
@@ -42,15 +50,14 @@ def genai_config(spec: ModelSpec, settings: ExportSettings, config: dict, genera
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
         "filename": filename,
-        "head_size": attn.head_dim,
+        "head_size": head_size,
         "hidden_size": spec.hidden_size,
-        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value"},
-        "num_attention_heads": attn.num_heads,
-        "num_hidden_layers": len(spec.kv_layers),  # KV cache count: KV-sharing layers (Gemma 4) have none
-        "num_key_value_heads": attn.num_kv_heads,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", **past_names},
+        "outputs": {"logits": "logits", **present_names},
+        "num_attention_heads": heads,
+        # layers that own state: KV-sharing layers (Gemma 4) have none, hybrid layers hold KV or conv/recurrent
+        "num_hidden_layers": len({t.layer for t in states}),
+        "num_key_value_heads": kv_heads,
     }
     return {
         "model": {

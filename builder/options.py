@@ -121,8 +121,9 @@ OPTIONS: tuple[Option, ...] = (
            "With -p int4, store the attention and MLP projections of the first and the last max(1, layers // 8) "
            "layers in 8 bits (RTN) instead of 4."),
     Option("int8_linear_attn", "bool", False,
-           "With -p int4, store the linear-attention projections of hybrid models in 8 bits (RTN); models without "
-           "linear attention (every family supported today) print a note that the flag has no target."),
+           "With -p int4, store the linear-attention projections (qkv, z, out) of hybrid models (Qwen3.5, "
+           "Qwen3-Next) and the MLP / shared expert of the same layers in 8 bits (RTN); models without linear "
+           "attention print a note that the flag has no target."),
     Option("matmul_mixed_precision", "str", "",
            "Other tools' spelling of the INT8 placement flags: comma list of last_matmul:int8, mixed_layers:int8, "
            "linear_attn:int8.", check=_mixed_precision_check),
@@ -132,6 +133,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("fuse_qk_norm_gqa", "bool", None,
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
            "CUDA only; default true on cuda, false on cpu."),
+    Option("linear_attn_fp32", "bool", True,
+           "Hybrid (linear-attention) models with fp16/bf16 activations: run the linear-attention core (causal conv, "
+           "decay gate, gated delta rule, gated norm) and keep its conv and recurrent state in float32, as "
+           "transformers keeps the recurrent state; false runs it in the activation dtype. No effect on fp32 "
+           "activations (cpu)."),
     Option("moe_quant_bits", "int", None,
            "Bits for routed MoE expert weights (QMoE, or Gemma 4's per-expert MatMulNBits). Default: 4 for -p int4, "
            "8 for -p int8.", choices=(4, 8)),

@@ -8,7 +8,7 @@ sinks, layer scalars and rotary caches are always stored in the model's float dt
 
 from __future__ import annotations
 
-from builder.spec import DenseMoeSpec, MlpSpec, MoeSpec
+from builder.spec import DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
 
 ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary caches"
 
@@ -16,8 +16,13 @@ ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary cach
 def _layer_rows(plan, i: int, layer) -> list[tuple[str, str]]:
     attn, ffn = layer.attention, layer.ffn
     fmt = lambda role: plan.format_for(role, i).describe()  # noqa: E731
-    rows = [(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
-            (f"layers.{i}.attn.o", fmt("attn.o"))]
+    if isinstance(attn, LinearAttentionSpec):  # qkv+z in one MatMul, a+b in another, then out
+        rows = [(f"layers.{i}.linear_attn.in_proj", fmt("linear_attn.qkv")),
+                (f"layers.{i}.linear_attn.ab", fmt("linear_attn.ab")),
+                (f"layers.{i}.linear_attn.out", fmt("linear_attn.out"))]
+    else:
+        rows = [(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
+                (f"layers.{i}.attn.o", fmt("attn.o"))]
     mlp = ffn.mlp if isinstance(ffn, DenseMoeSpec) else ffn if isinstance(ffn, MlpSpec) else None
     if mlp is not None:
         rows += [(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")) if mlp.gated else (f"layers.{i}.mlp.up", fmt("mlp.up")),
@@ -74,6 +79,8 @@ def rope_rows(spec) -> list[str]:
 
     groups: dict[str, list[int]] = {}
     for i, layer in enumerate(spec.layers):
+        if isinstance(layer.attention, LinearAttentionSpec):
+            continue  # no rotary: linear attention is position-free
         attn, rope = layer.attention, layer.attention.rope
         if rope is None:
             text = "none (NoPE)"
@@ -90,14 +97,23 @@ def rope_rows(spec) -> list[str]:
 def describe(prepared) -> str:
     spec, settings = prepared.spec, prepared.settings
     attn = spec.attention
+    heads = (f"heads {attn.num_heads} (kv {attn.num_kv_heads}, head_dim {attn.head_dim})" if attn
+             else "no full attention")
     lines = [
         f"architecture: {spec.architecture} (model_type {spec.model_type})",
-        f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, heads {attn.num_heads} "
-        f"(kv {attn.num_kv_heads}, head_dim {attn.head_dim}), context {spec.context_length}",
+        f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, {heads}, "
+        f"context {spec.context_length}",
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
         f"fused q/k norm: {settings.fuse_qk_norm}",
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
+    linear = spec.linear_attention_layers
+    if linear:
+        mixer = spec.layers[linear[0]].attention
+        lines.append(f"linear attention (Gated DeltaNet): layers {','.join(map(str, linear))}; key heads "
+                     f"{mixer.num_key_heads} x {mixer.key_head_dim}, value heads {mixer.num_value_heads} x "
+                     f"{mixer.value_head_dim}, conv kernel {mixer.conv_kernel}, core and state in "
+                     f"{settings.linear_attn_dtype}")
     lines.append(f"quantization: {settings.plan.summary()}")
     lines += [f"note: {note}" for note in prepared.notes]
     rows = plan_rows(prepared)

@@ -49,6 +49,12 @@ class ExportSettings:
     def numpy_dtype(self):
         return FLOAT_DTYPES[self.io_dtype][1]
 
+    @property
+    def linear_attn_dtype(self) -> str:
+        """The dtype linear-attention layers compute their core in and keep their conv / recurrent state in: float32
+        (transformers keeps the recurrent state in float32) unless linear_attn_fp32=false: the activation dtype."""
+        return "float32" if self.extra.get("linear_attn_fp32", True) else self.io_dtype
+
     @classmethod
     def resolve(cls, precision: str, ep: str, extra_items: list[str] | dict | None = None) -> "ExportSettings":
         if precision not in PRECISIONS:
@@ -90,7 +96,8 @@ class ExportSettings:
         per_expert = [i for i, layer in enumerate(spec.layers) if isinstance(layer.ffn, DenseMoeSpec)]
         expert_k = {k for i in fused for k in (spec.hidden_size, spec.layers[i].ffn.intermediate_size)}
         plan = QuantPlan.from_options(self.precision, dict(self.extra), self.ep, spec.num_layers,
-                                      tied_embeddings=spec.tie_embeddings, fused_expert_layers=fused,
+                                      tied_embeddings=spec.tie_embeddings,
+                                      linear_attn_layers=spec.linear_attention_layers, fused_expert_layers=fused,
                                       per_expert_layers=per_expert, expert_k=expert_k, given=self.given,
                                       model=spec.architecture)
         return replace(self, plan=plan)

@@ -15,6 +15,14 @@ orientation [out_features, in_features]:
     layers.{i}.attn.{q_norm,k_norm}.weight   per-head RMSNorm weights [head_dim]; [q_size] / [kv_size] when
                                              qk_norm_scope="projection"
     layers.{i}.attn.sinks              [num_heads]
+    layers.{i}.attn.gate.weight        [num_heads * head_dim, hidden] output gate rows (AttentionSpec.output_gate)
+    layers.{i}.linear_attn.qkv.weight  [2 * key_size + value_size, hidden] q | k | v rows, heads in order
+    layers.{i}.linear_attn.z.weight    [value_size, hidden] output-gate projection
+    layers.{i}.linear_attn.{a,b}.weight   [value_heads, hidden] decay / update-rate projections
+    layers.{i}.linear_attn.conv.weight    [2 * key_size + value_size, 1, conv_kernel] depthwise causal conv
+    layers.{i}.linear_attn.{A_log,dt_bias}  [value_heads]
+    layers.{i}.linear_attn.norm.weight    [value_head_dim] gated RMSNorm scale, applied as w (never 1 + w)
+    layers.{i}.linear_attn.out.weight  [hidden, value_size]
     layers.{i}.mlp.{gate,up,down}.weight / .bias   (no gate when MlpSpec.gated is False)
     layers.{i}.mlp.gate_up.weight      [2 * intermediate, hidden] gate then up, stored fused (Phi-3): replaces gate/up
     layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
@@ -36,6 +44,8 @@ orientation [out_features, in_features]:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from builder.state import StateTensor, kv_state, linear_attention_state, model_state
 
 
 @dataclass(frozen=True)
@@ -74,14 +84,52 @@ class AttentionSpec:
     # Reuse the keys/values of layer `kv_source` (Gemma 4 num_kv_shared_layers): no k/v projection, no own cache
     kv_source: int | None = None
     k_eq_v: bool = False  # values come from the key projection (Gemma 4 attention_k_eq_v): no v weights
+    # Output gate (Qwen3.5, Qwen3-Next): out = attention(x) * sigmoid(gate(x)) before o_proj, gate weight [q_size, hidden]
+    output_gate: bool = False
 
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 
+    def state(self, layer: int) -> tuple[StateTensor, ...]:
+        """A KV cache, unless the layer reads another layer's (kv_source)."""
+        return () if self.kv_source is not None else kv_state(layer, self.num_kv_heads, self.head_dim)
+
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class LinearAttentionSpec:
+    """Gated DeltaNet token mixer (Qwen3.5, Qwen3-Next): causal depthwise conv over q|k|v, L2-normalised q/k, a
+    per-value-head decay and update rate, the gated delta rule over a [key_dim, value_dim] state per value head, and a
+    gated RMSNorm. Value heads are grouped per key head (value head j reads key head j // (value_heads / key_heads)).
+    """
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int  # the conv state holds the last conv_kernel - 1 inputs
+    qk_norm_eps: float = 1e-6  # q/k L2 normalisation: x / sqrt(sum(x^2) + eps)
+
+    @property
+    def key_size(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_size(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_size + self.value_size
+
+    def state(self, layer: int) -> tuple[StateTensor, ...]:
+        """The conv state (last conv_kernel - 1 inputs) and the recurrent state."""
+        return linear_attention_state(layer, self.conv_channels, self.conv_kernel, self.num_value_heads,
+                                      self.key_head_dim, self.value_head_dim)
 
 
 @dataclass(frozen=True)
@@ -126,7 +174,7 @@ class DenseMoeSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    attention: AttentionSpec
+    attention: AttentionSpec | LinearAttentionSpec  # the token mixer: full attention or linear attention
     ffn: MlpSpec | MoeSpec | DenseMoeSpec
     # "pre": x + attn(norm(x)), x + ffn(norm(x)).  "sandwich": x + post_norm(attn(norm(x))) (Gemma 2/3).
     # "post": x + post_norm(attn(x)), no norm before a sublayer (OLMo 2/3). See layers/residual.py.
@@ -162,11 +210,22 @@ class ModelSpec:
         return len(self.layers)
 
     @property
-    def attention(self) -> AttentionSpec:
-        """The first layer's attention: num_heads, head_dim and KV layout are uniform across layers here."""
-        return self.layers[0].attention
+    def attention(self) -> AttentionSpec | None:
+        """The first full-attention layer's spec (what genai_config and reports describe); None if there is none."""
+        return next((layer.attention for layer in self.layers if isinstance(layer.attention, AttentionSpec)), None)
 
     @property
     def kv_layers(self) -> tuple[int, ...]:
-        """Indices of the layers that own a KV cache (all but KV-sharing consumers), in cache-slot order."""
-        return tuple(i for i, layer in enumerate(self.layers) if layer.attention.kv_source is None)
+        """Indices of the full-attention layers that own a KV cache (all but KV-sharing consumers)."""
+        return tuple(i for i, layer in enumerate(self.layers)
+                     if isinstance(layer.attention, AttentionSpec) and layer.attention.kv_source is None)
+
+    @property
+    def state(self) -> tuple[StateTensor, ...]:
+        """Every layer's declared state (builder/state.py), in layer order."""
+        return model_state(self)
+
+    @property
+    def linear_attention_layers(self) -> tuple[int, ...]:
+        """Indices of the linear-attention layers."""
+        return tuple(i for i, layer in enumerate(self.layers) if isinstance(layer.attention, LinearAttentionSpec))

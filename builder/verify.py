@@ -20,6 +20,7 @@ import numpy as np
 
 from builder.errors import CheckpointError, OutputError, UsageError, VerificationError
 from builder.export import MANIFEST
+from builder.state import empty_past_shape, parse_past, present_for
 from builder.verify_report import DEFAULT_STEPS, Policy, PromptResult, Report
 
 DEFAULT_PROMPTS = (
@@ -50,8 +51,8 @@ def detect_precision(model_path: Path, config: dict) -> tuple[str, str]:
     ops = {n.op_type for n in model.graph.node}
     bits = {a.i for n in model.graph.node if n.op_type in ("MatMulNBits", "QMoE") for a in n.attribute
             if a.name in ("bits", "expert_weight_bits")}
-    elem = next((i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_key_values.")),
-                onnx.TensorProto.FLOAT)
+    elem = next((i.type.tensor_type.elem_type for i in model.graph.input
+                 if (parsed := parse_past(i.name)) and parsed[0].sequence_axis is not None), onnx.TensorProto.FLOAT)
     if bits or "MatMulNBits" in ops:
         precision = "int8" if bits == {8} else "int4"
     else:
@@ -179,18 +180,23 @@ class OnnxDecoder:
             raise VerificationError(f"onnxruntime cannot load {model_path}: {exc}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.pasts = [name for name in self.inputs if name.startswith("past_key_values.")]
+        self.pasts = [name for name in self.inputs if parse_past(name)]  # every declared state (builder/state.py)
 
     def _empty_past(self, name: str, config: dict):
-        info = self.inputs[name]
-        decoder = config["model"]["decoder"]
-        heads = info.shape[1] if isinstance(info.shape[1], int) else decoder["num_key_value_heads"]
-        head_size = info.shape[3] if isinstance(info.shape[3], int) else decoder["head_size"]
+        """The state before the first token: KV caches of length 0, conv/recurrent state zeros."""
         import onnx
 
+        info = self.inputs[name]
+        decoder = config["model"]["decoder"]
+        # another tool's export may leave KV head counts/sizes symbolic: genai_config has them
+        shape = empty_past_shape(name, info.shape, 1, {1: decoder["num_key_value_heads"], 3: decoder["head_size"]})
         elem = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
                 "tensor(bfloat16)": onnx.TensorProto.BFLOAT16}[info.type]
-        return self._ort.OrtValue.ortvalue_from_shape_and_type([1, heads, 0, head_size], elem)
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, elem)
+        if 0 not in shape:  # fixed-size state starts at zero (ortvalue_from_shape_and_type leaves memory as is)
+            zeros = np.zeros(int(np.prod(shape)) * (4 if elem == onnx.TensorProto.FLOAT else 2), np.uint8)
+            ctypes.memmove(value.data_ptr(), zeros.ctypes.data, zeros.nbytes)
+        return value
 
     def _ids(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.int64))
@@ -211,7 +217,7 @@ class OnnxDecoder:
             if "position_ids" in self.inputs:
                 feed["position_ids"] = self._ids(np.array([[total]]))
             for name in self.pasts:
-                feed[name] = outputs[name.replace("past_key_values.", "present.")]
+                feed[name] = outputs[present_for(name)]
             total += 1
             outputs = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, feed)))
             steps.append(_as_float32(outputs["logits"])[0, -1])

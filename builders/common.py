@@ -242,5 +242,5 @@ def reject_unread(weights: WeightMap) -> None:
 
 def skip_notes(ckpt: Checkpoint) -> list[str]:
     """One progress note per reason for the tensors left out on purpose."""
-    return [f"left out {len(names)} checkpoint tensor(s) on purpose, {reason}: {_listed(sorted(names), 3)}."
+    return [f"not exported: {reason} ({len(names)} tensor{'s' if len(names) != 1 else ''}: {_listed(names, 3)})."
             for reason, names in ckpt.skipped().items()]

@@ -71,7 +71,8 @@ CONFIGS = [
 ]
 DECODE_STEPS = 4
 # Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.
-BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64}}
+BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64},
+                   "qwen3_5_moe": MOE64, "qwen3_next": MOE64}
 BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})})
                  for case, (arch, overrides) in batching.FAMILIES.items()]
 BATCH_DECODE_STEPS = 6

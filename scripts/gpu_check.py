@@ -126,17 +126,22 @@ def captured_static_decode(folder: Path, provider: str, prompts: list[list[int]]
     captured = ort.InferenceSession(path, options, providers=[(provider, {"enable_cuda_graph": "1"})] if cuda
                                     else [provider])
     elem = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    pasts = [i for i in plain.get_inputs() if i.name.startswith("past_key_values.")]
+    pasts = batching.state_inputs(plain)
     batch = len(prompts)
-    kv = {p.name: ort.OrtValue.ortvalue_from_numpy(
-        np.zeros([batch, p.shape[1], max_length, p.shape[3]], elem[p.type]), device, 0) for p in pasts}
+
+    def shared(p):  # KV caches: one [B, kv, max_length, head] buffer; conv / recurrent state: updated in place
+        shape = [batch, p.shape[1], max_length, p.shape[3]] if p.name.startswith("past_key_values.") else \
+            [batch, *p.shape[1:]]
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, elem[p.type]), device, 0)
+
+    kv = {p.name: shared(p) for p in pasts}
     ids, mask = batching.pad(prompts, "left", 3)
     io = plain.io_binding()
     io.bind_cpu_input("input_ids", ids)
     io.bind_cpu_input("attention_mask", mask)
     for name, value in kv.items():
         io.bind_ortvalue_input(name, value)
-        io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        io.bind_ortvalue_output(batching.present_name(name), value)
     io.bind_output("logits", device)
     plain.run_with_iobinding(io)
     counts = mask.sum(1)
@@ -150,7 +155,7 @@ def captured_static_decode(folder: Path, provider: str, prompts: list[list[int]]
     io.bind_ortvalue_input("attention_mask", step_mask)
     for name, value in kv.items():
         io.bind_ortvalue_input(name, value)
-        io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        io.bind_ortvalue_output(batching.present_name(name), value)
     io.bind_ortvalue_output("logits", step_logits)
     steps: list[list[np.ndarray]] = [[] for _ in prompts]
     for k in range(len(feeds[0])):

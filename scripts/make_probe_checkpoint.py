@@ -13,6 +13,7 @@ config.json, generation_config.json, a small tokenizer and `shards` safetensors 
     python scripts/make_probe_checkpoint.py qwen3-0.6b /tmp/probe-dense
     python scripts/make_probe_checkpoint.py gpt-oss-2g /tmp/probe-moe          # bf16 experts
     python scripts/make_probe_checkpoint.py gpt-oss-2g-mxfp4 /tmp/probe-mxfp4  # MXFP4 experts (original format)
+    python scripts/make_probe_checkpoint.py qwen3.5-35b-a3b /tmp/probe-hybrid --layers 2  # hybrid, real layer shapes
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class ProbeShape:
     max_positions: int | None = None  # None: the family's real context length (the rotary cache scales with it)
     mxfp4: bool = False  # gpt_oss experts as MXFP4 *_blocks/*_scales (the original release; the reference builder's
     #                      only GPT-OSS input) instead of bf16 gate_up_proj/down_proj
+    # qwen3_5_moe (Qwen3_5MoeForConditionalGeneration text decoder, experts fused 3-D): Gated DeltaNet layers
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_head_dim: int = 0  # key and value head size
+    shared_intermediate: int = 0
+    full_attention_interval: int = 4  # every n-th layer is full attention; the last one always is in a probe
 
 
 PRESETS = {
@@ -60,6 +67,13 @@ PRESETS = {
     # The same in MXFP4 (experts ~4.25 bits/parameter): the format the reference builder reads for GPT-OSS.
     "gpt-oss-2g-mxfp4": ProbeShape("gpt_oss", hidden=1024, layers=6, heads=16, kv_heads=8, head_dim=64,
                                    intermediate=1024, vocab=201088, experts=32, top_k=4, shards=3, mxfp4=True),
+    # Qwen/Qwen3.5-35B-A3B's layer shapes (transformers' Qwen3_5MoeTextConfig defaults: 2048 hidden, 256 experts of
+    # 512, shared expert 512, 16 key / 32 value linear-attention heads of 128, 16 / 2 heads of 256): ~1.6 GB of bf16
+    # experts per layer, so generate it with --layers 2 (one linear-attention and one full-attention layer).
+    "qwen3.5-35b-a3b": ProbeShape("qwen3_5_moe", hidden=2048, layers=40, heads=16, kv_heads=2, head_dim=256,
+                                  intermediate=512, vocab=248320, experts=256, top_k=8, shards=4, max_positions=4096,
+                                  linear_key_heads=16, linear_value_heads=32, linear_head_dim=128,
+                                  shared_intermediate=512),
     # The real models, for extrapolation (param_count / largest tensors only; far too big to generate here).
     "gpt-oss-20b": ProbeShape("gpt_oss", hidden=2880, layers=24, heads=64, kv_heads=8, head_dim=64,
                               intermediate=2880, vocab=201088, experts=32, top_k=4, shards=3),
@@ -68,8 +82,45 @@ PRESETS = {
 }
 
 
+def layer_types(s: ProbeShape) -> list[str]:
+    """qwen3_5_moe: every full_attention_interval-th layer full attention, and the last one always."""
+    return ["full_attention" if (i + 1) % s.full_attention_interval == 0 or i == s.layers - 1 else "linear_attention"
+            for i in range(s.layers)]
+
+
+def _hybrid_specs(s: ProbeShape) -> list[tuple[str, tuple[int, ...]]]:
+    h, q, kv, e = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.experts
+    key, value = s.linear_key_heads * s.linear_head_dim, s.linear_value_heads * s.linear_head_dim
+    specs = [("model.language_model.embed_tokens.weight", (s.vocab, h)), ("model.language_model.norm.weight", (h,)),
+             ("lm_head.weight", (s.vocab, h))]
+    for i, kind in enumerate(layer_types(s)):
+        p = f"model.language_model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "mlp.gate.weight", (e, h)), (p + "mlp.experts.gate_up_proj", (e, 2 * s.intermediate, h)),
+                  (p + "mlp.experts.down_proj", (e, h, s.intermediate)),
+                  (p + "mlp.shared_expert.gate_proj.weight", (s.shared_intermediate, h)),
+                  (p + "mlp.shared_expert.up_proj.weight", (s.shared_intermediate, h)),
+                  (p + "mlp.shared_expert.down_proj.weight", (h, s.shared_intermediate)),
+                  (p + "mlp.shared_expert_gate.weight", (1, h))]
+        if kind == "full_attention":
+            specs += [(p + "self_attn.q_proj.weight", (2 * q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                      (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                      (p + "self_attn.q_norm.weight", (s.head_dim,)), (p + "self_attn.k_norm.weight", (s.head_dim,))]
+        else:
+            a = p + "linear_attn."
+            specs += [(a + "in_proj_qkv.weight", (2 * key + value, h)), (a + "in_proj_z.weight", (value, h)),
+                      (a + "in_proj_a.weight", (s.linear_value_heads, h)),
+                      (a + "in_proj_b.weight", (s.linear_value_heads, h)),
+                      (a + "conv1d.weight", (2 * key + value, 1, 4)), (a + "A_log", (s.linear_value_heads,)),
+                      (a + "dt_bias", (s.linear_value_heads,)), (a + "norm.weight", (s.linear_head_dim,)),
+                      (a + "out_proj.weight", (h, value))]
+    return sorted(specs)
+
+
 def tensor_specs(s: ProbeShape) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every stored tensor, sorted by name as save_pretrained writes them (dtype: see _dtype)."""
+    if s.arch == "qwen3_5_moe":
+        return _hybrid_specs(s)
     h, q, kv = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
     specs = [("model.embed_tokens.weight", (s.vocab, h)), ("model.norm.weight", (h,))]
     if not s.tie or s.lm_head_copy:
@@ -117,8 +168,31 @@ def checkpoint_bytes(s: ProbeShape) -> int:
     return sum(int(np.prod(shape)) * (2 if _dtype(name) == "BF16" else 1) for name, shape in tensor_specs(s))
 
 
+def _hybrid_config(s: ProbeShape) -> dict:
+    """Qwen3_5MoeForConditionalGeneration (the only Qwen3.5 layout the reference builder reads) with a tiny vision
+    tower that the probe does not store (transformers initialises it; neither exporter uses it)."""
+    text = dict(model_type="qwen3_5_moe_text", hidden_size=s.hidden, num_hidden_layers=s.layers,
+                num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim, vocab_size=s.vocab,
+                layer_types=layer_types(s), linear_num_key_heads=s.linear_key_heads,
+                linear_num_value_heads=s.linear_value_heads, linear_key_head_dim=s.linear_head_dim,
+                linear_value_head_dim=s.linear_head_dim, linear_conv_kernel_dim=4, num_experts=s.experts,
+                num_experts_per_tok=s.top_k, moe_intermediate_size=s.intermediate,
+                shared_expert_intermediate_size=s.shared_intermediate, rms_norm_eps=1e-6, hidden_act="silu",
+                max_position_embeddings=s.max_positions or 262144, tie_word_embeddings=False, attention_bias=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=3, dtype="bfloat16", initializer_range=0.02,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+    vision = dict(model_type="qwen3_5_moe_vision", depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                  out_hidden_size=s.hidden, num_position_embeddings=16)
+    return dict(architectures=["Qwen3_5MoeForConditionalGeneration"], model_type="qwen3_5_moe", text_config=text,
+                vision_config=vision, tie_word_embeddings=False, image_token_id=248056, video_token_id=248057,
+                vision_start_token_id=248053, vision_end_token_id=248054)
+
+
 def config_json(s: ProbeShape) -> dict:
     """A config.json transformers (and so the reference builder) loads for this shape."""
+    if s.arch == "qwen3_5_moe":
+        return _hybrid_config(s)
     common = dict(architectures=["Qwen3ForCausalLM" if s.arch == "qwen3" else "GptOssForCausalLM"],
                   hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                   num_key_value_heads=s.kv_heads, head_dim=s.head_dim, intermediate_size=s.intermediate,
@@ -145,7 +219,7 @@ def config_json(s: ProbeShape) -> dict:
 def _random_chunks(name: str, shape: tuple[int, ...], seed: int):
     """Chunks of bf16 bit patterns (uint16) or MXFP4 bytes: seeded per name, so files are byte-identical run to run."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    is_norm = name.endswith(("layernorm.weight", "norm.weight"))
+    is_norm = name.endswith(("layernorm.weight", "norm.weight", "A_log", "dt_bias"))
     total = int(np.prod(shape))
     for start in range(0, total, CHUNK_ITEMS):
         size = min(CHUNK_ITEMS, total - start)

@@ -58,6 +58,10 @@ FAMILIES = {
     "hunyuan": ("hunyuan", {}),  # q/k norm after rotary: rotary outside the attention op
     "mistral3": ("mistral3", {}),  # multimodal wrapper, sliding window
     "qwen3_vl": ("qwen3_vl", {}),  # mRoPE text positions
+    # hybrids: linear-attention layers with conv + recurrent state next to gated full attention
+    "qwen3_5": ("qwen3_5", {}),
+    "qwen3_5_moe": ("qwen3_5_moe_vlm", {}),  # fused experts, shared expert
+    "qwen3_next": ("qwen3_next", {}),
 }
 
 
@@ -97,17 +101,22 @@ def _np_dtype(ort_type: str):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16}[ort_type]
 
 
-def _state_inputs(session) -> list:
-    return [i for i in session.get_inputs() if i.name.startswith("past_")]
+def state_inputs(session) -> list:
+    return [i for i in session.get_inputs() if i.name.startswith(("past_", "past."))]
 
 
-def _present_name(past_name: str) -> str:
-    return past_name.replace("past_key_values.", "present.").replace("past_", "present_", 1)
+def present_name(past_name: str) -> str:
+    """past_key_values.{i}.key -> present.{i}.key, past.{i}.conv -> present.{i}.conv, past_X -> present_X."""
+    if past_name.startswith("past_key_values."):
+        return "present." + past_name.removeprefix("past_key_values.")
+    if past_name.startswith("past."):
+        return "present." + past_name.removeprefix("past.")
+    return past_name.replace("past_", "present_", 1)
 
 
 def _first_feed(session, ids: np.ndarray, mask: np.ndarray, max_length: int | None) -> dict:
     feed = {"input_ids": ids, "attention_mask": mask}
-    for s in _state_inputs(session):
+    for s in state_inputs(session):
         shape = [ids.shape[0] if d == "batch_size" else d for d in s.shape]
         if s.name.startswith("past_key_values."):
             shape[2] = max_length or 0
@@ -127,8 +136,8 @@ def _decode(session, out: dict, mask: np.ndarray, tokens: list[int], static_widt
     if static_width is not None:
         fed = (np.arange(static_width)[None, :] < mask.sum(1, keepdims=True)).astype(np.int64)
     feed = {"input_ids": np.array(tokens, np.int64)[:, None], "attention_mask": fed}
-    for s in _state_inputs(session):
-        feed[s.name] = out[_present_name(s.name)]
+    for s in state_inputs(session):
+        feed[s.name] = out[present_name(s.name)]
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feed))), mask
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import tiny_tokenizer
+from checkpoint_layouts import apply_layout
 from tiny_tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, TOKENIZER_VOCAB, UNK, special_token_ids  # noqa: F401
 
 
@@ -46,6 +47,9 @@ class ArchRecipe:
     architecture: str
     config: dict = field(default_factory=dict)
     text_config_key: str | None = None
+    # on-disk layout changes from what save_pretrained writes: "fused_experts" (experts.gate_up_proj [E, 2I, H] and
+    # experts.down_proj [E, H, I]), "mtp" (a multi-token-prediction head, as released checkpoints carry)
+    layout: tuple[str, ...] = ()
 
 
 _BASE = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -86,6 +90,21 @@ PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_p
 _PHI4_LONGROPE = {**PHI3_LONGROPE, "partial_rotary_factor": 0.75, "short_factor": [1.0 + 0.05 * i for i in range(24)],
                   "long_factor": [1.5 + 0.25 * i for i in range(24)]}
 _VISION_QWEN = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+# Qwen3.5 text: Gated DeltaNet linear attention (2 key / 4 value heads, grouped) and gated full attention with
+# partial rotary (64 * 0.25 = 16 wide: rotated inside GroupQueryAttention, as the real 256-wide heads); mrope sections
+# as the released configs.
+_QWEN35_TEXT = _cfg(
+    tie_word_embeddings=False, head_dim=64, num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                               "partial_rotary_factor": 0.25, "mrope_section": [2, 3, 3],
+                                               "mrope_interleaved": True})
+_QWEN35_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+_QWEN35_VLM = {"vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                 "out_hidden_size": 64, "patch_size": 4, "num_position_embeddings": 16},
+               "image_token_id": 508, "video_token_id": 509, "vision_start_token_id": 506, "vision_end_token_id": 507,
+               "tie_word_embeddings": False}
 
 ARCHS: dict[str, ArchRecipe] = {
     "llama": ArchRecipe("llama", "LlamaForCausalLM", _cfg(
@@ -199,6 +218,19 @@ ARCHS: dict[str, ArchRecipe] = {
     # ERNIE 4.5 dense: interleaved rope, biases on every projection (use_bias), tied embeddings.
     "ernie4_5": ArchRecipe("ernie4_5", "Ernie4_5ForCausalLM", _cfg(
         tie_word_embeddings=True, use_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "qwen3_5": ArchRecipe("qwen3_5_text", "Qwen3_5ForCausalLM", _QWEN35_TEXT),
+    "qwen3_5_vlm": ArchRecipe("qwen3_5", "Qwen3_5ForConditionalGeneration", {"text_config": _QWEN35_TEXT,
+                              **_QWEN35_VLM}, text_config_key="text_config", layout=("mtp",)),
+    "qwen3_5_moe": ArchRecipe("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", {**_QWEN35_TEXT, **_QWEN35_MOE}),
+    # the released layout: multimodal, experts fused 3-D, an mtp head; default layer_types (3 linear : 1 full)
+    "qwen3_5_moe_vlm": ArchRecipe("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", {
+        "text_config": {**_QWEN35_TEXT, "layer_types": None, **_QWEN35_MOE}, **_QWEN35_VLM},
+        text_config_key="text_config", layout=("fused_experts", "mtp")),
+    # Qwen3-Next: fused in_proj_qkvz / in_proj_ba, experts per expert, a dense layer (mlp_only_layers)
+    "qwen3_next": ArchRecipe("qwen3_next", "Qwen3NextForCausalLM", {
+        **_QWEN35_TEXT, "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "mlp_only_layers": [2], **_QWEN35_MOE}),
 }
 
 __all__ = [
@@ -439,6 +471,7 @@ def make_checkpoint(arch: str, out_dir: Path, *, seed: int = 0, shards: int = 1,
     tensors = _on_disk_tensors(model, _DTYPES[dtype])
     if mxfp4:
         tensors = _to_mxfp4(tensors)
+    tensors = apply_layout(tensors, _recipe(arch).layout, seed)
     _write_safetensors(tensors, out_dir, shards)
 
     cfg_dict = _config_json(arch, config, config_overrides)

@@ -1,7 +1,8 @@
 """Parity harness shared by the end-to-end tests: run an exported model with onnxruntime (prompt + KV-cache decode
 steps) and onnxruntime-genai (greedy generation), and the same through transformers.
 
-Kept free of assertions: tests decide tolerances. Nothing here depends on the code under test except `export`.
+Kept free of assertions: tests decide tolerances. Nothing here depends on the code under test except `export` and
+builder/state.py's naming of state inputs (past -> present), which every state kind shares.
 """
 
 from __future__ import annotations
@@ -29,9 +30,18 @@ class OnnxRun:
     step_tokens: list[int]  # tokens fed at each decode step
 
 
-def _io_spec(session):
-    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    return pasts
+def state_inputs(session):
+    """The session's state inputs (KV caches, conv/recurrent state), as builder/state.py declares them."""
+    from builder.state import parse_past
+
+    return [i for i in session.get_inputs() if parse_past(i.name)]
+
+
+def empty_state(inputs, batch: int = 1) -> dict[str, np.ndarray]:
+    """Before the first token: KV caches of length 0, conv/recurrent state zeros."""
+    from builder.state import empty_past_shape
+
+    return {i.name: np.zeros(empty_past_shape(i.name, i.shape, batch), _np_dtype(i.type)) for i in inputs}
 
 
 def _np_dtype(ort_type: str):
@@ -51,11 +61,11 @@ def run_onnx(model_dir: Path, ids: list[int] | None = None, decode_steps: int = 
     options.log_severity_level = 3
     session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options,
                                    providers=providers or ["CPUExecutionProvider"])
-    pasts = _io_spec(session)
-    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for p in pasts:
-        shape = [1, p.shape[1], 0, p.shape[3]]
-        feed[p.name] = np.zeros(shape, _np_dtype(p.type))
+    from builder.state import present_for
+
+    pasts = state_inputs(session)
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+            **empty_state(pasts)}
     out_names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(out_names, session.run(None, feed)))
     prompt = outputs["logits"][0].astype(np.float32)
@@ -68,7 +78,7 @@ def run_onnx(model_dir: Path, ids: list[int] | None = None, decode_steps: int = 
         total += 1
         feed = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
         for p in pasts:
-            feed[p.name] = outputs[p.name.replace("past_key_values.", "present.")]
+            feed[p.name] = outputs[present_for(p.name)]
         outputs = dict(zip(out_names, session.run(None, feed)))
         last = outputs["logits"][0, -1].astype(np.float32)
         steps.append(last)

@@ -88,7 +88,7 @@ def test_vision_tower_is_named_in_the_progress_output(tiny_checkpoint, tmp_path,
     ckpt = tiny_checkpoint("gemma3_vlm")
     vision = sorted(n for n in load_file(str(ckpt / "model.safetensors")) if "vision_tower" in n or "projector" in n)
     notes = export_notes(capsys, ckpt, tmp_path / "out")
-    said = [n for n in notes if n.startswith(f"left out {len(vision)} checkpoint tensor(s) on purpose, the vision")]
+    said = [n for n in notes if n.startswith("not exported: the vision") and f"({len(vision)} tensors: " in n]
     assert len(said) == 1, notes
     assert vision[0] in said[0] and f"and {len(vision) - 3} more" in said[0]
 
@@ -100,16 +100,15 @@ def test_stored_kv_of_a_kv_sharing_layer_is_left_out_by_name(tiny_checkpoint, tm
     src = tiny_checkpoint("gemma4", **GEMMA4_ALL)
     stray = {"model.layers.4.self_attn.k_proj.weight": np.zeros((32, 64), np.float32)}  # layer 4 reuses layer 1
     notes = export_notes(capsys, copy_with(src, tmp_path / "ckpt", **stray), tmp_path / "out")
-    assert ("left out 1 checkpoint tensor(s) on purpose, k/v projections and norms of KV-sharing layers (they reuse "
-            "an earlier layer's cache, as in transformers): model.layers.4.self_attn.k_proj.weight.") in notes
+    assert ("not exported: k/v projections and norms of KV-sharing layers (they reuse an earlier layer's cache, as "
+            "in transformers) (1 tensor: model.layers.4.self_attn.k_proj.weight).") in notes
 
 
 def test_identical_copy_of_a_tied_head_is_left_out_and_changes_nothing(tiny_checkpoint, tmp_path, capsys):
     src = tiny_checkpoint("qwen3")  # tied; save_pretrained stores no lm_head
     embed = load_file(str(src / "model.safetensors"))[EMBED]
     notes = export_notes(capsys, copy_with(src, tmp_path / "ckpt", **{HEAD: embed.copy()}), tmp_path / "out")
-    assert f"left out 1 checkpoint tensor(s) on purpose, a copy of the tied embedding (identical values): {HEAD}." \
-        in notes
+    assert f"not exported: a copy of the tied embedding (identical values) (1 tensor: {HEAD})." in notes
     plain = parity.export(src, tmp_path / "plain")
     assert (tmp_path / "out/model.onnx.data").read_bytes() == (plain / "model.onnx.data").read_bytes()
     assert (tmp_path / "out/model.onnx").read_bytes() == (plain / "model.onnx").read_bytes()

@@ -385,4 +385,4 @@ def test_a_tied_config_with_a_different_stored_head_exports_untied(checkpoint, t
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     code, _, err = run_cli(capsys, ["-m", str(bad), "-o", str(tmp_path / "out2"), "-p", "fp32"])
     assert code == 0, err
-    assert "a copy of the tied embedding (identical values): lm_head.weight" in err
+    assert "not exported: a copy of the tied embedding (identical values) (1 tensor: lm_head.weight)" in err

@@ -68,8 +68,8 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
     ids = factory.special_token_ids()
     assert cfg["architectures"] == [factory.ARCHS[arch].architecture]
     # phi4_mini: 64-wide heads so that its 0.75 partial rotary (48 dims) is one GroupQueryAttention can do itself;
-    # Nemotron: half rotary needs a rotated width of 16
-    shape = {"phi4_mini": (128, 2, 1, 64), "nemotron": (64, 4, 2, 32)}.get(arch, (64, 4, 2, 16))
+    # Nemotron: half rotary needs a rotated width of 16; hybrids: 0.25 of a 64-wide head rotates 16 dims
+    shape = {"phi4_mini": (128, 2, 1, 64), "nemotron": (64, 4, 2, 32)}.get(arch, (64, 4, 2, 64 if arch in HYBRID else 16))
     assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"],
             text["vocab_size"], text["max_position_embeddings"]) == (*shape, 512, 256)
     assert 2 <= text["num_hidden_layers"] <= 4
@@ -89,6 +89,29 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
         assert text["sliding_window"] == 8
     if arch in sliding - {"mistral", "mistral3"}:
         assert {"sliding_attention", "full_attention"} <= set(text["layer_types"])
+
+
+HYBRID = ("qwen3_5", "qwen3_5_vlm", "qwen3_5_moe", "qwen3_5_moe_vlm", "qwen3_next")
+
+
+def test_hybrid_recipes_mix_layer_kinds_and_carry_the_released_layouts(tiny_checkpoint):
+    for arch in HYBRID:
+        cfg = json.loads((tiny_checkpoint(arch) / "config.json").read_text())
+        text = cfg.get("text_config", cfg)
+        assert {"linear_attention", "full_attention"} == set(text["layer_types"]), arch
+        assert text["linear_num_value_heads"] == 2 * text["linear_num_key_heads"]  # value heads grouped per key head
+        names = _tensors(tiny_checkpoint(arch))
+        a_logs = [t.float() for n, t in names.items() if n.endswith("linear_attn.A_log")]
+        # random per head and per layer (transformers draws A from U(0.01, 16)); dt_bias perturbed from ones
+        assert len({tuple(t.tolist()) for t in a_logs}) == len(a_logs) and all(t.std() > 0.1 for t in a_logs)
+    moe = _tensors(tiny_checkpoint("qwen3_5_moe_vlm"))
+    fused = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert moe[fused].shape == (4, 64, 64) and moe[fused.replace("gate_up", "down")].shape == (4, 64, 32)
+    assert not any(".experts.0." in n for n in moe)
+    assert any(n.startswith("mtp.") for n in moe) and any(n.startswith("model.visual.") for n in moe)
+    nxt = _tensors(tiny_checkpoint("qwen3_next"))
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in nxt and "model.layers.2.mlp.gate_proj.weight" in nxt
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in nxt
 
 
 def test_moe_recipes_mix_dense_and_sparse_layers(tiny_checkpoint):

@@ -47,6 +47,11 @@ CASES = {
     "mistral3": ("mistral3", {}, "int4", ["last_matmul_weight_int8=true"]),
     "qwen2_5_vl": ("qwen2_5_vl", {}, "int4", []),
     "qwen3_vl": ("qwen3_vl", {}, "int8", ["quantize_embeddings=true"]),
+    "qwen3_5": ("qwen3_5", {}, "int4", ["int8_linear_attn=true"]),
+    "qwen3_5_vlm": ("qwen3_5_vlm", {}, "int4", []),
+    "qwen3_5_moe": ("qwen3_5_moe", {}, "int4", ["moe_quant_bits=8", "qmoe_block_size=16"]),
+    "qwen3_5_moe_vlm": ("qwen3_5_moe_vlm", {}, "int8", ["qmoe_block_size=0"]),
+    "qwen3_next": ("qwen3_next", {}, "int4", ["int8_linear_attn=true", "int4_is_symmetric=false"]),
 }
 assert {arch for arch, *_ in CASES.values()} == set(factory.ARCHS)  # every family recipe is covered
 FORMAT = re.compile(r"^int(\d) \S+ (?:block (\d+)|per-channel) (sym|asym)")

@@ -14,6 +14,21 @@ from builder.weights import Weight, WeightMap, WholeMap, row_blocks
 
 
 @dataclass
+class StepInputs:
+    """Per-step values every token mixer shares, computed once by the decoder (builder/layers/padding.py).
+
+    Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
+    """
+
+    seqlens_k: ir.Value  # int32 [batch]: total length - 1
+    total_sequence_length: ir.Value  # int32 scalar
+    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
+    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
+    position_ids: ir.Value | None = None  # int64 [batch, sequence], made on first use (rotary outside the op)
+    derived: dict = field(default_factory=dict)  # values a layer computes once from the above and shares
+
+
+@dataclass
 class LayerContext:
     g: GraphBuilder
     spec: ModelSpec

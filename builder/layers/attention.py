@@ -6,9 +6,10 @@ of 8) are rotated before it (builder/layers/rotary_graph.py). Per-head q/k RMSNo
 (CUDA: q_norm_weight / k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it
 (CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale,
 attention sinks (head_sink), weightless v norm and values from the key projection (Gemma 4), a query scale by
-position (Ministral 3), and KV sharing: a layer with kv_source feeds GroupQueryAttention the source layer's new
-(normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and values while the
-layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
+position (Ministral 3), an output gate (Qwen3.5 / Qwen3-Next: gate rows packed after q|k|v, the op's output
+multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the
+source layer's new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and
+values while the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
 """
 
 from __future__ import annotations
@@ -19,26 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from builder.layers import LayerContext
+from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
 from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
 from builder.spec import AttentionSpec
 from builder.weights import Concatenated, Weight, WeightMap
-
-
-@dataclass
-class AttentionInputs:
-    """Per-step values every layer shares, computed once by the decoder (builder/layers/padding.py).
-
-    Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
-    """
-
-    seqlens_k: ir.Value  # int32 [batch]: total length - 1
-    total_sequence_length: ir.Value  # int32 scalar
-    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
-    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
-    position_ids: ir.Value | None = None  # int64 [batch, sequence], made on first use (rotary outside the op)
 
 
 @dataclass
@@ -52,16 +39,21 @@ class SharedKV:
 
 
 def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tuple[int, ...]) -> Weight:
-    """The fused qkv weight/bias as the checkpoint stores it, else q, k and v concatenated (v = k with k_eq_v)."""
+    """The fused qkv weight/bias as the checkpoint stores it, else q, k and v concatenated (v = k with k_eq_v); then
+    the output-gate rows when the layer has them (one MatMul, split after)."""
     if f"{prefix}.qkv.{kind}" in w:
-        return w.get(f"{prefix}.qkv.{kind}", (attn.q_size + 2 * attn.kv_size, *tail))
-    value = "k" if attn.k_eq_v else "v"  # k_eq_v: the value projection is the key projection
-    return Concatenated((w.get(f"{prefix}.q.{kind}", (attn.q_size, *tail)),
-                         w.get(f"{prefix}.k.{kind}", (attn.kv_size, *tail)),
-                         w.get(f"{prefix}.{value}.{kind}", (attn.kv_size, *tail))))
+        packed = w.get(f"{prefix}.qkv.{kind}", (attn.q_size + 2 * attn.kv_size, *tail))
+    else:
+        value = "k" if attn.k_eq_v else "v"  # k_eq_v: the value projection is the key projection
+        packed = Concatenated((w.get(f"{prefix}.q.{kind}", (attn.q_size, *tail)),
+                               w.get(f"{prefix}.k.{kind}", (attn.kv_size, *tail)),
+                               w.get(f"{prefix}.{value}.{kind}", (attn.kv_size, *tail))))
+    if attn.output_gate:
+        return Concatenated((packed, w.get(f"{prefix}.gate.{kind}", (attn.q_size, *tail))))
+    return packed
 
 
-def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: AttentionInputs):
+def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: StepInputs):
     positions = _positions(ctx, step, q)
     caches = cos_sin(ctx, attn.rope, step.seqlens_k)
     with ctx.g.scope("rotary"):
@@ -69,13 +61,13 @@ def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec,
                 rotate(ctx, k, attn.rope, attn.num_kv_heads, positions, caches))
 
 
-def _positions(ctx: LayerContext, step: AttentionInputs, like: ir.Value) -> ir.Value:
+def _positions(ctx: LayerContext, step: StepInputs, like: ir.Value) -> ir.Value:
     if step.position_ids is None:
         step.position_ids = position_ids(ctx, step.seqlens_k, like)
     return step.position_ids
 
 
-def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: AttentionInputs) -> ir.Value:
+def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: StepInputs) -> ir.Value:
     """q * (1 + beta * ln(1 + floor(position / period))), from a table over the context (rotation commutes with it)."""
     g, (beta, period) = ctx.g, attn.query_position_scale
     name = f"query_position_scale.{beta:g}.{period}"
@@ -125,7 +117,7 @@ def _query_only(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec)
     return q
 
 
-def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: AttentionInputs,
+def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: StepInputs,
               past_key: ir.Value | None, past_value: ir.Value | None, *, kv_store: dict | None = None,
               ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Returns (output [B, S, hidden], present_key, present_value).
@@ -149,6 +141,10 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     with g.scope("qkv_proj"):
         qkv = linear(ctx, x, f"{prefix}.qkv", _packed(w, prefix, "weight", attn, (hidden,)),
                      plan.format_for("attn.q", layer), qkv_bias)
+    gate = None
+    if attn.output_gate:
+        qkv, gate = g.op("Split", [qkv, g.ints(f"split.qkv_gate.{q_size + 2 * kv_size}.{q_size}",
+                                                  [q_size + 2 * kv_size, q_size])], axis=-1, outputs=2)
 
     q_norm = k_norm = None
     # keys/values must exist as separate values when a later layer shares them, v gets its own norm, or q/k are
@@ -180,12 +176,13 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
             kv_store[layer] = SharedKV(k, v, past_key, past_value)
     else:
         q, k, v = qkv, None, None
-    return _group_query_attention(ctx, layer, attn, step, [q, k, v], past_key, past_value, q_norm, k_norm)
+    return _group_query_attention(ctx, layer, attn, step, [q, k, v], past_key, past_value, q_norm, k_norm, gate)
 
 
-def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, step: AttentionInputs,
+def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, step: StepInputs,
                            qkv: list, past_key: ir.Value, past_value: ir.Value, q_norm: ir.Value | None,
-                           k_norm: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
+                           k_norm: ir.Value | None, gate: ir.Value | None = None
+                           ) -> tuple[ir.Value, ir.Value, ir.Value]:
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan
@@ -206,6 +203,9 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
         local_window_size=attn.sliding_window if attn.sliding_window else -1,
         softcap=float(attn.softcap) if attn.softcap else None,
         qk_norm_epsilon=float(ctx.spec.norm_eps) if q_norm is not None else None)
+    if gate is not None:
+        with g.scope("output_gate"):
+            out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
     with g.scope("o_proj"):
         o_bias = w.get(f"{prefix}.o.bias", (hidden,)) if attn.o_bias else None
         out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, attn.q_size)),

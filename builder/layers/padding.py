@@ -22,13 +22,13 @@ import numpy as np
 import onnx_ir as ir
 
 from builder.graph import GraphBuilder
-from builder.layers.attention import AttentionInputs
+from builder.layers import StepInputs
 
 INT64_MAX = np.iinfo(np.int64).max
 
 
 def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
-                ) -> tuple[ir.Value, AttentionInputs, ir.Value]:
+                ) -> tuple[ir.Value, StepInputs, ir.Value]:
     """(input_ids in the aligned layout, the bundle every layer reads, rank).
 
     rank int64 [B, S]: the aligned column of the caller's column s. With m the new tokens' mask (the last S columns
@@ -64,7 +64,7 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
         aligned_ids = g.op("ScatterElements", [input_ids, rank, input_ids], axis=1)
         token_mask = g.op("Less", [columns, count])  # [B, S] bool, aligned layout: column < n
         token_count = g.op("Squeeze", [count, axis1])
-    return aligned_ids, AttentionInputs(seqlens_k=seqlens, total_sequence_length=total_len, token_mask=token_mask,
+    return aligned_ids, StepInputs(seqlens_k=seqlens, total_sequence_length=total_len, token_mask=token_mask,
                                         token_count=token_count), rank
 
 

@@ -5,8 +5,8 @@ Inputs are the precision, the INT4 base method, the orthogonal INT8 placement fl
 weight, which `ortbuild inspect` prints as a table before a single weight is read. Layers ask the plan; nobody
 re-checks flags inside graph code.
 
-Roles: attn.{q,k,v,o}, mlp.{gate,up,down}, linear_attn.*, moe.router, moe.experts, moe.shared.*, moe.shared_gate,
-lm_head, embed (plus family roles such as per_layer.*, which take the base format).
+Roles: attn.{q,k,v,o}, mlp.{gate,up,down}, linear_attn.{qkv,out,ab}, moe.router, moe.experts, moe.shared.*,
+moe.shared_gate, lm_head, embed (plus family roles such as per_layer.*, which take the base format).
 
 Routed experts are decided here too, from moe_quant_bits / qmoe_block_size, whichever op computes them: experts of a
 fused MoE/QMoE layer get the QMoE grid (symmetric MLAS, block or per-channel scales); per-expert experts (Gemma 4,
@@ -35,9 +35,13 @@ PLACEMENT_FLAGS = {"last_matmul": "last_matmul_weight_int8", "mixed_layers": "in
 
 # The projections that `int8_mixed_layers` moves to 8 bits inside a mixed layer.
 PROJECTION_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+# What `int8_linear_attn` moves to 8 bits in a linear-attention layer: its projections (qkv, z, out; the tiny a/b
+# decay projections are always float) and the same layer's MLP or shared expert.
+LINEAR_ATTN_ROLES = ("linear_attn.", "mlp.", "moe.shared.")
 # Weights that stay float whatever the precision: routers and the shared-expert gate (tiny, and routing decisions
-# are sensitive to them) and the per-layer input table (a Gather, with no quantized lookup wired).
-ALWAYS_FLOAT_ROLES = ("moe.router", "moe.shared_gate", "per_layer.embed")
+# are sensitive to them), linear attention's a/b decay projections (tiny, they drive the recurrent state's decay)
+# and the per-layer input table (a Gather, with no quantized lookup wired).
+ALWAYS_FLOAT_ROLES = ("moe.router", "moe.shared_gate", "linear_attn.ab", "per_layer.embed")
 # Options that only concern MoE experts (the first two their numbers, the last two the CUDA QMoE byte layout).
 EXPERT_OPTIONS = ("moe_quant_bits", "qmoe_block_size")
 QMOE_LAYOUT_OPTIONS = ("qmoe_weights_prepacked", "qmoe_prepack_arch")
@@ -163,8 +167,8 @@ class QuantPlan:
 
         linear_attn_layers = frozenset(linear_attn_layers)
         if "linear_attn" in flags and not linear_attn_layers:
-            notes.append(f"int8_linear_attn has no target: {model} has no linear-attention layers (none of the "
-                         "supported families has them), so the flag changes nothing.")
+            notes.append(f"int8_linear_attn has no target: {model} has no linear-attention layers (only the "
+                         "hybrid families, Qwen3.5 and Qwen3-Next, have them), so the flag changes nothing.")
         if bits == 8:
             moot = [PLACEMENT_FLAGS[f] for f in sorted(flags - {"linear_attn"})]
             moot += [f"int4_algo_config={method}"] if method != "default" else []
@@ -236,7 +240,7 @@ class QuantPlan:
             return self.format_for("lm_head") if self.tied_embeddings else self._base()
         if role == "lm_head":
             return self._int8() if "last_matmul" in self.flags else self._base()
-        if role.startswith("linear_attn.") and "linear_attn" in self.flags:
+        if "linear_attn" in self.flags and layer in self.linear_attn_layers and role.startswith(LINEAR_ATTN_ROLES):
             return self._int8()
         if role in PROJECTION_ROLES and layer is not None and layer in self.mixed_layers:
             return self._int8()
@@ -256,7 +260,7 @@ class QuantPlan:
         if self.mixed_layers:
             placed.append("layers " + ",".join(map(str, sorted(self.mixed_layers))) + " projections")
         if "linear_attn" in self.flags and self.linear_attn_layers:
-            placed.append("linear-attention projections")
+            placed.append("linear-attention layers' projections and MLP / shared expert")
         tail = f"; int8 for {' + '.join(placed)}" if placed and self.bits == 4 else ""
         embed = "; embeddings " + ("quantized (GatherBlockQuantized)" if self.quantize_embeddings else "float")
         if self.shares_embedding:
