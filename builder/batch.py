@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from builder.child_process import GRACE_S, Children, block_interrupts, builder_command, run_child
-from builder.errors import OrtBuildError, UsageError, VerificationError
+from builder.errors import OrtBuildError, RuntimeUnavailableError, UsageError, VerificationError
 from builder.export import MANIFEST
 from builder.zoo import Job, load_zoo
 
@@ -48,7 +48,7 @@ class Result:
     size_bytes: int | None = None
     error: str | None = None
     log: str | None = None
-    verify: str | None = None  # passed | failed | error | None (not asked)
+    verify: str | None = None  # passed | failed | error | unavailable (cannot run here) | None (not asked)
     parity: dict | None = None  # max_abs_error, top1_agreement, greedy figures (from `ortbuild verify --json`)
     verify_log: str | None = None
     previous_run: bool = False  # wall time / RSS carried over from the run that made a skipped output
@@ -76,8 +76,12 @@ def stale_reason(folder: Path, job: Job) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"{MANIFEST} is unreadable"
+    recorded_source = manifest.get("source")
+    if isinstance(recorded_source, str) and Path(recorded_source).is_dir():
+        recorded_source = str(Path(recorded_source).resolve())
     wanted = (("source", job.input_dir or job.model), ("precision", job.precision), ("ep", job.ep))
-    diffs = [f"{key} {manifest.get(key)!r} (recipe: {want!r})" for key, want in wanted if manifest.get(key) != want]
+    found = {**manifest, "source": recorded_source}
+    diffs = [f"{key} {found.get(key)!r} (recipe: {want!r})" for key, want in wanted if found.get(key) != want]
     recorded = manifest.get("extra_options", {})
     diffs += [f"{key}={recorded.get(key)!r} (recipe: {want!r})" for key, want in job.resolved_extra.items()
               if recorded.get(key) != want]
@@ -177,6 +181,9 @@ def run_verify(job: Job, output: Path, result: Result, settings: RunSettings, ch
         json_path.unlink(missing_ok=True)
         cmd = builder_command(verify_args(job, output, json_path, settings))
         code, _, _ = run_child(cmd, log, children, settings.timeout)
+        if code == RuntimeUnavailableError.exit_code:
+            result.verify, result.error = "unavailable", last_error(log)
+            return
         if code not in (0, VerificationError.exit_code) or not json_path.is_file():
             result.verify, result.error = "error", last_error(log)
             return
@@ -185,22 +192,29 @@ def run_verify(job: Job, output: Path, result: Result, settings: RunSettings, ch
     result.parity = {key: report.get(key) for key in PARITY_KEYS}
 
 
+def carry_previous_figures(result: Result, previous: dict | None) -> None:
+    """An output left in place keeps the wall time and peak RSS of the run that made it (from summary.json)."""
+    previous = previous or {}
+    if previous.get("status") in ("exported", "skipped", "stale") and previous.get("wall_s") is not None:
+        result.wall_s, result.peak_rss_bytes = previous["wall_s"], previous.get("peak_rss_bytes")
+        result.previous_run = True
+
+
 def run_job(job: Job, settings: RunSettings, children: Children, say) -> Result:
     output = settings.out_root / job.name
     log = settings.out_root / LOG_DIR / f"{job.name}.export.log"
     result = Result(job.name, job.model_name, job.recipe, job.precision, job.ep, log=str(log))
     if is_complete(output) and not settings.force:
         reason = stale_reason(output, job)
+        result.size_bytes = folder_size(output)
+        carry_previous_figures(result, settings.previous.get(job.name))
         if reason:
             result.status = "stale"
             result.error = (f"{output} exists but was made with other settings ({reason}); delete it or pass --force "
                             "to re-export")
+            say(f"{job.name}: stale, not re-exported: {result.error}")
             return result
-        result.status, result.size_bytes = "skipped", folder_size(output)
-        previous = settings.previous.get(job.name) or {}
-        if previous.get("status") in ("exported", "skipped") and previous.get("wall_s") is not None:
-            result.wall_s, result.peak_rss_bytes = previous["wall_s"], previous.get("peak_rss_bytes")
-            result.previous_run = True
+        result.status = "skipped"
         say(f"{job.name}: already complete, skipped")
     elif output.is_dir() and any(output.iterdir()) and not settings.force:
         missing = [p.name for p in output_files(output) if not p.is_file()]
@@ -278,6 +292,25 @@ def previous_results(out_root: Path) -> dict:
 # --------------------------------------------------------------------------------------------- the batch
 
 
+def verify_runtime_line(jobs: list[Job]) -> str:
+    """Before any export: the runtime the verifications will use and what it runs, or an error saying what to
+    install (an hour of exports must not end in verifications that cannot start)."""
+    import importlib.util
+
+    from builder.runtime import installed_runtime
+
+    runtime = installed_runtime("`ortbuild batch --verify`")
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"--verify compares against transformers, which needs {' and '.join(missing)}: "
+                         "pip install 'ortbuild[verify]' (or run with --no-verify).")
+    cuda_jobs = [j.name for j in jobs if j.verify and j.ep == "cuda"]
+    where = "cpu and cuda exports on their own providers" if runtime.has_cuda else (
+        "cpu exports; cuda exports only where they use no CUDA-only feature (the others report 'unavailable': "
+        "verify them on a GPU machine with pip install 'ortbuild[gpu]')" if cuda_jobs else "cpu exports")
+    return f"verifying with {runtime.describe()}: {where}"
+
+
 def run_batch(zoo_file: str | Path, out_root: str | Path | None = None, jobs: int = 1, verify: bool | None = None,
               force: bool = False, timeout: float | None = None, only: tuple[str, ...] = (),
               cache_dir: str | None = None, say=None) -> tuple[list[Result], Path]:
@@ -292,6 +325,8 @@ def run_batch(zoo_file: str | Path, out_root: str | Path | None = None, jobs: in
     selected = [j for j in zoo.jobs if not only or any(fnmatch.fnmatch(j.name, pattern) for pattern in only)]
     if not selected:
         raise UsageError(f"--only {' '.join(only)} matches none of: {', '.join(j.name for j in zoo.jobs)}.")
+    if any(job.verify for job in selected):
+        say(verify_runtime_line(selected))
     (root / LOG_DIR).mkdir(parents=True, exist_ok=True)
     settings = RunSettings(root.resolve(), force, timeout, cache_dir, previous_results(root))
     results = [Result(j.name, j.model_name, j.recipe, j.precision, j.ep) for j in selected]
@@ -352,7 +387,8 @@ def register(cli_group: click.Group) -> None:
         \b
         ortbuild batch examples/zoo.yaml --jobs 2 --out-root /data/zoo --verify
         Writes OUT_ROOT/<name>/ per export, OUT_ROOT/_logs/<name>.export.log, summary.md and summary.json.
-        Exit 0 when every export succeeded (and verified), 1 when any export failed, 6 when only verification did.
+        Exit 0 when every export succeeded (and verified), 1 when any export failed, 6 when only verification did,
+        7 when some verification could not run here (a cuda export on a machine without the CUDA provider).
         """
         if dry_run:
             for job in load_zoo(zoo_file, verify=verify).jobs:
@@ -363,6 +399,7 @@ def register(cli_group: click.Group) -> None:
         results, root = run_batch(zoo_file, out_root, jobs, verify, force, timeout, only, cache_dir)
         failed = [r.name for r in results if r.status not in ("exported", "skipped")]
         unverified = [r.name for r in results if r.verify in ("failed", "error")]
+        unavailable = [r.name for r in results if r.verify == "unavailable"]
         if failed:
             raise OrtBuildError(f"{len(failed)} of {len(results)} exports did not complete ({', '.join(failed)}); "
                                 f"see {root / 'summary.md'} and the logs in {root / LOG_DIR}. Rerun the same command "
@@ -370,4 +407,8 @@ def register(cli_group: click.Group) -> None:
         if unverified:
             raise VerificationError(f"{len(unverified)} of {len(results)} exports failed verification "
                                     f"({', '.join(unverified)}); see {root / 'summary.md'}.")
+        if unavailable:
+            raise RuntimeUnavailableError(f"{len(unavailable)} of {len(results)} exports could not be verified here "
+                                          f"({', '.join(unavailable)}): see {root / 'summary.md'}; verify them where "
+                                          "their runtime is (a GPU machine with onnxruntime-gpu for cuda exports).")
         click.echo(f"all {len(results)} exports complete; summary: {root / 'summary.md'}")

@@ -151,11 +151,24 @@ class Checkpoint:
             if not folder.is_dir():
                 raise CheckpointError(f"input folder {folder} does not exist (-i/--input).")
             return cls(folder)
-        if Path(model).is_dir():
-            return cls(Path(model))
-        if Path(model).exists() or model.startswith((".", "/")) or model.count("/") > 1:
-            raise CheckpointError(f"model {model!r} is neither a folder nor a Hub id (owner/name).")
-        return cls(download(model, cache_dir))
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return cls(path)
+        if path.exists():
+            raise CheckpointError(f"-m {model}: is a file, not a folder. Point -m at the folder holding the "
+                                  "checkpoint's config.json and *.safetensors files, or give a Hub id (owner/name).")
+        if looks_like_path(model):
+            raise CheckpointError(f"-m {model}: no such folder ({path.resolve()} does not exist). Check the path; a "
+                                  "Hub id has the form owner/name.")
+        local = path.parent if len(path.parts) > 1 and path.parent.is_dir() else None
+        try:
+            return cls(download(model, cache_dir))
+        except CheckpointError as exc:
+            if local is None:
+                raise
+            hub = str(exc).removeprefix(model + ": ")
+            raise CheckpointError(f"-m {model}: no such folder (there is a folder {local}, but it holds no "
+                                  f"{path.name}), and as a Hub id: {hub}") from exc.__cause__
 
     def _read_config(self) -> dict:
         path = self.folder / "config.json"
@@ -262,19 +275,61 @@ class Checkpoint:
         return json.loads(path.read_text()) if path.is_file() else None
 
 
+def looks_like_path(model: str) -> bool:
+    """A -m value that can only be a path: starts with . / ~, has a backslash, or more than one / (owner/name)."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+
+
 def download(repo_id: str, cache_dir: str | None) -> Path:
-    """Resolve a Hub id to a local snapshot: only config, tokenizer and safetensors files; honours HF_HUB_OFFLINE."""
+    """Resolve a Hub id to a local snapshot: only config, tokenizer and safetensors files; honours HF_HUB_OFFLINE.
+
+    A failure says its real cause (offline, no such repository, gated, network) and chains the Hub's exception, so
+    `-v` shows it.
+    """
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError("huggingface_hub is not installed; pass a local folder with -m or -i.") from None
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id}: not in the Hugging Face cache{' ' + cache_dir if cache_dir else ''} and downloads are off "
-            "(HF_HUB_OFFLINE) or unreachable. Download it first or pass a local folder with -m/-i.") from None
-    except Exception as exc:  # huggingface_hub raises many kinds; all mean the same to the user
-        raise CheckpointError(f"{repo_id}: could not fetch from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-                              "Check the id and your network, or pass a local folder with -m/-i.") from None
+    except Exception as exc:  # huggingface_hub raises many kinds; hub_failure tells them apart
+        raise CheckpointError(f"{repo_id}: {hub_failure(exc, repo_id, cache_dir)}") from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def hub_failure(exc: Exception, repo_id: str, cache_dir: str | None) -> str:
+    """Why a Hub download failed, and what to do, in one sentence."""
+    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub import errors as hub
+
+    cache = cache_dir or constants.HF_HUB_CACHE
+    local = " Or pass a local checkpoint folder with -m/-i."
+    if isinstance(exc, hub.GatedRepoError):
+        return (f"the model is gated on the Hugging Face Hub. Accept its terms at https://huggingface.co/{repo_id} and "
+                "log in (hf auth login, or set HF_TOKEN)." + local)
+    if isinstance(exc, hub.RepositoryNotFoundError):
+        return ("no such model on the Hugging Face Hub (or it is private: log in with hf auth login, or set HF_TOKEN). "
+                "Check the id (owner/name)." + local)
+    if isinstance(exc, hub.RevisionNotFoundError):
+        return f"the Hub has no such revision of this model ({exc})." + local
+    if isinstance(exc, hub.LocalEntryNotFoundError):
+        if is_offline_mode():
+            return (f"not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE is set, so nothing is downloaded. "
+                    "Download it once with HF_HUB_OFFLINE unset, or pass -c with the cache that holds it." + local)
+        cause = _root_cause(exc)
+        why = f"{type(cause).__name__}: {cause}" if cause is not exc else str(exc).splitlines()[0]
+        return (f"cannot reach the Hugging Face Hub ({why}) and the model is not in the cache {cache}. Check the "
+                "network (or HF_ENDPOINT / proxy settings)." + local)
+    if isinstance(exc, hub.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", "an error")
+        return f"the Hugging Face Hub answered {status}: {str(exc).splitlines()[0]}." + local
+    if isinstance(exc, OSError) and not isinstance(exc, hub.EntryNotFoundError):
+        return f"cannot write the download to {cache} ({type(exc).__name__}: {exc}). Choose another cache with -c."
+    return f"could not fetch from the Hugging Face Hub ({type(exc).__name__}: {exc})." + local

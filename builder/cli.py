@@ -13,13 +13,16 @@ import traceback
 
 import click
 
+from builder import __version__
 from builder import options as opts
-from builder.errors import OrtBuildError, UsageError
+from builder.errors import ERRORS, INTERRUPTED, TERMINATED, OrtBuildError, UsageError
 from builder.progress import Progress
 from builder.settings import EPS, PRECISIONS
 
-EXIT_CODES_HELP = ("Exit codes: 0 ok, 2 usage, 3 unsupported model, 4 bad checkpoint, 5 output/I-O, "
-                   "6 verification failed, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
+EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 some exports of a batch failed, " +
+                   ", ".join(f"{cls.exit_code} {cls.kind}" for cls in ERRORS) +
+                   f" (verify: a CUDA export without the CUDA provider, or no onnxruntime), {INTERRUPTED} interrupted "
+                   f"(Ctrl-C), {TERMINATED} terminated (SIGTERM).")
 
 
 def normalize_extra_options(argv: list[str]) -> list[str]:
@@ -43,39 +46,56 @@ def normalize_extra_options(argv: list[str]) -> list[str]:
     return out
 
 
-def export_options(fn):
-    decorators = [
-        click.option("-m", "--model", "--model_name", "model", help="Hub id (owner/name) or local checkpoint folder."),
-        click.option("-i", "--input", "input_dir", default=None,
-                     help="Folder holding the checkpoint (config.json + *.safetensors); -m then only names it."),
-        click.option("-o", "--output", "output", help="Output folder (created; must be empty unless --overwrite)."),
-        click.option("-p", "--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
-        click.option("-e", "--execution_provider", "--ep", "ep", type=click.Choice(EPS), default="cpu",
-                     show_default=True),
-        click.option("-c", "--cache_dir", "cache_dir", default=None, help="Hugging Face cache folder for Hub ids."),
-        click.option("--extra_options", "extra", multiple=True, metavar="KEY=VALUE ...",
-                     help="Extra options (see the list below)."),
-        click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only on success)."),
-        click.option("--dry-run", "dry_run", is_flag=True,
-                     help="Print the resolved plan (architecture, per-weight formats) and exit without writing."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress output."),
-        click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors."),
-    ]
+def _apply(fn, decorators):
     for decorator in reversed(decorators):
         fn = decorator(fn)
     return fn
 
 
-def run_export(model, input_dir, output, precision, ep, cache_dir, extra, overwrite, dry_run, quiet, verbose):
-    from builder.export import export, prepare
+def model_options(fn):
+    """The options that say what to export and how: shared by export, `--dry-run` and inspect (one default each)."""
+    return _apply(fn, [
+        click.option("-m", "--model", "--model_name", "model", help="Hub id (owner/name) or local checkpoint folder."),
+        click.option("-i", "--input", "input_dir", default=None,
+                     help="Folder holding the checkpoint (config.json + *.safetensors); -m then only names it."),
+        click.option("-p", "--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
+        click.option("-e", "--execution_provider", "--ep", "ep", type=click.Choice(EPS), default="cpu",
+                     show_default=True),
+        click.option("-c", "--cache_dir", "cache_dir", default=None, help="Hugging Face cache folder for Hub ids."),
+        click.option("--extra_options", "extra", multiple=True, metavar="KEY=VALUE ...",
+                     help="Extra options (see the list below), separated by spaces or commas."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress output and no notes."),
+        click.option("-v", "--verbose", is_flag=True, help="Show tracebacks (and their causes) on errors."),
+    ])
+
+
+def export_options(fn):
+    return _apply(model_options(fn), [
+        click.option("-o", "--output", "output", help="Output folder (created; must be empty unless --overwrite)."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only on success)."),
+        click.option("--dry-run", "dry_run", is_flag=True,
+                     help="Print the resolved plan (architecture, per-weight formats) and exit without writing."),
+    ])
+
+
+def print_plan(model, input_dir, precision, ep, cache_dir, extra, quiet) -> None:
+    from builder.export import prepare
     from builder.report import describe
 
     if not model and not input_dir:
         raise UsageError("missing -m/--model (a Hub id or a local folder) or -i/--input.")
+    click.echo(describe(prepare(model or input_dir, precision, ep, list(extra), input_dir=input_dir,
+                                cache_dir=cache_dir), notes=not quiet))
+
+
+def run_export(model, input_dir, output, precision, ep, cache_dir, extra, overwrite, dry_run, quiet, verbose):
+    from builder.export import export
+
     if dry_run:
-        click.echo(describe(prepare(model or input_dir, precision, ep, list(extra), input_dir=input_dir,
-                                    cache_dir=cache_dir)))
+        print_plan(model, input_dir, precision, ep, cache_dir, extra, quiet)
         return
+    if not model and not input_dir:
+        raise UsageError("missing -m/--model (a Hub id or a local folder) or -i/--input.")
     if not output:
         raise UsageError("missing -o/--output (the folder to write the ONNX model into).")
     export(model or input_dir, output, precision, ep, list(extra), input_dir=input_dir, cache_dir=cache_dir,
@@ -84,6 +104,7 @@ def run_export(model, input_dir, output, precision, ep, cache_dir, extra, overwr
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=opts.help_text().replace("\n", "\n\n\b\n", 1) + "\n\n" + EXIT_CODES_HELP)
+@click.version_option(__version__, "--version", prog_name="ortbuild", message="%(prog)s %(version)s")
 @export_options
 @click.pass_context
 def cli(ctx, **kwargs):
@@ -108,19 +129,12 @@ def export_cmd(**kwargs):
     run_export(**kwargs)
 
 
-@cli.command("inspect")
-@click.option("-m", "--model", "model", required=True, help="Hub id or local checkpoint folder.")
-@click.option("-p", "--precision", type=click.Choice(PRECISIONS), default="int4", show_default=True)
-@click.option("-e", "--execution_provider", "--ep", "ep", type=click.Choice(EPS), default="cpu", show_default=True)
-@click.option("-c", "--cache_dir", default=None)
-@click.option("--extra_options", "extra", multiple=True, metavar="KEY=VALUE ...")
-def inspect_cmd(model, precision, ep, cache_dir, extra):
-    """Print the architecture and the per-weight quantization plan, reading no weights (but a tied model's stored
-    lm_head, compared with the embedding)."""
-    from builder.export import prepare
-    from builder.report import describe
-
-    click.echo(describe(prepare(model, precision, ep, list(extra), cache_dir=cache_dir)))
+@cli.command("inspect", epilog=opts.help_text().replace("\n", "\n\n\b\n", 1))
+@model_options
+def inspect_cmd(model, input_dir, precision, ep, cache_dir, extra, quiet, verbose):
+    """Print the architecture and the per-weight quantization plan, reading no weights but a tied model's stored
+    lm_head, compared with the embedding (same as export --dry-run)."""
+    print_plan(model, input_dir, precision, ep, cache_dir, extra, quiet)
 
 
 def _register_optional_commands() -> None:
@@ -182,7 +196,7 @@ def _run(argv: list[str], verbose: bool) -> None:
         # click re-raises a KeyboardInterrupt as Abort `from` it
         if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
             click.echo("ortbuild: terminated (SIGTERM); unfinished output was removed (finished outputs are kept).", err=True)
-            sys.exit(128 + signal.SIGTERM)
+            sys.exit(TERMINATED)
         click.echo("ortbuild: interrupted; unfinished output was removed (finished outputs are kept).", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     sys.exit(0)

@@ -45,5 +45,14 @@ class VerificationError(OrtBuildError):
     kind = "verification failed"
 
 
-EXIT_CODES = {cls.kind: cls.exit_code for cls in (UsageError, UnsupportedModelError, CheckpointError, OutputError,
-                                                   VerificationError)}
+class RuntimeUnavailableError(OrtBuildError):
+    """The model cannot run with the runtime installed here (no onnxruntime, or a CUDA export without the CUDA
+    execution provider). Not a failed verification: nothing was compared. Run it where the runtime is."""
+
+    exit_code = 7
+    kind = "cannot run here"
+
+
+ERRORS = (UsageError, UnsupportedModelError, CheckpointError, OutputError, VerificationError, RuntimeUnavailableError)
+EXIT_CODES = {cls.kind: cls.exit_code for cls in ERRORS}
+INTERRUPTED, TERMINATED = 130, 143  # Ctrl-C (128 + SIGINT), SIGTERM (128 + SIGTERM)

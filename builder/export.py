@@ -8,9 +8,11 @@ from pathlib import Path
 import builder
 from builder.checkpoint import Checkpoint
 from builder.decoder import build_decoder
-from builder.genai_config import genai_config
+from builder.genai_config import GENAI_TYPES, genai_config
 from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
 from builder.progress import Progress
+from builder.report import written_formats
+from builder.runtime_requirements import ir_nodes, requirements
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
 from builder.weights import WeightMap
@@ -24,13 +26,17 @@ from builders.common import ignore_declared, reject_unconsumed, reject_unread, r
 MANIFEST = "ortbuild.json"
 
 
-def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: ExportSettings) -> dict:
+def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: ExportSettings, graph=None) -> dict:
+    """How the model was made, and (given its graph) the oldest runtimes that can run it."""
     source = input_dir or model
     if Path(source).is_dir():
         source = str(Path(source).resolve())  # so `verify` finds the reference from any working directory
-    return {"producer": "ortbuild", "version": builder.__version__, "source": source,
+    made = {"producer": "ortbuild", "version": builder.__version__, "source": source,
             "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
             "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra)}
+    if graph is not None:
+        made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"))
+    return made
 
 
 @dataclass
@@ -74,7 +80,7 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
         progress.note(note)
     progress.stage(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
                    f"{spec.vocab_size}; -p {precision} -e {ep}")
-    model_ir = build_decoder(spec, settings, prepared.weights, on_written=progress.wrote)
+    model_ir = build_decoder(spec, settings, prepared.weights)
     reject_unread(prepared.weights)
     reject_unconsumed(prepared.checkpoint, spec.architecture)
     filename = settings.extra["filename"]
@@ -83,6 +89,7 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
         generation = prepared.checkpoint.read_json("generation_config.json")
         write_json(folder / "genai_config.json", genai_config(spec, settings, prepared.config, generation, filename))
         copy_tokenizer(prepared.checkpoint.folder, folder)
-        write_json(folder / MANIFEST, manifest(model, input_dir, spec, settings))
-    progress.stage(f"done: {output}")
+        write_json(folder / MANIFEST, manifest(model, input_dir, spec, settings, model_ir.graph))
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    progress.finish(output, size, written_formats(model_ir.graph, {"int4": 4, "int8": 8}.get(precision)))
     return output

@@ -7,6 +7,7 @@ the table in quantization.md (a test checks it is in sync) and the resolved Expo
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -41,8 +42,13 @@ class Option:
     check: Callable[[Any], str | None] | None = None
     # Accepted legacy spellings of values, mapped to what they mean (documented as deprecated).
     legacy_values: tuple[str, ...] = ()
+    # Changes only quantized (-p int4/int8) exports; a float precision notes it as ignored.
+    quantized_only: bool = False
 
     def parse(self, text: str) -> Any:
+        if "=" in text:
+            raise UsageError(f"extra option {self.name}={text!r}: the value holds another '='; separate key=value "
+                             "pairs with spaces or commas (int4_algo_config=k_quant,int4_block_size=64).")
         try:
             if self.kind == "bool":
                 value: Any = _parse_bool(text)
@@ -107,14 +113,16 @@ OPTIONS: tuple[Option, ...] = (
            "k_quant (searched scale/min per block, asymmetric). Legacy compound names are deprecated aliases of a "
            "base method plus INT8 placement flags (see quantization.md).",
            choices=("default", "rtn", "k_quant"),
-           legacy_values=("rtn_last", "k_quant_last", "k_quant_mixed", "k_quant_linear")),
-    Option("int4_block_size", "int", 32, "Block size along K (the input axis) for int4/int8 MatMulNBits weights and quantized embeddings.", choices=BLOCK_SIZES),
+           legacy_values=("rtn_last", "k_quant_last", "k_quant_mixed", "k_quant_linear"), quantized_only=True),
+    Option("int4_block_size", "int", 32,
+           "Block size along K (the input axis) for int4/int8 MatMulNBits weights and quantized embeddings.",
+           choices=BLOCK_SIZES, quantized_only=True),
     Option("int4_is_symmetric", "bool", True,
            "Symmetric (no zero points) or asymmetric (uint8 zero points) block quantization; also applies to 8-bit "
-           "weights. k_quant int4 is always asymmetric."),
+           "weights. k_quant int4 is always asymmetric.", quantized_only=True),
     Option("int4_accuracy_level", "int", None,
            "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. "
-           "Default: 4 on cpu, 0 on cuda.", choices=(0, 1, 2, 3, 4)),
+           "Default: 4 on cpu, 0 on cuda.", choices=(0, 1, 2, 3, 4), quantized_only=True),
     Option("last_matmul_weight_int8", "bool", False,
            "With -p int4, store the lm_head (last MatMul) in 8 bits (RTN) instead of 4."),
     Option("int8_mixed_layers", "bool", False,
@@ -140,19 +148,19 @@ OPTIONS: tuple[Option, ...] = (
            "activations (cpu)."),
     Option("moe_quant_bits", "int", None,
            "Bits for routed MoE expert weights (QMoE, or Gemma 4's per-expert MatMulNBits). Default: 4 for -p int4, "
-           "8 for -p int8.", choices=(4, 8)),
+           "8 for -p int8.", choices=(4, 8), quantized_only=True),
     Option("qmoe_block_size", "int", 32,
            "Routed expert scales: block size along K (16..256), or <= 0 for per-channel scales (QMoE only: a usage "
            "error for per-expert MatMulNBits experts).",
-           check=_qmoe_block_size_check),
+           check=_qmoe_block_size_check, quantized_only=True),
     Option("qmoe_weights_prepacked", "int", -1,
            "CUDA QMoE expert layout: -1 auto (ship the offline SM80 CUTLASS layout, attribute omitted — ORT reads an "
            "omitted attribute as 'already prepacked'), 0 raw [E, N, K/pack] (ORT prepacks at session load), "
-           "1 offline prepacked with the attribute written. CUDA only.", choices=(-1, 0, 1)),
+           "1 offline prepacked with the attribute written. CUDA only.", choices=(-1, 0, 1), quantized_only=True),
     Option("qmoe_prepack_arch", "int", 80,
            "Layout of offline-prepacked QMoE weights. ONNX Runtime 1.31's CUDA QMoE runs its SM80 grouped GEMM on "
            "every GPU (Hopper included) and reads the SM80 layout; the SM90 layout (90) is only read by MatMulNBits, "
-           "so 90 is rejected for QMoE.", choices=(80, 90)),
+           "so 90 is rejected for QMoE.", choices=(80, 90), quantized_only=True),
     Option("filename", "str", "model.onnx", "File name of the ONNX model inside the output folder.",
            check=_filename_check),
 )
@@ -160,15 +168,22 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME = {opt.name: opt for opt in OPTIONS}
 
 
+# A comma followed by `name=` starts the next pair; other commas belong to the value (matmul_mixed_precision lists).
+_PAIR_SEPARATOR = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)")
+
+
 def split_pairs(items: Iterable[str]) -> list[tuple[str, str]]:
-    """Split `key=value` tokens (several may share one token, separated by spaces or commas-free)."""
+    """Split `key=value` tokens; several may share one token, separated by spaces or commas
+    (`int4_algo_config=k_quant,int4_block_size=64`)."""
     pairs = []
     for item in items:
-        for token in item.split():
-            if "=" not in token:
-                raise UsageError(f"extra option {token!r} is not of the form key=value (e.g. int4_block_size=64).")
-            key, _, value = token.partition("=")
-            pairs.append((key.strip(), value))
+        for token in _PAIR_SEPARATOR.split(item.strip()) if item.strip() else []:
+            for part in token.split():
+                if "=" not in part:
+                    raise UsageError(f"extra option {part!r} is not of the form key=value (e.g. int4_block_size=64); "
+                                     "separate pairs with spaces or commas.")
+                key, _, value = part.partition("=")
+                pairs.append((key.strip(), value))
     return pairs
 
 

@@ -125,12 +125,24 @@ def reuse_block_memory():
         malloc_trim(0)
 
 
+EXTERNAL_THRESHOLD = 1024  # tensors larger than this go to the external data file; smaller ones stay in model.onnx
+
+
 def save_model(model: ir.Model, folder: Path, filename: str, progress=None) -> None:
     """model.onnx + one external data file, tensors written sequentially in graph order, one at a time."""
+    data = filename + EXTERNAL_DATA_SUFFIX
+    callback = None
     if progress is not None:
-        progress.begin_weights(sum(v.const_value.nbytes for v in model.graph.initializers.values()))
-    with reuse_block_memory():
-        ir.save(model, folder / filename, external_data=filename + EXTERNAL_DATA_SUFFIX, size_threshold_bytes=1024)
+        sizes = [v.const_value.nbytes for v in model.graph.initializers.values()]
+        progress.begin_weights(sum(n for n in sizes if n > EXTERNAL_THRESHOLD), folder / data)
+        callback = progress.save_callback
+    try:
+        with reuse_block_memory():
+            ir.save(model, folder / filename, external_data=data, size_threshold_bytes=EXTERNAL_THRESHOLD,
+                    callback=callback)
+    finally:
+        if progress is not None:
+            progress.end_weights()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,9 +1,10 @@
-"""Human-readable description of a prepared export: architecture, settings and the per-weight plan.
+"""Human-readable description of an export: the plan before any weight is read (`ortbuild inspect`, `--dry-run`)
+and, after writing, what the graph actually stores (the export's closing line).
 
-Printed by `ortbuild inspect` and `--dry-run` before any weight is read. The plan table has a row for every weight
-whose storage the QuantPlan decides (every projection, expert, embedding table and head the graph writes), named by
-the initializer prefix the graph gives it; per-expert weights are grouped per layer (`experts.*`). Norms, biases,
-sinks, layer scalars and rotary caches are always stored in the model's float dtype.
+The plan table has a row for every weight whose storage the QuantPlan decides (every projection, expert, embedding
+table and head the graph writes), named by the initializer prefix the graph gives it; per-expert weights are grouped
+per layer (`experts.*`). Norms, biases, sinks, layer scalars and rotary caches are always stored in the model's float
+dtype.
 """
 
 from __future__ import annotations
@@ -11,57 +12,62 @@ from __future__ import annotations
 from builder.spec import DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
 
 ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary caches"
+# Quantized contrib ops: (bits attribute, its default, inputs holding the packed weights).
+QUANTIZED_OPS = {"MatMulNBits": ("bits", 4, (1,)), "GatherBlockQuantized": ("bits", 4, (0,)),
+                 "QMoE": ("expert_weight_bits", 4, (2, 5, 8))}
 
 
-def _layer_rows(plan, i: int, layer) -> list[tuple[str, str]]:
+def _row(name: str, fmt, suffix: str = "") -> tuple[str, str, int | None]:
+    return name, fmt.describe() + suffix, fmt.bits
+
+
+def _layer_rows(plan, i: int, layer) -> list[tuple[str, str, int | None]]:
     attn, ffn = layer.attention, layer.ffn
-    fmt = lambda role: plan.format_for(role, i).describe()  # noqa: E731
+    fmt = lambda role: plan.format_for(role, i)  # noqa: E731
     if isinstance(attn, LinearAttentionSpec):  # qkv+z in one MatMul, a+b in another, then out
-        rows = [(f"layers.{i}.linear_attn.in_proj", fmt("linear_attn.qkv")),
-                (f"layers.{i}.linear_attn.ab", fmt("linear_attn.ab")),
-                (f"layers.{i}.linear_attn.out", fmt("linear_attn.out"))]
+        rows = [_row(f"layers.{i}.linear_attn.in_proj", fmt("linear_attn.qkv")),
+                _row(f"layers.{i}.linear_attn.ab", fmt("linear_attn.ab")),
+                _row(f"layers.{i}.linear_attn.out", fmt("linear_attn.out"))]
     else:
-        rows = [(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
-                (f"layers.{i}.attn.o", fmt("attn.o"))]
+        rows = [_row(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
+                _row(f"layers.{i}.attn.o", fmt("attn.o"))]
     mlp = ffn.mlp if isinstance(ffn, DenseMoeSpec) else ffn if isinstance(ffn, MlpSpec) else None
     if mlp is not None:
-        rows += [(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")) if mlp.gated else (f"layers.{i}.mlp.up", fmt("mlp.up")),
-                 (f"layers.{i}.mlp.down", fmt("mlp.down"))]
+        rows += [_row(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")) if mlp.gated else
+                 _row(f"layers.{i}.mlp.up", fmt("mlp.up")), _row(f"layers.{i}.mlp.down", fmt("mlp.down"))]
     if isinstance(ffn, MoeSpec):
         experts = plan.format_for("moe.experts", i)
         op = " (MoE)" if experts.is_float else " (QMoE)"
-        rows += [(f"layers.{i}.moe.router", fmt("moe.router")), (f"layers.{i}.moe.fc1", experts.describe() + op),
-                 (f"layers.{i}.moe.fc2", experts.describe() + op)]
+        rows += [_row(f"layers.{i}.moe.router", fmt("moe.router")), _row(f"layers.{i}.moe.fc1", experts, op),
+                 _row(f"layers.{i}.moe.fc2", experts, op)]
         if ffn.shared_expert_size:
-            rows += [(f"layers.{i}.moe.shared.gate_up", fmt("moe.shared.gate")),
-                     (f"layers.{i}.moe.shared.down", fmt("moe.shared.down"))]
+            rows += [_row(f"layers.{i}.moe.shared.gate_up", fmt("moe.shared.gate")),
+                     _row(f"layers.{i}.moe.shared.down", fmt("moe.shared.down"))]
             if ffn.shared_expert_gated:
-                rows.append((f"layers.{i}.moe.shared_gate", fmt("moe.shared_gate")))
+                rows.append(_row(f"layers.{i}.moe.shared_gate", fmt("moe.shared_gate")))
     elif isinstance(ffn, DenseMoeSpec):
         each = f" ({ffn.moe.num_experts} experts, one MatMul each)"
-        rows += [(f"layers.{i}.moe.router", fmt("moe.router")),
-                 (f"layers.{i}.moe.experts.*.gate_up", fmt("moe.experts") + each),
-                 (f"layers.{i}.moe.experts.*.down", fmt("moe.experts") + each)]
+        rows += [_row(f"layers.{i}.moe.router", fmt("moe.router")),
+                 _row(f"layers.{i}.moe.experts.*.gate_up", fmt("moe.experts"), each),
+                 _row(f"layers.{i}.moe.experts.*.down", fmt("moe.experts"), each)]
     return rows
 
 
-def plan_rows(prepared) -> list[tuple[str, str]]:
-    """(weight, format) for every weight the plan decides, in graph order."""
+def plan_rows(prepared) -> list[tuple[str, str, int | None]]:
+    """(weight, format, bits or None for float) for every weight the plan decides, in graph order."""
     spec, plan = prepared.spec, prepared.settings.plan
     embed = plan.format_for("embed")
-    rows = [("embed", embed.describe() + ("" if embed.is_float else " (GatherBlockQuantized)"))]
+    rows = [_row("embed", embed, "" if embed.is_float else " (GatherBlockQuantized)")]
     if spec.per_layer_input_size:
-        rows += [("per_layer.embed", plan.format_for("per_layer.embed").describe()),
-                 ("per_layer.projection", plan.format_for("per_layer.projection").describe())]
+        rows += [_row("per_layer.embed", plan.format_for("per_layer.embed")),
+                 _row("per_layer.projection", plan.format_for("per_layer.projection"))]
     for i, layer in enumerate(spec.layers):
         rows += _layer_rows(plan, i, layer)
         if spec.per_layer_input_size:
-            rows += [(f"layers.{i}.per_layer.gate", plan.format_for("per_layer.gate", i).describe()),
-                     (f"layers.{i}.per_layer.projection", plan.format_for("per_layer.projection", i).describe())]
-    head = plan.format_for("lm_head").describe()
-    if plan.shares_embedding:
-        head += " (reads the embed bytes)"
-    rows.append(("lm_head" + (" (tied)" if spec.tie_embeddings else ""), head))
+            rows += [_row(f"layers.{i}.per_layer.gate", plan.format_for("per_layer.gate", i)),
+                     _row(f"layers.{i}.per_layer.projection", plan.format_for("per_layer.projection", i))]
+    rows.append(_row("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head"),
+                     " (reads the embed bytes)" if plan.shares_embedding else ""))
     return rows
 
 
@@ -94,7 +100,17 @@ def rope_rows(spec) -> list[str]:
     return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
 
 
-def describe(prepared) -> str:
+def _format_name(bits: int | None) -> str:
+    return "float" if bits is None else f"int{bits}"
+
+
+def _counts_text(counts: dict, nominal: int | None) -> str:
+    """"0 int4, 9 int8, 3 float" from {bits or None: text}; the precision's own width is named even when empty."""
+    keys = [k for k in (4, 8) if k in counts or k == nominal] + ([None] if None in counts else [])
+    return ", ".join(f"{counts.get(k, 0)} {_format_name(k)}" for k in keys)
+
+
+def describe(prepared, notes: bool = True) -> str:
     spec, settings = prepared.spec, prepared.settings
     attn = spec.attention
     heads = (f"heads {attn.num_heads} (kv {attn.num_kv_heads}, head_dim {attn.head_dim})" if attn
@@ -114,11 +130,48 @@ def describe(prepared) -> str:
                      f"{mixer.num_key_heads} x {mixer.key_head_dim}, value heads {mixer.num_value_heads} x "
                      f"{mixer.value_head_dim}, conv kernel {mixer.conv_kernel}, core and state in "
                      f"{settings.linear_attn_dtype}")
-    lines.append(f"quantization: {settings.plan.summary()}")
-    lines += [f"note: {note}" for note in prepared.notes]
     rows = plan_rows(prepared)
-    width = max(len(name) for name, _ in rows)
+    counts: dict = {}
+    for _, _, bits in rows:
+        counts[bits] = counts.get(bits, 0) + 1
+    nominal = {"int4": 4, "int8": 8}.get(settings.precision)
+    lines.append(f"quantization: {settings.plan.summary()}")
+    lines.append(f"weights by format: {_counts_text(counts, nominal)} (of {len(rows)} in the plan below)")
+    if notes:
+        lines += [f"note: {note}" for note in prepared.notes]
+    width = max(len(name) for name, _, _ in rows)
     lines.append(f"stored as {settings.io_dtype} whatever the plan: {ALWAYS_MODEL_DTYPE}")
     lines.append("plan:")
-    lines += [f"  {name.ljust(width)}  {fmt}" for name, fmt in rows]
+    lines += [f"  {name.ljust(width)}  {fmt}" for name, fmt, _ in rows]
     return "\n".join(lines)
+
+
+def written_formats(graph, nominal: int | None) -> str:
+    """What the graph stores, by format: count of weights and bytes (scales and zero points included) per bit width,
+    and the float tensors. Shapes and dtypes only: no weight is read."""
+    owner: dict[str, int] = {}  # initializer name -> bits of the quantized op that reads it
+    weights: dict = {}
+    for node in graph:
+        op = QUANTIZED_OPS.get(node.op_type) if node.domain == "com.microsoft" else None
+        if op is None:
+            continue
+        attr = node.attributes.get(op[0])
+        bits = int(attr.value) if attr is not None else op[1]
+        for index, value in enumerate(node.inputs):
+            if value is None or not value.is_initializer() or value.name in owner:
+                continue
+            owner[value.name] = bits
+            if index in op[2]:
+                weights[bits] = weights.get(bits, 0) + 1
+    sizes: dict = {}
+    for name, value in graph.initializers.items():
+        bits = owner.get(name)
+        if bits is None and not value.dtype.is_floating_point():
+            continue  # shapes, axes, token ids
+        sizes[bits] = sizes.get(bits, 0) + value.const_value.nbytes
+        if bits is None:
+            weights[None] = weights.get(None, 0) + 1
+    keys = [k for k in (4, 8) if k in sizes or k == nominal] + ([None] if None in sizes else [])
+    return "weights written: " + ", ".join(
+        f"{weights.get(k, 0)} {_format_name(k)}{' tensors' if k is None else ''} ({sizes.get(k, 0) / 2**20:.1f} MiB)"
+        for k in keys)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.errors import CheckpointError, OutputError, UsageError, VerificationError
+from builder.errors import CheckpointError, OutputError, RuntimeUnavailableError, UsageError, VerificationError
 from builder.export import MANIFEST
+from builder.runtime import CUDA_EP, choose_providers, cuda_only_features, installed_runtime, version_warnings
 from builder.state import empty_past_shape, parse_past, present_for
 from builder.verify_report import DEFAULT_STEPS, Policy, PromptResult, Report
 
@@ -76,9 +77,9 @@ def describe_output(out_dir: Path) -> dict:
     manifest = read_manifest(out_dir)
     if manifest:
         return {"precision": manifest["precision"], "ep": manifest["ep"], "source": manifest.get("source"),
-                "filename": filename}
+                "filename": filename, "requires": manifest.get("requires")}
     precision, ep = detect_precision(out_dir / filename, config)
-    return {"precision": precision, "ep": ep, "source": None, "filename": filename}
+    return {"precision": precision, "ep": ep, "source": None, "filename": filename, "requires": None}
 
 
 # ----------------------------------------------------------------------------------------------- the reference side
@@ -114,17 +115,25 @@ def load_reference(reference: str, dtype: str = "float32", cache_dir: str | None
     return model.eval()
 
 
+def _cache_argument(model) -> str:
+    """The KV-cache argument/output name: `cache` since transformers 5.24 (`past_key_values` still works there but
+    warns on every call), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def reference_run(model, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
     """(greedy continuation of `steps` tokens, fp32 logits [len(ids) + steps, V] of one full no-cache pass)."""
     torch, _ = _reference_stack()
     tokens: list[int] = []
+    cache = _cache_argument(model)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), use_cache=True)
         for step in range(steps):
             tokens.append(int(out.logits[0, -1].argmax()))
             if step + 1 < steps:
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
-                            use_cache=True)
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache: getattr(out, cache)})
         full = model(input_ids=torch.tensor([ids + tokens]), use_cache=False).logits[0]
     return tokens, full.float().numpy()
 
@@ -257,18 +266,6 @@ def _genai_prefix(genai: list[int], reference: list[int], eos: set[int]) -> int:
     return n
 
 
-def _providers(ep: str) -> tuple[list[str], str, str | None]:
-    import onnxruntime as ort
-
-    if ep == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", None
-        return ["CPUExecutionProvider"], "cpu", (
-            "the model was exported for cuda but this onnxruntime has no CUDAExecutionProvider, so it ran on CPU; "
-            "CUDA-only layouts (prepacked QMoE experts) are not valid there, so verify such exports on a GPU")
-    return ["CPUExecutionProvider"], "cpu", None
-
-
 # -------------------------------------------------------------------------------------------------------- the whole
 
 
@@ -295,8 +292,11 @@ def compare_prompt(decoder: OnnxDecoder, reference_model, ids: list[int], steps:
 def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[list[int]] | None = None,
            prompts: list[str] | None = None, steps: int = DEFAULT_STEPS, tolerance: float | None = None,
            min_top1: float | None = None, use_genai: bool = True, reference_dtype: str = "float32",
-           cache_dir: str | None = None) -> Report:
-    """Measure an output folder against its reference checkpoint; never raises for a failed check (see Report)."""
+           cache_dir: str | None = None, warn=None) -> Report:
+    """Measure an output folder against its reference checkpoint; never raises for a failed check (see Report).
+
+    `warn(text)` is called at once for a runtime older than the export needs (the same text is a note in the report).
+    """
     out_dir = Path(out_dir)
     info = describe_output(out_dir)
     reference = reference or info["source"]
@@ -305,6 +305,14 @@ def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[l
                          "HF_DIR_OR_ID.")
     if steps < 0:
         raise UsageError(f"--steps must be >= 0 (got {steps}).")
+    # The runtime first: a model that cannot run here fails in a second, before transformers loads.
+    runtime = installed_runtime("`ortbuild verify`")
+    model_path = out_dir / info["filename"]
+    providers, provider, notes = choose_providers(runtime, model_path, info["ep"], str(out_dir))
+    too_old = version_warnings(runtime, info["requires"], model_path, info["ep"])
+    for warning in too_old:
+        (warn or (lambda text: None))(warning)
+    notes += too_old
     config = json.loads((out_dir / "genai_config.json").read_text())
     if prompt_ids is None:
         prompt_ids = encode_prompts(list(prompts or DEFAULT_PROMPTS), out_dir, reference)
@@ -315,20 +323,67 @@ def verify(out_dir: str | Path, reference: str | None = None, prompt_ids: list[l
         bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
         if bad:
             raise UsageError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1}).")
-    providers, provider, note = _providers(info["ep"])
     report = Report(output=str(out_dir), reference=str(reference), precision=info["precision"], ep=info["ep"],
                     provider=provider, steps=steps, policy=Policy.for_precision(info["precision"], tolerance, min_top1))
-    if note:
-        report.notes.append(note)
+    report.notes += notes
+    report.runtime = runtime.describe()
+    if runtime.conflict_note():
+        report.notes.append(runtime.conflict_note())
     model = load_reference(reference, reference_dtype, cache_dir)
     if reference_dtype != "float32":
         report.notes.append(f"reference run in {reference_dtype}, not float32: errors include the reference's own")
-    decoder = OnnxDecoder(out_dir / info["filename"], providers)
+    decoder = _start_decoder(model_path, providers, runtime, report, str(out_dir), too_old)
     for ids in prompt_ids:
-        report.prompts.append(compare_prompt(decoder, model, list(ids), steps, config))
+        try:
+            report.prompts.append(compare_prompt(decoder, model, list(ids), steps, config))
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise _cannot_run(exc, info["ep"], decoder.session.get_providers(), str(out_dir), too_old) from exc
     del decoder
     _genai_compare(report, out_dir, config, steps, use_genai)
     return report
+
+
+def _cannot_run(exc: Exception, ep: str, active: list[str], where: str, too_old: list[str]) -> Exception:
+    """An onnxruntime failure while running: a cuda export on the CPU provider, or a runtime older than the export
+    needs, cannot run here (exit 7); any other failure is the export's (exit 6)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if too_old:
+        return RuntimeUnavailableError(f"onnxruntime cannot run {where} ({text}): {too_old[0]}")
+    if ep == "cuda" and CUDA_EP not in active:
+        return RuntimeUnavailableError(
+            f"{where} was exported for CUDA and the CPU provider cannot run it ({text}); nothing was compared. Run "
+            "the same command on a machine with an NVIDIA GPU and onnxruntime-gpu (pip install 'ortbuild[gpu]').")
+    return VerificationError(f"onnxruntime failed running {where} on {', '.join(active)}: {text}")
+
+
+def _start_decoder(model_path: Path, providers: list[str], runtime, report: Report, where: str,
+                   too_old: list[str]) -> OnnxDecoder:
+    """An OnnxDecoder on `providers`. onnxruntime-gpu lists the CUDA provider even where it cannot start (no GPU, no
+    CUDA libraries) and then falls back to CPU, so the session's providers are checked, and a cuda export that fails
+    to load on the CPU provider is reported as not runnable here rather than as a failed verification."""
+    try:
+        decoder = OnnxDecoder(model_path, providers)
+    except VerificationError as exc:
+        if too_old:
+            raise RuntimeUnavailableError(f"{exc}: {too_old[0]}") from None
+        if report.ep == "cuda" and CUDA_EP not in providers:
+            raise RuntimeUnavailableError(f"{where} was exported for CUDA and the CPU provider cannot load it "
+                                          f"({exc}); nothing was compared. Run the same command on a machine with an "
+                                          "NVIDIA GPU and onnxruntime-gpu (pip install 'ortbuild[gpu]').") from None
+        raise
+    if CUDA_EP in providers and CUDA_EP not in decoder.session.get_providers():
+        needs = cuda_only_features(model_path, report.ep)
+        if needs:
+            raise RuntimeUnavailableError(
+                f"{where} needs the CUDA execution provider for: {'; '.join(needs)}. {runtime.describe()} lists it "
+                "but it did not start (no NVIDIA GPU or driver, or missing CUDA libraries: onnxruntime's log says "
+                "which); nothing was compared. Run it on a machine with a working GPU.")
+        report.provider = "cpu"
+        report.notes.append(f"{runtime.describe()} could not start the CUDA provider, so the model ran on the CPU "
+                            "provider (it uses no CUDA-only feature)")
+    return decoder
 
 
 def _genai_compare(report: Report, out_dir: Path, config: dict, steps: int, use_genai: bool) -> None:

@@ -1,5 +1,6 @@
 """`ortbuild verify OUT_DIR`: parity of an export against transformers, printed, optionally saved as JSON, and turned
-into an exit code (6 past the tolerance) so scripts and `ortbuild batch` can gate on it.
+into an exit code (6 past the tolerance, 7 when the model cannot run here) so scripts and `ortbuild batch` can gate
+on it.
 """
 
 from __future__ import annotations
@@ -56,16 +57,18 @@ def register(cli_group: click.Group) -> None:
     @click.option("--reference-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                   show_default=True, help="dtype of the transformers reference (bfloat16 halves its memory).")
     @click.option("-c", "--cache_dir", "cache_dir", default=None, help="Hugging Face cache folder for Hub ids.")
+    @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line (PASS/FAIL ...).")
     @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
     def verify_cmd(out_dir, reference, prompt_ids, prompts, steps, tolerance, min_top1, json_path, no_genai,
-                   reference_dtype, cache_dir, verbose):
+                   reference_dtype, cache_dir, quiet, verbose):
         """Compare an exported model with transformers: max-abs logit error (prompt and KV-cache decode
         positions), top-1 agreement and greedy-token agreement (onnxruntime and onnxruntime-genai).
 
         \b
         ortbuild verify out/qwen3-fp32 --reference Qwen/Qwen3-0.6B
         ortbuild verify out/m --prompts "Hello" --prompts "def f(x):" --steps 16 --json parity.json
-        Exit 6 when a figure is past the tolerance.
+        Exit 6 when a figure is past the tolerance; 7 when the model cannot run here (a CUDA export
+        without the CUDA provider: run it on a GPU machine with onnxruntime-gpu; or no onnxruntime installed).
         """
         from builder.verify import verify
 
@@ -73,8 +76,10 @@ def register(cli_group: click.Group) -> None:
             raise UsageError("pass either --prompt-ids or --prompts, not both.")
         report = verify(out_dir, reference, prompt_ids=parse_prompt_ids(prompt_ids), prompts=list(prompts) or None,
                         steps=steps, tolerance=tolerance, min_top1=min_top1, use_genai=not no_genai,
-                        reference_dtype=reference_dtype, cache_dir=cache_dir)
-        for line in report.summary_lines():
+                        reference_dtype=reference_dtype, cache_dir=cache_dir,
+                        warn=lambda text: click.echo(f"ortbuild: warning: {text}", err=True))
+        lines = report.summary_lines()
+        for line in lines[-1:] if quiet else lines:
             click.echo(line)
         if json_path:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)

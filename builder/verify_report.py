@@ -76,6 +76,7 @@ class Report:
     genai_error: str | None = None  # why onnxruntime-genai could not run (None: it ran, or is not installed)
     genai_installed: bool = False
     notes: list[str] = field(default_factory=list)
+    runtime: str = ""  # the onnxruntime package that ran it, with its providers
 
     # -- figures -------------------------------------------------------------------------------------------------
     @property
@@ -132,7 +133,8 @@ class Report:
         ort_greedy = self.greedy("onnxruntime")
         return {
             "output": self.output, "reference": self.reference, "precision": self.precision, "ep": self.ep,
-            "provider": self.provider, "steps": self.steps, "passed": self.passed, "failures": self.failures(),
+            "provider": self.provider, "runtime": self.runtime, "steps": self.steps, "passed": self.passed,
+            "failures": self.failures(),
             "max_abs_error": self.max_abs_error,
             "prompt_max_abs_error": max(p.prompt_error for p in self.prompts),
             "decode_max_abs_error": max(p.decode_error for p in self.prompts),
@@ -144,8 +146,9 @@ class Report:
         }
 
     def summary_lines(self) -> list[str]:
-        lines = [f"ortbuild verify {self.output} ({self.precision}, {self.ep}; run on {self.provider}) against "
-                 f"{self.reference}: {len(self.prompts)} prompts, {self.steps} decode steps"]
+        runtime = f" with {self.runtime}" if self.runtime else ""
+        lines = [f"ortbuild verify {self.output} ({self.precision}, {self.ep}; run on {self.provider}{runtime}) "
+                 f"against {self.reference}: {len(self.prompts)} prompts, {self.steps} decode steps"]
         for i, p in enumerate(self.prompts, 1):
             genai = ("" if p.genai_greedy_prefix is None else
                      f", genai {p.genai_greedy_prefix}/{len(p.reference_tokens)}")

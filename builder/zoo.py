@@ -10,7 +10,7 @@ cross-option rules as the command line (builder.options, ExportSettings.resolve)
     recipes:
       int4-cpu: {precision: int4, ep: cpu, extra_options: {int4_algo_config: k_quant}}
     models:
-      - model: Qwen/Qwen3-30B-A3B              # Hub id, or a folder (relative to the zoo file)
+      - model: Qwen/Qwen3-30B-A3B              # Hub id, or a folder (beside the zoo file, else the working dir)
         recipes: [int4-cpu]                    # default: every recipe
 """
 
@@ -134,11 +134,23 @@ def _bool(value: Any, key: str, where: str) -> bool | None:
 
 
 def _model_source(value: Any, base: Path, where: str) -> str:
-    """A folder (absolute, ./relative, or existing relative to the zoo file) or a Hub id, left as written."""
+    """A folder as an absolute path, or a Hub id as written: normalised once, so the export's manifest (which records
+    folders absolute) and the resume check compare equal.
+
+    A relative folder is looked up beside the zoo file first, then in the working directory; a value that can only be
+    a path (see looks_like_path) and is neither is an error now rather than a failed export later.
+    """
+    from builder.checkpoint import looks_like_path
+
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"{where}: 'model' must be a Hub id (owner/name) or a folder.")
-    if value.startswith(("/", ".", "~")) or (base / value).is_dir():
-        return str((base / Path(value).expanduser()).resolve())
+    path = Path(value).expanduser()
+    for candidate in (base / path, Path.cwd() / path):  # an absolute path ignores the base
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if looks_like_path(value):
+        raise UsageError(f"{where}: no such folder {value} (looked beside the zoo file, in {base}, and in the "
+                         f"working directory {Path.cwd()}).")
     return value
 
 

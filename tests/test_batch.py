@@ -116,14 +116,53 @@ def test_changed_recipe_is_reported_stale_and_force_reexports(zoo_dir):
                    "models:\n  - model: ./llama\n")
     assert batch(zoo_dir, "zoo.yaml", "--out-root", "out").returncode == 0
     zoo.write_text(zoo.read_text().replace("precision: fp32", "precision: int4"))
+    exported = summary(zoo_dir / "out")["llama-base"]
     stale = batch(zoo_dir, "zoo.yaml", "--out-root", "out")
     assert stale.returncode == 1
     result = summary(zoo_dir / "out")["llama-base"]
     assert result["status"] == "stale" and "precision 'fp32' (recipe: 'int4')" in result["error"]
+    assert "[batch] llama-base: stale, not re-exported: " in stale.stderr  # said on the console, not only in files
     assert json.loads((zoo_dir / "out/llama-base/ortbuild.json").read_text())["precision"] == "fp32"  # untouched
+    assert result["wall_s"] == exported["wall_s"] and result["previous_run"]  # the output's figures are kept
+    zoo.write_text(zoo.read_text().replace("precision: int4", "precision: fp32"))
+    back = batch(zoo_dir, "zoo.yaml", "--out-root", "out")
+    assert back.returncode == 0, back.stderr
+    skipped = summary(zoo_dir / "out")["llama-base"]
+    assert skipped["status"] == "skipped" and skipped["wall_s"] == exported["wall_s"]
+    assert skipped["peak_rss_bytes"] == exported["peak_rss_bytes"]
+    zoo.write_text(zoo.read_text().replace("precision: fp32", "precision: int4"))
     forced = batch(zoo_dir, "zoo.yaml", "--out-root", "out", "--force")
     assert forced.returncode == 0, forced.stderr
     assert json.loads((zoo_dir / "out/llama-base/ortbuild.json").read_text())["precision"] == "int4"
+
+
+def test_a_model_path_relative_to_the_working_directory_resumes(zoo_dir):
+    """`ortbuild batch ../zoo.yaml` naming `model: models/llama` relative to where the batch runs: the rerun skips
+    the complete output (the manifest records the folder absolute; the zoo path is normalised the same way)."""
+    work = zoo_dir / "work"
+    (work / "models").mkdir(parents=True)
+    shutil.copytree(zoo_dir / "llama", work / "models" / "llama")
+    (zoo_dir / "zoo.yaml").write_text("recipes:\n  fp32: {precision: fp32}\nmodels:\n  - model: models/llama\n")
+    first = batch(work, "../zoo.yaml", "--out-root", "out")
+    assert first.returncode == 0, first.stderr
+    made = summary(work / "out")["llama-fp32-cpu"]
+    assert json.loads((work / "out/llama-fp32-cpu/ortbuild.json").read_text())["source"] == \
+        str((work / "models" / "llama").resolve())
+    again = batch(work, "../zoo.yaml", "--out-root", "out")
+    assert again.returncode == 0, again.stderr
+    assert "llama-fp32-cpu: already complete, skipped" in again.stderr
+    rerun = summary(work / "out")["llama-fp32-cpu"]
+    assert rerun["status"] == "skipped" and rerun["previous_run"] and rerun["wall_s"] == made["wall_s"]
+
+
+def test_a_zoo_folder_that_exists_nowhere_fails_before_any_export(tmp_path, capsys):
+    path = tmp_path / "zoo.yaml"
+    path.write_text("recipes:\n  fp32: {precision: fp32}\nmodels:\n  - model: ./missing/llama\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["batch", str(path), "--out-root", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no such folder ./missing/llama (looked beside the zoo file" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_foreign_folder_in_the_way_is_reported_not_overwritten(zoo_dir):

@@ -146,8 +146,9 @@ def test_hub_id_exports_offline_from_cache(checkpoint, exported, tmp_path):
                    HF_HUB_OFFLINE="1")
     assert missing.returncode == 4
     assert missing.stderr.strip() == (
-        f"ortbuild: bad checkpoint: tiny-org/not-cached: not in the Hugging Face cache {cache} and downloads are off "
-        "(HF_HUB_OFFLINE) or unreachable. Download it first or pass a local folder with -m/-i.")
+        f"ortbuild: bad checkpoint: tiny-org/not-cached: not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE "
+        "is set, so nothing is downloaded. Download it once with HF_HUB_OFFLINE unset, or pass -c with the cache "
+        "that holds it. Or pass a local checkpoint folder with -m/-i.")
     assert not (tmp_path / "nope").exists()
 
 

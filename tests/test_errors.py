@@ -285,7 +285,7 @@ def test_input_folder_that_does_not_exist(tmp_path, capsys):
 def test_model_that_is_neither_folder_nor_hub_id(tmp_path, capsys):
     out = tmp_path / "out"
     assert_refused(capsys, ["-m", "./no/such/folder", "-o", str(out), "-q"], CHECKPOINT,
-                   "'./no/such/folder' is neither a folder nor a Hub id", out=out)
+                   "-m ./no/such/folder: no such folder", "Check the path", out=out)
 
 
 # ---------------------------------------------------------------------------------------------------- options

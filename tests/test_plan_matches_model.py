@@ -184,7 +184,7 @@ def test_qmoe_block_that_does_not_tile_k_is_a_usage_error(tiny_checkpoint, tmp_p
     ("gemma4_moe", "int4", ["qmoe_prepack_arch=80", "qmoe_weights_prepacked=-1", "qmoe_block_size=16"],
      "qmoe_weights_prepacked, qmoe_prepack_arch: Gemma4ForCausalLM's experts are per-expert MatMulNBits weights, "
      "not a QMoE op, so they change nothing."),
-    ("qwen3_moe", "fp32", ["moe_quant_bits=4"], "-p fp32 keeps every weight in float; ignoring moe_quant_bits."),
+    ("qwen3_moe", "fp32", ["moe_quant_bits=4"], "-p fp32 keeps every weight in float; ignoring moe_quant_bits=4."),
 ])
 def test_expert_options_without_a_target_are_notes(arch, precision, extra, note, tiny_checkpoint, capsys):
     code, out, err = run_cli(capsys, "inspect", "-m", str(tiny_checkpoint(arch)), "-p", precision,

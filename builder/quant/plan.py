@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from builder.errors import UsageError
+from builder.options import OPTIONS
 
 BASE_METHODS = ("default", "rtn", "k_quant")
 
@@ -113,11 +114,9 @@ def _resolve_flags(method: str, extra: dict, notes: list[str]) -> tuple[str, set
 
 def _given(extra: dict, given) -> set[str]:
     """The options the user set: `given` when known, else those that differ from their defaults."""
-    from builder import options as opts
-
     if given is not None:
         return set(given)
-    return {name for name, default in opts.defaults().items() if extra.get(name, default) != default}
+    return {o.name for o in OPTIONS if extra.get(o.name, o.default) != o.default}
 
 
 @dataclass(frozen=True)
@@ -152,18 +151,17 @@ class QuantPlan:
         bits = {"int4": 4, "int8": 8}.get(precision)
         experts = dict(fused_expert_layers=frozenset(fused_expert_layers),
                        per_expert_layers=frozenset(per_expert_layers))
-        has_experts = bool(experts["fused_expert_layers"] or experts["per_expert_layers"])
-        expert_notes = _expert_option_notes(given, model, **experts)
         if bits is None:
             ignored = [PLACEMENT_FLAGS[f] for f in sorted(flags)]
             ignored += ["quantize_embeddings"] if extra["quantize_embeddings"] else []
-            if has_experts:  # else expert_notes says the options have no target at all
-                ignored += [o for o in EXPERT_OPTIONS + QMOE_LAYOUT_OPTIONS if o in given]
-                expert_notes = []
+            # every quantization-only option set away from its default (expert options included) changes nothing
+            ignored += [f"{o.name}={extra[o.name]}" for o in OPTIONS if o.quantized_only and extra[o.name] != o.default]
             if ignored:
                 notes.append(f"-p {precision} keeps every weight in float; ignoring {', '.join(ignored)}.")
-            return cls(bits=None, num_layers=num_layers, tied_embeddings=tied_embeddings,
-                       notes=tuple(notes + expert_notes), expert_bits=None, **experts)
+            return cls(bits=None, num_layers=num_layers, tied_embeddings=tied_embeddings, notes=tuple(notes),
+                       expert_bits=None, **experts)
+
+        expert_notes = _expert_option_notes(given, model, **experts)
 
         linear_attn_layers = frozenset(linear_attn_layers)
         if "linear_attn" in flags and not linear_attn_layers:
