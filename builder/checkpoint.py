@@ -140,7 +140,7 @@ class Checkpoint:
         self.config = self._read_config()
         self._refs = self._index_tensors()
         self._consumed: set[str] = set()
-        self.skipped: dict[str, int] = {}  # reason -> number of tensors deliberately not exported (see skip)
+        self._skipped: dict[str, set[str]] = {}  # reason -> tensors left out on purpose
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -232,6 +232,9 @@ class Checkpoint:
     @property
     def architecture(self) -> str:
         archs = self.config.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs):
+            raise CheckpointError(f"{self.folder / 'config.json'}: 'architectures' is {archs!r}; expected a list of "
+                                  'model class names, e.g. "architectures": ["LlamaForCausalLM"]. Fix the config.')
         if not archs:
             raise CheckpointError(f"{self.folder / 'config.json'} has no 'architectures' entry; cannot tell which "
                                   "model this is. Add the model class transformers saves there, e.g. "
@@ -247,22 +250,22 @@ class Checkpoint:
     def tensor(self, name: str) -> TensorRef:
         ref = self._refs.get(name)
         if ref is None:
-            raise CheckpointError(f"{self.architecture}: tensor {name} missing from the checkpoint in {self.folder}.")
+            raise CheckpointError(f"{self.architecture}: tensor {name} missing from the checkpoint in {self.folder} "
+                                  "(the config implies it). The checkpoint is incomplete or does not match its config.")
         self._consumed.add(name)
         return ref
 
-    def ignore(self, *names: str) -> None:
-        """Mark tensors as knowingly unused (e.g. a vision tower when exporting the text decoder)."""
-        self._consumed.update(n for n in names if n in self._refs)
+    def ignore(self, *names: str, reason: str) -> None:
+        """Leave tensors out on purpose (e.g. a vision tower when exporting the text decoder), saying why: the
+        reasons and names are reported (see skipped); anything else nobody used is an error."""
+        present = {n for n in names if n in self._refs}
+        self._consumed.update(present)
+        if present:
+            self._skipped.setdefault(reason, set()).update(present)
 
-    def skip(self, prefix: str, reason: str) -> int:
-        """Deliberately leave out every tensor under `prefix` (e.g. a vision tower), recorded for the progress
-        output; returns how many there were."""
-        names = [n for n in self._refs if n.startswith(prefix)]
-        if names:
-            self._consumed.update(names)
-            self.skipped[reason] = self.skipped.get(reason, 0) + len(names)
-        return len(names)
+    def skipped(self) -> dict[str, list[str]]:
+        """reason -> sorted names of the tensors left out on purpose."""
+        return {reason: sorted(names) for reason, names in self._skipped.items()}
 
     def unconsumed(self) -> list[str]:
         return sorted(set(self._refs) - self._consumed)

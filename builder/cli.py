@@ -132,7 +132,8 @@ def export_cmd(**kwargs):
 @cli.command("inspect", epilog=opts.help_text().replace("\n", "\n\n\b\n", 1))
 @model_options
 def inspect_cmd(model, input_dir, precision, ep, cache_dir, extra, quiet, verbose):
-    """Print the architecture and the per-weight quantization plan, reading no weights (same as export --dry-run)."""
+    """Print the architecture and the per-weight quantization plan, reading no weights but a tied model's stored
+    lm_head, compared with the embedding (same as export --dry-run)."""
     print_plan(model, input_dir, precision, ep, cache_dir, extra, quiet)
 
 

@@ -17,7 +17,7 @@ from builder.settings import ExportSettings
 from builder.spec import ModelSpec
 from builder.weights import WeightMap
 from builders import family_for, text_config
-from builders.common import reject_unconsumed
+from builders.common import ignore_declared, reject_unconsumed, reject_unread, resolve_tied_head, skip_notes
 
 
 # Written last inside the atomic folder: records how the model was made (read by `ortbuild verify` for the
@@ -47,7 +47,8 @@ class Prepared:
     spec: ModelSpec
     settings: ExportSettings
     weights: WeightMap
-    config: dict
+    config: dict  # the text config as read (genai_config takes token ids from it)
+    notes: tuple[str, ...] = ()  # plan notes, tensors left out on purpose, tie decisions: shown before any write
 
 
 def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_dir: str | None = None,
@@ -55,12 +56,14 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     settings = ExportSettings.resolve(precision, ep, extra_options)
     checkpoint = Checkpoint.resolve(model, input_dir, cache_dir)
     family = family_for(checkpoint.architecture)
-    config = text_config(family, checkpoint.config)
+    config = text_config(family, checkpoint.config, checkpoint.architecture)
     spec = family.make_spec(config)
-    settings = settings.with_plan(spec.num_layers, tied_embeddings=spec.tie_embeddings, model=spec.architecture,
-                                  linear_attn_layers=spec.linear_attention_layers)
-    weights = family.map_weights(spec, checkpoint, config)
-    return Prepared(checkpoint, spec, settings, weights, config)
+    ignore_declared(checkpoint, family.ignored)
+    weights = family.map_weights(spec, checkpoint)
+    spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
+    settings = settings.with_plan(spec)
+    notes = (*settings.plan.notes, *tie_notes, *skip_notes(checkpoint))
+    return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 
 
 def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "cpu", extra_options=None, *,
@@ -73,13 +76,12 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
     progress.stage(f"reading checkpoint {input_dir or model}")
     prepared = prepare(model, precision, ep, settings.extra, input_dir=input_dir, cache_dir=cache_dir)
     spec, settings = prepared.spec, prepared.settings
-    for note in settings.plan.notes:
+    for note in prepared.notes:
         progress.note(note)
-    for reason, count in prepared.checkpoint.skipped.items():
-        progress.note(f"not exported: {reason} ({count} tensors)")
     progress.stage(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
                    f"{spec.vocab_size}; -p {precision} -e {ep}")
     model_ir = build_decoder(spec, settings, prepared.weights)
+    reject_unread(prepared.weights)
     reject_unconsumed(prepared.checkpoint, spec.architecture)
     filename = settings.extra["filename"]
     with atomic_folder(output, overwrite) as folder:

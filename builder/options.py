@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from builder.errors import UsageError
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+from builder.quant import BLOCK_SIZES
 
 
 def _parse_bool(text: str) -> bool:
@@ -148,10 +147,11 @@ OPTIONS: tuple[Option, ...] = (
            "transformers keeps the recurrent state; false runs it in the activation dtype. No effect on fp32 "
            "activations (cpu)."),
     Option("moe_quant_bits", "int", None,
-           "Bits for MoE expert weights (QMoE). Default: 4 for -p int4, 8 for -p int8.", choices=(4, 8),
-           quantized_only=True),
+           "Bits for routed MoE expert weights (QMoE, or Gemma 4's per-expert MatMulNBits). Default: 4 for -p int4, "
+           "8 for -p int8.", choices=(4, 8), quantized_only=True),
     Option("qmoe_block_size", "int", 32,
-           "QMoE expert scales: block size along K (16..256), or <= 0 for per-channel scales.",
+           "Routed expert scales: block size along K (16..256), or <= 0 for per-channel scales (QMoE only: a usage "
+           "error for per-expert MatMulNBits experts).",
            check=_qmoe_block_size_check, quantized_only=True),
     Option("qmoe_weights_prepacked", "int", -1,
            "CUDA QMoE expert layout: -1 auto (ship the offline SM80 CUTLASS layout, attribute omitted — ORT reads an "

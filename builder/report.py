@@ -1,51 +1,73 @@
 """Human-readable description of an export: the plan before any weight is read (`ortbuild inspect`, `--dry-run`)
 and, after writing, what the graph actually stores (the export's closing line).
+
+The plan table has a row for every weight whose storage the QuantPlan decides (every projection, expert, embedding
+table and head the graph writes), named by the initializer prefix the graph gives it; per-expert weights are grouped
+per layer (`experts.*`). Norms, biases, sinks, layer scalars and rotary caches are always stored in the model's float
+dtype.
 """
 
 from __future__ import annotations
 
-from builder.quant.plan import FLOAT
-from builder.spec import LinearAttentionSpec, MlpSpec, MoeSpec
+from builder.spec import DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
 
+ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary caches"
 # Quantized contrib ops: (bits attribute, its default, inputs holding the packed weights).
 QUANTIZED_OPS = {"MatMulNBits": ("bits", 4, (1,)), "GatherBlockQuantized": ("bits", 4, (0,)),
                  "QMoE": ("expert_weight_bits", 4, (2, 5, 8))}
+
+
+def _row(name: str, fmt, suffix: str = "") -> tuple[str, str, int | None]:
+    return name, fmt.describe() + suffix, fmt.bits
+
+
+def _layer_rows(plan, i: int, layer) -> list[tuple[str, str, int | None]]:
+    attn, ffn = layer.attention, layer.ffn
+    fmt = lambda role: plan.format_for(role, i)  # noqa: E731
+    if isinstance(attn, LinearAttentionSpec):  # qkv+z in one MatMul, a+b in another, then out
+        rows = [_row(f"layers.{i}.linear_attn.in_proj", fmt("linear_attn.qkv")),
+                _row(f"layers.{i}.linear_attn.ab", fmt("linear_attn.ab")),
+                _row(f"layers.{i}.linear_attn.out", fmt("linear_attn.out"))]
+    else:
+        rows = [_row(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
+                _row(f"layers.{i}.attn.o", fmt("attn.o"))]
+    mlp = ffn.mlp if isinstance(ffn, DenseMoeSpec) else ffn if isinstance(ffn, MlpSpec) else None
+    if mlp is not None:
+        rows += [_row(f"layers.{i}.mlp.gate_up", fmt("mlp.gate")) if mlp.gated else
+                 _row(f"layers.{i}.mlp.up", fmt("mlp.up")), _row(f"layers.{i}.mlp.down", fmt("mlp.down"))]
+    if isinstance(ffn, MoeSpec):
+        experts = plan.format_for("moe.experts", i)
+        op = " (MoE)" if experts.is_float else " (QMoE)"
+        rows += [_row(f"layers.{i}.moe.router", fmt("moe.router")), _row(f"layers.{i}.moe.fc1", experts, op),
+                 _row(f"layers.{i}.moe.fc2", experts, op)]
+        if ffn.shared_expert_size:
+            rows += [_row(f"layers.{i}.moe.shared.gate_up", fmt("moe.shared.gate")),
+                     _row(f"layers.{i}.moe.shared.down", fmt("moe.shared.down"))]
+            if ffn.shared_expert_gated:
+                rows.append(_row(f"layers.{i}.moe.shared_gate", fmt("moe.shared_gate")))
+    elif isinstance(ffn, DenseMoeSpec):
+        each = f" ({ffn.moe.num_experts} experts, one MatMul each)"
+        rows += [_row(f"layers.{i}.moe.router", fmt("moe.router")),
+                 _row(f"layers.{i}.moe.experts.*.gate_up", fmt("moe.experts"), each),
+                 _row(f"layers.{i}.moe.experts.*.down", fmt("moe.experts"), each)]
+    return rows
 
 
 def plan_rows(prepared) -> list[tuple[str, str, int | None]]:
     """(weight, format, bits or None for float) for every weight the plan decides, in graph order."""
     spec, plan = prepared.spec, prepared.settings.plan
     embed = plan.format_for("embed")
-    rows = [("embed", embed.describe() + ("" if embed.is_float else " (GatherBlockQuantized)"), embed.bits)]
-
-    def add(name, fmt, suffix=""):
-        rows.append((name, fmt.describe() + suffix, None if fmt.is_float else fmt.bits))
-
+    rows = [_row("embed", embed, "" if embed.is_float else " (GatherBlockQuantized)")]
+    if spec.per_layer_input_size:
+        rows += [_row("per_layer.embed", plan.format_for("per_layer.embed")),
+                 _row("per_layer.projection", plan.format_for("per_layer.projection"))]
     for i, layer in enumerate(spec.layers):
-        if isinstance(layer.attention, LinearAttentionSpec):
-            add(f"layers.{i}.linear_attn.qkv_z", plan.format_for("linear_attn.qkv", i))
-            add(f"layers.{i}.linear_attn.a_b", FLOAT)
-            add(f"layers.{i}.linear_attn.out", plan.format_for("linear_attn.out", i))
-        else:
-            add(f"layers.{i}.attn.qkv", plan.format_for("attn.q", i))
-            add(f"layers.{i}.attn.o", plan.format_for("attn.o", i))
-        if isinstance(layer.ffn, MlpSpec):
-            if layer.ffn.gated:
-                add(f"layers.{i}.mlp.gate_up", plan.format_for("mlp.gate", i))
-            else:
-                add(f"layers.{i}.mlp.up", plan.format_for("mlp.up", i))
-            add(f"layers.{i}.mlp.down", plan.format_for("mlp.down", i))
-        elif isinstance(layer.ffn, MoeSpec):
-            moe = prepared.settings.moe
-            experts = "float (MoE)" if moe.bits is None else (
-                f"int{moe.bits} QMoE " + (f"block {moe.block_size}" if moe.block_size > 0 else "per-channel"))
-            add(f"layers.{i}.moe.router", plan.format_for("moe.router", i))
-            rows.append((f"layers.{i}.moe.experts", experts, moe.bits))
-            if layer.ffn.shared_expert_size:
-                add(f"layers.{i}.moe.shared.gate_up", plan.format_for("moe.shared.gate", i))
-                add(f"layers.{i}.moe.shared.down", plan.format_for("moe.shared.down", i))
-    add("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head"),
-        " (reads the embed bytes)" if plan.shares_embedding else "")
+        rows += _layer_rows(plan, i, layer)
+        if spec.per_layer_input_size:
+            rows += [_row(f"layers.{i}.per_layer.gate", plan.format_for("per_layer.gate", i)),
+                     _row(f"layers.{i}.per_layer.projection", plan.format_for("per_layer.projection", i))]
+    rows.append(_row("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head"),
+                     " (reads the embed bytes)" if plan.shares_embedding else ""))
     return rows
 
 
@@ -116,8 +138,9 @@ def describe(prepared, notes: bool = True) -> str:
     lines.append(f"quantization: {settings.plan.summary()}")
     lines.append(f"weights by format: {_counts_text(counts, nominal)} (of {len(rows)} in the plan below)")
     if notes:
-        lines += [f"note: {note}" for note in settings.plan.notes]
+        lines += [f"note: {note}" for note in prepared.notes]
     width = max(len(name) for name, _, _ in rows)
+    lines.append(f"stored as {settings.io_dtype} whatever the plan: {ALWAYS_MODEL_DTYPE}")
     lines.append("plan:")
     lines += [f"  {name.ljust(width)}  {fmt}" for name, fmt, _ in rows]
     return "\n".join(lines)

@@ -16,15 +16,16 @@ from builder import options as opts
 from builder.errors import UsageError
 from builder.graph import FLOAT_DTYPES
 from builder.quant.plan import QuantPlan
+from builder.spec import DenseMoeSpec, ModelSpec, MoeSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 EPS = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class MoeQuant:
-    bits: int | None  # None: float experts (MoE op); 4/8: QMoE
-    block_size: int  # <= 0: per-channel
+class QmoeLayout:
+    """How QMoE expert bytes are laid out for the CUDA kernel (their bits and blocks are the QuantPlan's)."""
+
     prepacked: int  # -1 auto (prepacked bytes, attribute omitted), 0 raw, 1 prepacked + attribute (CUDA only)
     prepack_arch: int
 
@@ -35,9 +36,10 @@ class ExportSettings:
     ep: str
     io_dtype: str  # "float32" | "float16" | "bfloat16": activations, KV cache, float weights
     fuse_qk_norm: bool
-    moe: MoeQuant
+    qmoe_layout: QmoeLayout
     extra: Mapping[str, Any] = field(default_factory=dict)
-    plan: QuantPlan | None = None  # set once the number of layers is known (see with_plan)
+    given: frozenset[str] = frozenset()  # the extra options the user set (the others are defaults)
+    plan: QuantPlan | None = None  # set once the model is known (see with_plan)
 
     @property
     def ir_dtype(self) -> ir.DataType:
@@ -82,16 +84,20 @@ class ExportSettings:
             raise UsageError("qmoe_prepack_arch=90: ONNX Runtime's CUDA QMoE reads the SM80 CUTLASS layout on every GPU, "
                              "Hopper (SM90) included; SM90-layout expert weights give wrong results (measured on an "
                              "H100). Use qmoe_prepack_arch=80 (the default).")
-        moe_bits = None
-        if precision in ("int4", "int8"):
-            moe_bits = extra["moe_quant_bits"] or (4 if precision == "int4" else 8)
-        moe = MoeQuant(moe_bits, extra["qmoe_block_size"], extra["qmoe_weights_prepacked"], extra["qmoe_prepack_arch"])
-        return cls(precision=precision, ep=ep, io_dtype=io_dtype, fuse_qk_norm=bool(fuse), moe=moe,
-                   extra=MappingProxyType(extra))
+        layout = QmoeLayout(extra["qmoe_weights_prepacked"], extra["qmoe_prepack_arch"])
+        return cls(precision=precision, ep=ep, io_dtype=io_dtype, fuse_qk_norm=bool(fuse), qmoe_layout=layout,
+                   extra=MappingProxyType(extra), given=frozenset(given))
 
-    def with_plan(self, num_layers: int, **model_facts) -> "ExportSettings":
-        """Attach the QuantPlan; model_facts (tied_embeddings, linear_attn_layers, model) come from the spec."""
+    def with_plan(self, spec: ModelSpec) -> "ExportSettings":
+        """Attach the QuantPlan, told the facts of the model that decide formats (layers, tying, experts)."""
         from dataclasses import replace
 
-        plan = QuantPlan.from_options(self.precision, dict(self.extra), self.ep, num_layers, **model_facts)
+        fused = [i for i, layer in enumerate(spec.layers) if isinstance(layer.ffn, MoeSpec)]
+        per_expert = [i for i, layer in enumerate(spec.layers) if isinstance(layer.ffn, DenseMoeSpec)]
+        expert_k = {k for i in fused for k in (spec.hidden_size, spec.layers[i].ffn.intermediate_size)}
+        plan = QuantPlan.from_options(self.precision, dict(self.extra), self.ep, spec.num_layers,
+                                      tied_embeddings=spec.tie_embeddings,
+                                      linear_attn_layers=spec.linear_attention_layers, fused_expert_layers=fused,
+                                      per_expert_layers=per_expert, expert_k=expert_k, given=self.given,
+                                      model=spec.architecture)
         return replace(self, plan=plan)

@@ -10,7 +10,7 @@ orientation [out_features, in_features]:
     layers.{i}.post_attn_norm.weight   norm on the attention output (sandwich and post norm schemes)
     layers.{i}.ffn_norm.weight         norm before the MLP / MoE
     layers.{i}.post_ffn_norm.weight    norm on the MLP output (sandwich and post norm schemes)
-    layers.{i}.attn.{q,k,v,o}.weight / .bias
+    layers.{i}.attn.{q,k,v,o}.weight / .bias   (no v when k_eq_v; no k/v for KV-sharing layers)
     layers.{i}.attn.qkv.weight / .bias  [q + 2 * kv, hidden] q, k, v stored fused (Phi-3): replaces q/k/v
     layers.{i}.attn.{q_norm,k_norm}.weight   per-head RMSNorm weights [head_dim]; [q_size] / [kv_size] when
                                              qk_norm_scope="projection"
@@ -26,7 +26,9 @@ orientation [out_features, in_features]:
     layers.{i}.mlp.{gate,up,down}.weight / .bias   (no gate when MlpSpec.gated is False)
     layers.{i}.mlp.gate_up.weight      [2 * intermediate, hidden] gate then up, stored fused (Phi-3): replaces gate/up
     layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
-    layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden], gate/up rows interleaved (g0, u0, g1, u1, ...)
+    layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden] in the layout its consumer reads: gate/up rows
+                                              interleaved (g0, u0, g1, u1, ...) for the fused MoE op (MoeSpec),
+                                              [gate; up] per expert for per-expert MatMuls (DenseMoeSpec)
     layers.{i}.moe.fc2.weight / .bias         [E, hidden, I]
     layers.{i}.moe.shared.{gate,up,down}.weight, layers.{i}.moe.shared_gate.weight
     layers.{i}.mlp.post_norm.weight, layers.{i}.moe.{pre_norm,post_norm}.weight   DenseMoeSpec branch norms
@@ -41,7 +43,7 @@ orientation [out_features, in_features]:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from builder.state import StateTensor, kv_state, linear_attention_state, model_state
 
@@ -81,6 +83,7 @@ class AttentionSpec:
     v_norm: bool = False  # per-head RMSNorm without weight on v (Gemma 4)
     # Reuse the keys/values of layer `kv_source` (Gemma 4 num_kv_shared_layers): no k/v projection, no own cache
     kv_source: int | None = None
+    k_eq_v: bool = False  # values come from the key projection (Gemma 4 attention_k_eq_v): no v weights
     # Output gate (Qwen3.5, Qwen3-Next): out = attention(x) * sigmoid(gate(x)) before o_proj, gate weight [q_size, hidden]
     output_gate: bool = False
 
@@ -142,7 +145,8 @@ class MoeSpec:
     num_experts: int
     top_k: int
     intermediate_size: int
-    # "silu": SwiGLU silu(g) * u;  "gpt_oss": clamp(g, max=limit) * sigmoid(alpha * g) * (clip(u, +-limit) + beta)
+    # "silu": SwiGLU silu(g) * u;  "gpt_oss": clamp(g, max=limit) * sigmoid(alpha * g) * (clip(u, +-limit) + beta);
+    # "gelu_tanh" / "gelu": GeGLU, per-expert path only (DenseMoeSpec). A layer that cannot compute it refuses it.
     activation: str = "silu"
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.0
@@ -200,7 +204,6 @@ class ModelSpec:
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0
     per_layer_activation: str = "gelu_tanh"
-    extras: tuple[tuple[str, object], ...] = field(default=())  # family-specific, read by named layer variants
 
     @property
     def num_layers(self) -> int:

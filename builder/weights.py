@@ -218,13 +218,18 @@ def offset_weight(weight: Weight, offset: float) -> Weight:
 
 
 class WeightMap:
-    """Canonical name -> Weight, remembering which checkpoint tensor each came from (for error messages)."""
+    """Canonical name -> Weight, remembering which checkpoint tensor each came from (for error messages).
+
+    Consumption is proven where the graph reads: `get` records the names layers ask for, and `unread` lists the
+    weights a family mapped that no layer asked for (builders.common.reject_unread turns them into an error).
+    """
 
     def __init__(self, architecture: str):
         self.architecture = architecture
         self._weights: dict[str, Weight] = {}
         self._sources: dict[str, str] = {}
         self._expected: dict[str, str] = {}  # canonical -> checkpoint name that would have provided it
+        self._read: set[str] = set()
 
     def add(self, name: str, weight: Weight, source: str = "") -> None:
         self._weights[name] = weight
@@ -240,7 +245,12 @@ class WeightMap:
     def names(self) -> list[str]:
         return sorted(self._weights)
 
+    def source(self, name: str) -> str:
+        """The checkpoint tensor `name` was mapped from ("" for computed weights)."""
+        return self._sources.get(name, "")
+
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> Weight:
+        """The weight a layer reads (recorded as read); a missing or mis-shaped one is a CheckpointError."""
         from builder.errors import CheckpointError
 
         weight = self._weights.get(name)
@@ -253,30 +263,60 @@ class WeightMap:
             source = self._sources.get(name) or name
             raise CheckpointError(f"{self.architecture}: tensor {source} has shape {list(weight.shape)} but the config "
                                   f"implies {list(shape)}. The checkpoint does not match its config.json.")
+        self._read.add(name)
         return weight
 
-    def optional(self, name: str) -> Weight | None:
-        return self._weights.get(name)
+    def peek(self, name: str) -> Weight:
+        """The weight without counting it as read by the graph (checks made while preparing, e.g. tied heads)."""
+        return self._weights[name]
+
+    def pop(self, name: str) -> Weight:
+        """Remove a mapped weight (a family or a check decided it is not part of the model) and return it."""
+        self._sources.pop(name, None)
+        return self._weights.pop(name)
+
+    def unread(self) -> list[str]:
+        """Mapped weights that no layer has read (call after the graph is built)."""
+        return sorted(set(self._weights) - self._read)
 
 
 @dataclass(frozen=True)
 class InterleavedGateUp:
-    """fc1 for fused SwiGLU experts: gate and up [E, I, ...] -> [E, 2I, ...] with rows g0, u0, g1, u1, ...
+    """The one gate/up interleave: fc1 of fused SwiGLU experts, [E, 2I, ...] with rows g0, u0, g1, u1, ...
 
-    ORT's MoE/QMoE with swiglu_fusion=1 (the only layout its CPU kernel accepts) expects this interleave.
-    Works for weights [E, I, H] and biases [E, I]; read expert by expert.
+    ORT's MoE/QMoE with swiglu_fusion=1 (the only layout its CPU kernel accepts) expects this interleave. Built from
+    what the checkpoint stores, read once per block of experts:
+      from_gate_up(gate, up)  separate gate and up stacks [E, I, ...] (per-expert checkpoints: Qwen-MoE, Mixtral)
+      from_halves(gate_up)    one fused [E, 2I, ...] stored as [all gate rows; all up rows] (transformers'
+                              experts.gate_up_proj in the [E, out, in] orientation)
+    Works for weights [E, I, H] and biases [E, I]. Per-expert MatMuls want [gate; up] (the stored halves) instead, so
+    nothing interleaves for them.
     """
 
-    gate: Weight
-    up: Weight
+    parts: tuple[Weight, ...]  # (gate, up) or (halves,)
+
+    @classmethod
+    def from_gate_up(cls, gate: Weight, up: Weight) -> "InterleavedGateUp":
+        return cls((gate, up))
+
+    @classmethod
+    def from_halves(cls, gate_up: Weight) -> "InterleavedGateUp":
+        if len(gate_up.shape) < 2 or gate_up.shape[1] % 2:
+            raise ValueError(f"InterleavedGateUp.from_halves: axis 1 of shape {list(gate_up.shape)} must hold gate "
+                             "and up halves of equal size")
+        return cls((gate_up,))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        e, i, *rest = self.gate.shape
-        return (e, 2 * i, *rest)
+        e, i, *rest = self.parts[0].shape
+        return (e, i * len(self.parts), *rest)  # (gate, up): 2I rows; (halves,): already 2I
 
     def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        gate, up = self.gate.rows(start, stop), self.up.rows(start, stop)
+        blocks = [part.rows(start, stop) for part in self.parts]
+        if len(blocks) == 1:
+            half = blocks[0].shape[1] // 2
+            blocks = [blocks[0][:, :half], blocks[0][:, half:]]
+        gate, up = blocks
         out = np.empty((gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]), np.float32)
         out[:, 0::2], out[:, 1::2] = gate, up
         return out
@@ -306,7 +346,7 @@ def to_expert_major(weight: Weight) -> Weight:
 
     Column order along N is kept, so a gate_up_proj whose last axis already alternates gate/up (GPT-OSS:
     gate = [..., ::2], up = [..., 1::2]) becomes fc1 rows g0, u0, g1, u1, ...: the swiglu_fusion=1 interleave.
-    A checkpoint with gate and up as two halves needs InterleavedGateUp on top instead.
+    A checkpoint with gate and up as two halves needs InterleavedGateUp.from_halves on top instead.
     """
     if len(weight.shape) != 3:
         raise ValueError(f"to_expert_major: expected stacked experts [E, K, N], got shape {list(weight.shape)}")

@@ -15,19 +15,24 @@ from builder.checkpoint import Checkpoint
 from builder.errors import UnsupportedModelError
 from builder.spec import ModelSpec
 from builder.weights import WeightMap
+from builders.config import Config
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]
-    make_spec: Callable[[dict], ModelSpec]  # HF config (text part) -> ModelSpec
-    map_weights: Callable[[ModelSpec, Checkpoint, dict], WeightMap]  # (spec, checkpoint, text config) -> weights
+    make_spec: Callable[[Config], ModelSpec]  # HF config (text part) -> ModelSpec
+    # (spec, checkpoint) -> weights; every fact about the model comes from the spec, never from the config again
+    map_weights: Callable[[ModelSpec, Checkpoint], WeightMap]
     # Multimodal wrappers keep the text model's config under this key (e.g. "text_config").
     text_config_key: str | None = None
     notes: str = ""
     # Wrapper (top-level) fields that override the text config's when set (e.g. tie_word_embeddings).
     wrapper_fields: tuple[str, ...] = ()
+    # Checkpoint tensors left out on purpose: (why, name prefixes). They are named in the progress output; any other
+    # tensor that no layer reads is an error.
+    ignored: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -70,10 +75,11 @@ def family_for(architecture: str) -> Family:
     return family
 
 
-def text_config(family: Family, config: dict) -> dict:
+def text_config(family: Family, config: dict, architecture: str, where: str = "config.json") -> Config:
     """The config that describes the text decoder (the wrapper's text_config for multimodal checkpoints)."""
-    if family.text_config_key and family.text_config_key in config:
-        text = {**config[family.text_config_key], "architectures": config.get("architectures")}
-        text.update({key: config[key] for key in family.wrapper_fields if config.get(key) is not None})
-        return text
-    return config
+    top = Config(config, architecture, where)
+    key = family.text_config_key
+    if key and key in top:
+        wrapper = {name: config[name] for name in family.wrapper_fields if config.get(name) is not None}
+        return top.sub(key).updated(**wrapper)
+    return top

@@ -1,45 +1,85 @@
-"""Helpers shared by family modules: reading HF config fields, rope parameters (mRoPE included), name-table weight
-mapping, multimodal text prefixes, tied-head copies."""
+"""Helpers shared by family modules: typed geometry and rope reads (mRoPE included), name-table weight mapping,
+multimodal text prefixes, tied heads, consumption checks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 import numpy as np
 
 from builder.checkpoint import Checkpoint
-from builder.errors import CheckpointError, UnsupportedModelError
-from builder.spec import RopeSpec
-from builder.weights import Stored, WeightMap
+from builder.errors import CheckpointError
+from builder.spec import ModelSpec, RopeSpec
+from builder.weights import Stored, WeightMap, block_spans
 from builders.config import Config
 
+# Rope types the rotary layer computes, and the parameters each reads: name -> (kind, required)
+ROPE_PARAMETERS: dict[str, dict[str, tuple[str, bool]]] = {
+    "default": {},
+    "dynamic": {},  # dynamic NTK changes frequencies only past the trained length, which the cache does not cover
+    "linear": {"factor": ("float", True)},
+    "llama3": {"factor": ("float", True), "low_freq_factor": ("float", True), "high_freq_factor": ("float", True),
+               "original_max_position_embeddings": ("int", True)},
+    "yarn": {"factor": ("float", True), "original_max_position_embeddings": ("int", False),
+             "attention_factor": ("float", False), "mscale": ("float", False), "mscale_all_dim": ("float", False),
+             "beta_fast": ("float", False), "beta_slow": ("float", False), "truncate": ("bool", False)},
+}
 
-def require(config: dict, key: str, arch: str):
-    if key not in config or config[key] is None:
-        raise CheckpointError(f"{arch}: config.json has no '{key}', which this architecture needs.")
-    return config[key]
+
+def head_dim(cfg: Config) -> int:
+    heads = cfg.int("num_attention_heads", minimum=1)
+    return cfg.int("head_dim", None, minimum=1) or cfg.int("hidden_size", minimum=1) // heads
 
 
-def head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+def kv_heads(cfg: Config) -> int:
+    heads = cfg.int("num_attention_heads", minimum=1)
+    kv = cfg.int("num_key_value_heads", None, minimum=1) or heads
+    if heads % kv:
+        raise cfg.bad("num_key_value_heads", kv, f"a divisor of num_attention_heads={heads}")
+    return kv
 
 
-def rope_spec(config: dict, rotary_dim: int, *, layer_type: str | None = None,
-              default_theta: float = 10000.0) -> RopeSpec:
-    """RopeSpec from transformers-5 `rope_parameters` (optionally per layer type) or the older rope_theta/scaling."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and layer_type is not None and layer_type in params:
-        params = params[layer_type]
-    if not isinstance(params, dict) or ("rope_type" not in params and "rope_theta" not in params):
-        scaling = config.get("rope_scaling") or {}
-        params = {**scaling, "rope_theta": config.get("rope_theta", default_theta)}
-    params = dict(params)
-    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    theta = float(params.pop("rope_theta", config.get("rope_theta", default_theta)))
-    params.pop("partial_rotary_factor", None)
-    hashable = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
-    return RopeSpec(theta=theta, rotary_dim=rotary_dim, rope_type=rope_type, params=hashable,
-                    max_positions=int(config.get("max_position_embeddings", 4096)))
+def typed_params(params: Config, table: dict[str, tuple[str, bool]]) -> tuple[tuple[str, object], ...]:
+    """The (name, value) pairs of `table` read from `params` with their types, sorted (hashable RopeSpec params)."""
+    read = {"float": params.float, "int": params.int, "bool": params.bool}
+    values = {name: read[kind](name, None if not required else Config.REQUIRED) for name, (kind, required)
+              in table.items()}
+    return tuple(sorted((k, v) for k, v in values.items() if v is not None))
+
+
+def rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None, default_theta: float = 10000.0,
+              partial: bool = False) -> RopeSpec:
+    """RopeSpec from transformers-5 `rope_parameters` (optionally per layer type) or the older rope_theta/scaling.
+
+    A rope type not computed here is refused (exit 3, naming the field). partial_rotary_factor is refused too unless
+    `partial` says the caller has turned it into `rotary_dim` (Nemotron)."""
+    params = cfg.sub("rope_parameters", None)
+    if params is not None and layer_type is not None and layer_type in params:
+        params = params.sub(layer_type)
+    theta = cfg.float("rope_theta", default_theta)
+    if params is None or ("rope_type" not in params and "rope_theta" not in params):
+        params = cfg.sub("rope_scaling", None) or Config({}, cfg.architecture, cfg.where, f"{cfg.path}rope_scaling.")
+    rope_type = params.str("rope_type", None, choices=tuple(ROPE_PARAMETERS))
+    if rope_type is None:  # the legacy spelling of rope_scaling
+        rope_type = params.str("type", "default", choices=tuple(ROPE_PARAMETERS))
+    for where in (params, cfg):
+        factor = where.float("partial_rotary_factor", 1.0)
+        if factor != 1.0 and not partial:
+            raise where.unsupported("partial_rotary_factor", factor, why="this architecture rotates whole heads")
+    return RopeSpec(theta=params.float("rope_theta", theta), rotary_dim=rotary_dim, rope_type=rope_type,
+                    params=typed_params(params, ROPE_PARAMETERS[rope_type]),
+                    max_positions=cfg.int("max_position_embeddings", 4096, minimum=1))
+
+
+def projection_table(dst: str, src: str, projections: Iterable[str], *, bias: bool) -> dict[str, str]:
+    """{dst.p.weight: src.p_proj.weight} for each projection p, and the .bias pairs when `bias`.
+
+    projection_table("layers.{i}.attn", "model.layers.{i}.self_attn", "qkvo", bias=True). Biases are mapped only
+    when the spec reads them, so a bias tensor the config does not announce is left unconsumed and refused.
+    """
+    kinds = ("weight", "bias") if bias else ("weight",)
+    return {f"{dst}.{p}.{kind}": f"{src}.{p}_proj.{kind}" for p in projections for kind in kinds}
 
 
 def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_layers: int) -> None:
@@ -55,52 +95,6 @@ def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_l
                 weights.add(name, Stored(ckpt.tensor(hf)), hf)
             else:
                 weights.expect(name, hf)
-
-
-def reject_unconsumed(ckpt: Checkpoint, architecture: str) -> None:
-    """Fail on checkpoint tensors nobody used: silent leftovers hide wrong mappings."""
-    left = ckpt.unconsumed()
-    if left:
-        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
-        raise CheckpointError(f"{architecture}: {len(left)} checkpoint tensor(s) were not used by the export: {shown}. "
-                              "The checkpoint has parts this exporter does not understand (or a mapping is wrong); "
-                              "refusing to write a model that silently drops weights.")
-
-
-def reject_fields(config: dict, arch: str, fields: dict[str, object]) -> None:
-    """Refuse config fields that change the maths when set to anything but the value we implement."""
-    for key, supported in fields.items():
-        value = config.get(key, supported)
-        if value not in (supported, None):
-            raise UnsupportedModelError(f"{arch}: config field {key}={value!r} is not supported (only {supported!r}).")
-
-
-def projection_table(dst: str, src: str, projections: Iterable[str], *, bias: bool) -> dict[str, str]:
-    """{dst.p.weight: src.p_proj.weight} for each projection p, and the .bias pairs when `bias`.
-
-    projection_table("layers.{i}.attn", "model.layers.{i}.self_attn", "qkvo", bias=True). Biases are mapped only
-    when the spec reads them, so a bias tensor the config does not announce is left unconsumed and refused.
-    """
-    kinds = ("weight", "bias") if bias else ("weight",)
-    return {f"{dst}.{p}.{kind}": f"{src}.{p}_proj.{kind}" for p in projections for kind in kinds}
-
-
-def checked_rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None,
-                      default_theta: float = 10000.0) -> RopeSpec:
-    """rope_spec read through a Config, refusing (exit 3, naming the field) a rope type not computed here."""
-    from builder.layers.rotary import SUPPORTED_ROPE_TYPES
-
-    params = cfg.sub("rope_parameters", None)
-    if params is not None and layer_type is not None and layer_type in params:
-        params = params.sub(layer_type)
-    if params is not None and ("rope_type" in params or "rope_theta" in params):
-        params.str("rope_type", "default", choices=SUPPORTED_ROPE_TYPES)
-    else:
-        scaling = cfg.sub("rope_scaling", None)
-        if scaling is not None:
-            scaling.str("rope_type" if "rope_type" in scaling else "type", "default", choices=SUPPORTED_ROPE_TYPES)
-        cfg.float("rope_theta", default_theta)
-    return rope_spec(cfg.data, rotary_dim, layer_type=layer_type, default_theta=default_theta)
 
 
 # -- typed helpers (builders.config.Config) shared by the Phi-3, SmolLM3, HunYuan and multimodal-text families -------
@@ -173,28 +167,80 @@ def layer_windows(cfg: Config, default_types: list[str], window: int | None) -> 
 
 def text_decoder_prefix(ckpt: Checkpoint, arch: str, prefixes: tuple[str, ...], skipped: tuple[str, ...]) -> str:
     """The prefix of a multimodal checkpoint's text decoder (the first of `prefixes` holding embed_tokens); tensors
-    under `skipped` (vision towers, projectors) are marked as deliberately not exported."""
+    under `skipped` (vision towers, projectors) are left out on purpose, and said so."""
     for prefix in prefixes:
         if ckpt.has(f"{prefix}embed_tokens.weight"):
-            ckpt.ignore(*(n for n in ckpt.names() if n.startswith(skipped)))
+            ckpt.ignore(*(n for n in ckpt.names() if n.startswith(skipped)),
+                        reason="the vision tower and its projector (only the text decoder is exported)")
             return prefix
     raise CheckpointError(f"{arch}: no token embedding found (looked for "
                           f"{', '.join(p + 'embed_tokens.weight' for p in prefixes)}). The checkpoint does not hold "
                           "the text decoder this architecture names.")
 
 
-def tied_head_copy(ckpt: Checkpoint, arch: str, head: str, embed: str) -> None:
-    """With tie_word_embeddings the lm_head reads the embedding; a stored lm_head equal to it is a copy and ignored.
-    A different one means transformers would not tie them (it keeps both when they differ): refuse, rather than drop
-    weights, and say how to fix the config. Only the first and last rows are compared (a trained head differs
-    everywhere)."""
-    if not ckpt.has(head):
-        return
-    a, b = ckpt.tensor(head), ckpt.tensor(embed)
-    rows = a.shape[0] if a.shape else 0
-    same = a.shape == b.shape and a.dtype == b.dtype and all(
-        np.array_equal(a.read(i, i + 1), b.read(i, i + 1)) for i in {0, max(rows - 1, 0)})
-    if not same:
-        raise CheckpointError(f"{arch}: config.json sets tie_word_embeddings=true but the checkpoint stores an lm_head "
-                              f"({head}) that differs from the embedding ({embed}); transformers would use the stored "
-                              "head. Set tie_word_embeddings to false in config.json to export it.")
+def _same_values(a, b) -> bool:
+    """Whether two weights hold the same values (torch.equal after loading), reading row blocks until one differs."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    return all(np.array_equal(a.rows(start, stop), b.rows(start, stop)) for start, stop in block_spans(a))
+
+
+def resolve_tied_head(spec: ModelSpec, ckpt: Checkpoint, weights: WeightMap) -> tuple[ModelSpec, list[str]]:
+    """Tie the lm_head to the embedding the way transformers 5 loads a checkpoint whose config ties them.
+
+    A stored lm_head.weight equal to the embedding is a redundant copy (left out, noted); one that differs wins:
+    transformers then keeps both tensors untied (warning that the config is wrong), so the export unties too. A
+    checkpoint that stores only the head has it serve as the embedding as well. Returns (spec, notes).
+    """
+    if not spec.tie_embeddings or "lm_head.weight" not in weights:
+        return spec, []
+    head_source = weights.source("lm_head.weight")
+    if "embed.weight" not in weights:
+        weights.add("embed.weight", weights.pop("lm_head.weight"), head_source)
+        return spec, [f"the config ties the embedding to the lm_head and the checkpoint stores only {head_source}; "
+                      "it serves as both, as transformers loads it."]
+    if _same_values(weights.peek("embed.weight"), weights.peek("lm_head.weight")):
+        weights.pop("lm_head.weight")
+        ckpt.ignore(head_source, reason="a copy of the tied embedding (identical values)")
+        return spec, []
+    return replace(spec, tie_embeddings=False), [
+        f"the config ties the lm_head to the embedding, but {head_source} differs from "
+        f"{weights.source('embed.weight')}; exported untied with the stored lm_head, as transformers loads it "
+        "(set tie_word_embeddings=false in config.json to say so)."]
+
+
+def ignore_declared(ckpt: Checkpoint, ignored: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Leave out the tensors a family declares it does not export (e.g. a vision tower), with the reason."""
+    for reason, prefixes in ignored:
+        ckpt.ignore(*(n for n in ckpt.names() if n.startswith(prefixes)), reason=reason)
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def reject_unconsumed(ckpt: Checkpoint, architecture: str) -> None:
+    """Fail on checkpoint tensors nobody used: silent leftovers hide wrong mappings."""
+    left = ckpt.unconsumed()
+    if left:
+        raise CheckpointError(f"{architecture}: {len(left)} checkpoint tensor(s) were not used by the export: "
+                              f"{_listed(left)}. The checkpoint has parts this exporter does not understand (or a "
+                              "mapping is wrong); refusing to write a model that silently drops weights.")
+
+
+def reject_unread(weights: WeightMap) -> None:
+    """Fail on mapped tensors the graph never read (a spec flag that leaves them out, or a wrong mapping)."""
+    unread = weights.unread()
+    if unread:
+        shown = [f"{weights.source(name) or name}" + (f" (as {name})" if weights.source(name) else "")
+                 for name in unread]
+        raise CheckpointError(f"{weights.architecture}: {len(unread)} checkpoint tensor(s) were mapped but not read "
+                              f"by the graph: {_listed(shown)}. The config switches off what would read them (e.g. "
+                              "attention_bias, a per-head norm) or a mapping is wrong; refusing to write a model that "
+                              "silently drops weights.")
+
+
+def skip_notes(ckpt: Checkpoint) -> list[str]:
+    """One progress note per reason for the tensors left out on purpose."""
+    return [f"not exported: {reason} ({len(names)} tensor{'s' if len(names) != 1 else ''}: {_listed(names, 3)})."
+            for reason, names in ckpt.skipped().items()]

@@ -30,6 +30,8 @@ def _kind(value: Any) -> str:
 class Config:
     """A read-only view of one config object (the text part for multimodal checkpoints)."""
 
+    REQUIRED = _REQUIRED  # the default that makes a field required (for reads driven by a table)
+
     def __init__(self, data: dict, architecture: str, where: str = "config.json", path: str = ""):
         if not isinstance(data, dict):
             raise CheckpointError(f"{architecture}: {where} {path.rstrip('.') or 'content'} is {_kind(data)}, "
@@ -42,6 +44,14 @@ class Config:
     # -- plumbing ------------------------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
         return self.data.get(key) is not None
+
+    def keys(self) -> list[str]:
+        """The fields that are set (not null)."""
+        return [key for key, value in self.data.items() if value is not None]
+
+    def updated(self, **fields: Any) -> "Config":
+        """A copy with `fields` replaced (defaults a family fills in the way transformers' config class does)."""
+        return Config({**self.data, **fields}, self.architecture, self.where, self.path)
 
     def _field(self, key: str) -> str:
         return f"{self.architecture}: {self.where} field '{self.path}{key}'"
@@ -60,9 +70,11 @@ class Config:
         return CheckpointError(f"{self._field(key)} is {value!r} ({_kind(value)}); expected {expected}. Fix the "
                                "checkpoint's config.")
 
-    def unsupported(self, key: str, value: Any, supported: str) -> UnsupportedModelError:
-        """The error for a valid value that changes the maths in a way this exporter does not compute."""
-        return UnsupportedModelError(f"{self._field(key)}={value!r} is not supported (supported: {supported}).")
+    def unsupported(self, key: str, value: Any, supported: str = "", *, why: str = "") -> UnsupportedModelError:
+        """The error for a valid value that changes the maths in a way this exporter does not compute: the values
+        that are supported, or why not."""
+        return UnsupportedModelError(f"{self._field(key)}={value!r} is not supported "
+                                     f"({why or f'supported: {supported}'}).")
 
     # -- scalars -------------------------------------------------------------------------------------------------
     def int(self, key: str, default: Any = _REQUIRED, *, minimum: int | None = None) -> Any:

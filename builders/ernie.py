@@ -11,7 +11,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import checked_rope_spec, map_table, projection_table
+from builders.common import map_table, projection_table, rope_spec
 from builders.config import Config
 
 ARCH = "Ernie4_5ForCausalLM"
@@ -24,15 +24,14 @@ NORMS = {
 }
 
 
-def make_spec(config: dict) -> ModelSpec:
-    cfg = Config(config, ARCH)
+def make_spec(cfg: Config) -> ModelSpec:
     cfg.str("hidden_act", "silu", choices=("silu",))
     # transformers' ERNIE 4.5 reads only use_bias; the Llama-style flags would be silently ignored there
     cfg.reject({"attention_bias": False, "mlp_bias": False})
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     dim = cfg.int("head_dim", None) or hidden // heads
     bias = cfg.bool("use_bias", False)
-    rope = checked_rope_spec(cfg, dim, default_theta=500000.0)
+    rope = rope_spec(cfg, dim, default_theta=500000.0)
     attention = AttentionSpec(num_heads=heads, num_kv_heads=cfg.int("num_key_value_heads", None) or heads,
                               head_dim=dim, rope=replace(rope, interleaved=True),
                               qkv_bias=bias, o_bias=bias)
@@ -45,15 +44,12 @@ def make_spec(config: dict) -> ModelSpec:
                      tie_embeddings=cfg.bool("tie_word_embeddings", True))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     bias = spec.layers[0].attention.qkv_bias
     table = {**NORMS, **projection_table("layers.{i}.attn", f"{LAYER}.self_attn", "qkvo", bias=bias),
              **projection_table("layers.{i}.mlp", f"{LAYER}.mlp", ("gate", "up", "down"), bias=bias)}
-    if spec.tie_embeddings:
-        ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
-    else:
-        table["lm_head.weight"] = "lm_head.weight"
+    table["lm_head.weight"] = "lm_head.weight"  # a stored head of a tied model is settled by resolve_tied_head
     map_table(ckpt, weights, table, spec.num_layers)
     return weights
 

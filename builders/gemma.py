@@ -4,8 +4,9 @@ What the family shares, as data: embeddings scaled by sqrt(hidden), RMSNorm weig
 (gelu-tanh) MLPs, tied lm_head. Gemma 2 adds sandwich norms (post-attention / post-feed-forward), attention and
 final logit softcapping, query_pre_attn_scalar and alternating sliding-window layers; Gemma 3 adds per-head q/k
 norms and a rope per layer type (local base on sliding layers, scaled global base on full layers). The multimodal
-Gemma 3 checkpoint keeps the same text weights under another prefix; its vision tower is ignored explicitly.
-Helpers here (text_prefix, activation, layer_types, sandwich_table) are shared with builders/gemma4.py.
+Gemma 3 checkpoint keeps the same text weights under another prefix; its vision tower is left out by
+declaration (Family.ignored), which the progress output names.
+Helpers here (text_prefix, activation, bidirectional, the name tables) are shared with builders/gemma4.py.
 """
 
 from __future__ import annotations
@@ -17,43 +18,51 @@ from builder.errors import CheckpointError, UnsupportedModelError
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec, RopeSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import head_dim, map_table, rope_spec
+from builders.common import head_dim, kv_heads, map_table, rope_spec
+from builders.config import Config
 
 # HF activation name -> ours. "gelu" is the erf GELU except in Gemma 1 configs, where it is a legacy spelling of
 # the tanh approximation (transformers' GemmaConfig rewrites it the same way).
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Where the text decoder's tensors live: text-only checkpoints, legacy multimodal, transformers-5 multimodal.
 TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
-# Tensors of the other modalities in multimodal checkpoints, ignored knowingly when exporting the text decoder.
-NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-                     "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+# Tensors of the other modalities in multimodal checkpoints, left out knowingly when exporting the text decoder.
+NON_TEXT = (("the vision/audio towers and their projectors (only the text decoder is exported)",
+             ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+              "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")),)
 
 
-def activation(config: dict, arch: str, key: str, legacy_gelu_is_tanh: bool = False) -> str:
-    name = config.get(key) or "gelu_pytorch_tanh"
+def activation(cfg: Config, key: str, legacy_gelu_is_tanh: bool = False) -> str:
+    name = cfg.str(key, "gelu_pytorch_tanh", choices=sorted(ACTIVATIONS))
     if legacy_gelu_is_tanh and name == "gelu":
         return "gelu_tanh"
-    if name not in ACTIVATIONS:
-        raise UnsupportedModelError(f"{arch}: config field {key}={name!r} is not supported "
-                                    f"(supported: {', '.join(sorted(ACTIVATIONS))}).")
     return ACTIVATIONS[name]
 
 
-def layer_types(config: dict, default_pattern: int) -> list[str]:
+def layer_types(cfg: Config, default_pattern: int) -> list[str]:
     """config.layer_types, or transformers' default: every `default_pattern`-th layer full, the others sliding."""
-    types = config.get("layer_types")
-    if types:
-        return list(types)
-    pattern = config.get("sliding_window_pattern") or default_pattern
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(config["num_hidden_layers"])]
+    n = cfg.int("num_hidden_layers", minimum=1)
+    types = cfg.list("layer_types", None, of=str, length=n)
+    if not types:
+        pattern = cfg.int("sliding_window_pattern", None, minimum=1) or default_pattern
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    for kind in types:
+        if kind not in LAYER_TYPES:
+            raise cfg.unsupported("layer_types", kind, ", ".join(LAYER_TYPES))
+    return types
+
+
+def bidirectional(cfg: Config, value, why: str) -> UnsupportedModelError:
+    """The error for a bidirectional (embedding-model) variant of the decoder."""
+    return cfg.unsupported("use_bidirectional_attention", value, why=f"only causal decoders export; {why}")
 
 
 def text_prefix(ckpt: Checkpoint, arch: str) -> str:
-    """The prefix of the decoder's tensors; tensors of other modalities are marked as knowingly unused."""
+    """The prefix of the decoder's tensors."""
     for prefix in TEXT_PREFIXES:
         if ckpt.has(f"{prefix}embed_tokens.weight"):
-            ckpt.ignore(*(n for n in ckpt.names() if n.startswith(NON_TEXT_PREFIXES)))
             return prefix
     raise CheckpointError(f"{arch}: no token embedding found (looked for "
                           f"{', '.join(p + 'embed_tokens.weight' for p in TEXT_PREFIXES)}). The checkpoint does not "
@@ -88,71 +97,66 @@ def norm_table(prefix: str, sandwich: bool, layer: str = "{i}") -> dict[str, str
 
 
 def map_common(spec: ModelSpec, ckpt: Checkpoint, weights: WeightMap, prefix: str) -> None:
-    """Embedding, final norm and lm_head (a stored copy of a tied head is ignored)."""
+    """Embedding, final norm and lm_head (a stored head of a tied model is settled by resolve_tied_head)."""
     map_table(ckpt, weights, {"embed.weight": f"{prefix}embed_tokens.weight", "final_norm.weight": f"{prefix}norm.weight",
                               "lm_head.weight": lm_head_name(prefix)}, spec.num_layers)
-    if spec.tie_embeddings:
-        ckpt.ignore(lm_head_name(prefix))
 
 
-def _gemma3_ropes(config: dict, dim: int) -> dict[str, RopeSpec]:
+def _gemma3_ropes(cfg: Config, dim: int) -> dict[str, RopeSpec]:
     """Rope per layer type: transformers-5 `rope_parameters` {full_attention: ..., sliding_attention: ...}, or the
     older spelling (rope_theta + rope_scaling for global layers, rope_local_base_freq for sliding ones)."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
-        return {"full_attention": rope_spec(config, dim, layer_type="full_attention", default_theta=1_000_000.0),
-                "sliding_attention": rope_spec(config, dim, layer_type="sliding_attention", default_theta=10_000.0)}
-    local = {"rope_theta": config.get("rope_local_base_freq", 10_000.0),
-             "max_position_embeddings": config.get("max_position_embeddings", 4096)}
-    return {"full_attention": rope_spec({**config, "rope_parameters": None}, dim, default_theta=1_000_000.0),
+    params = cfg.sub("rope_parameters", None)
+    if params is not None and ("full_attention" in params or "sliding_attention" in params):
+        return {"full_attention": rope_spec(cfg, dim, layer_type="full_attention", default_theta=1_000_000.0),
+                "sliding_attention": rope_spec(cfg, dim, layer_type="sliding_attention", default_theta=10_000.0)}
+    local = Config({"rope_theta": cfg.float("rope_local_base_freq", 10_000.0),
+                    "max_position_embeddings": cfg.int("max_position_embeddings", 4096, minimum=1)},
+                   cfg.architecture, cfg.where, cfg.path)
+    return {"full_attention": rope_spec(cfg.updated(rope_parameters=None), dim, default_theta=1_000_000.0),
             "sliding_attention": rope_spec(local, dim)}
 
 
-def make_spec(config: dict) -> ModelSpec:
-    arch = config["architectures"][0]
-    version = ARCHITECTURES[arch]
-    if config.get("use_bidirectional_attention"):
-        raise UnsupportedModelError(f"{arch}: config field use_bidirectional_attention="
-                                    f"{config['use_bidirectional_attention']!r} is not supported (only causal "
-                                    "decoders export; this is an embedding model).")
-    dim = head_dim(config)
-    bias = bool(config.get("attention_bias", False))
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+def make_spec(cfg: Config) -> ModelSpec:
+    version = ARCHITECTURES[cfg.architecture]
+    if cfg.bool("use_bidirectional_attention", False):
+        raise bidirectional(cfg, True, "this is an embedding model")
+    dim = head_dim(cfg)
+    bias = cfg.bool("attention_bias", False)
+    heads, kv = cfg.int("num_attention_heads", minimum=1), kv_heads(cfg)
+    n = cfg.int("num_hidden_layers", minimum=1)
     if version == 1:
-        act = activation(config, arch, "hidden_act", legacy_gelu_is_tanh=True)
-        types, scale, softcap, final_softcap = ["full_attention"] * config["num_hidden_layers"], None, 0.0, 0.0
-        ropes = {"full_attention": rope_spec(config, dim)}
+        act = activation(cfg, "hidden_act", legacy_gelu_is_tanh=True)
+        types, scale, softcap, final_softcap = ["full_attention"] * n, None, 0.0, 0.0
+        ropes = {"full_attention": rope_spec(cfg, dim)}
     else:
-        act = activation(config, arch, "hidden_activation")
-        types = layer_types(config, default_pattern=2 if version == 2 else 6)
-        scale = float(config.get("query_pre_attn_scalar") or dim) ** -0.5
+        act = activation(cfg, "hidden_activation")
+        types = layer_types(cfg, default_pattern=2 if version == 2 else 6)
+        scale = float(cfg.float("query_pre_attn_scalar", None) or dim) ** -0.5
         # Gemma 3 keeps attn_logit_softcapping in its config but transformers never applies it; neither do we.
-        softcap = float(config.get("attn_logit_softcapping") or 0.0) if version == 2 else 0.0
-        final_softcap = float(config.get("final_logit_softcapping") or 0.0)
-        ropes = (_gemma3_ropes(config, dim) if version == 3
-                 else {t: rope_spec(config, dim) for t in ("full_attention", "sliding_attention")})
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise UnsupportedModelError(f"{arch}: layer_types {unknown} are not supported (only full_attention and "
-                                    "sliding_attention).")
-    window = config.get("sliding_window")
+        softcap = (cfg.float("attn_logit_softcapping", None) or 0.0) if version == 2 else 0.0
+        final_softcap = cfg.float("final_logit_softcapping", None) or 0.0
+        ropes = (_gemma3_ropes(cfg, dim) if version == 3
+                 else {t: rope_spec(cfg, dim) for t in ("full_attention", "sliding_attention")})
+    window = cfg.int("sliding_window", None, minimum=0) or None
+    intermediate = cfg.int("intermediate_size", minimum=1)
     layers = tuple(
         LayerSpec(
-            attention=AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, rope=ropes[kind],
+            attention=AttentionSpec(num_heads=heads, num_kv_heads=kv, head_dim=dim, rope=ropes[kind],
                                     qkv_bias=bias, o_bias=bias, qk_norm=version == 3, scale=scale, softcap=softcap,
-                                    sliding_window=window if kind == "sliding_attention" and window else None),
-            ffn=MlpSpec(intermediate_size=config["intermediate_size"], activation=act),
+                                    sliding_window=window if kind == "sliding_attention" else None),
+            ffn=MlpSpec(intermediate_size=intermediate, activation=act),
             norm_scheme="pre" if version == 1 else "sandwich")
         for kind in types)
-    return ModelSpec(architecture=arch, model_type=config["model_type"], vocab_size=config["vocab_size"],
-                     hidden_size=config["hidden_size"], layers=layers,
-                     context_length=config.get("max_position_embeddings", 8192),
-                     norm_eps=config.get("rms_norm_eps", 1e-6), norm_weight_offset=1.0,
-                     embedding_scale=math.sqrt(config["hidden_size"]),
-                     tie_embeddings=bool(config.get("tie_word_embeddings", True)), final_softcap=final_softcap)
+    hidden = cfg.int("hidden_size", minimum=1)
+    return ModelSpec(architecture=cfg.architecture, model_type=cfg.str("model_type"),
+                     vocab_size=cfg.int("vocab_size", minimum=1), hidden_size=hidden, layers=layers,
+                     context_length=cfg.int("max_position_embeddings", 8192, minimum=1),
+                     norm_eps=cfg.float("rms_norm_eps", 1e-6), norm_weight_offset=1.0,
+                     embedding_scale=math.sqrt(hidden),
+                     tie_embeddings=cfg.bool("tie_word_embeddings", True), final_softcap=final_softcap)
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     prefix = text_prefix(ckpt, spec.architecture)
     sandwich = spec.layers[0].norm_scheme == "sandwich"
@@ -166,6 +170,7 @@ ARCHITECTURES = {"GemmaForCausalLM": 1, "Gemma2ForCausalLM": 2, "Gemma3ForCausal
                  "Gemma3ForConditionalGeneration": 3}
 
 register(Family("gemma", tuple(ARCHITECTURES), make_spec, map_weights, text_config_key="text_config",
+                ignored=NON_TEXT,
                 notes="Gemma (GeGLU, 1+w norms, scaled embeddings), Gemma 2 (sandwich norms, softcaps, alternating "
                       "sliding window), Gemma 3 text and the text decoder of Gemma 3 multimodal checkpoints "
                       "(q/k norm, local/global rope)"))

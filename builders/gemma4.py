@@ -4,11 +4,12 @@ Differences from Gemma 3, all expressed as spec data (graph variants live in bui
   - RMSNorm weights apply as w (no 1 + w); q/k norms plus a weightless v norm; attention scale 1.0.
   - per-layer geometry: full-attention layers use their own head_dim (and kv heads) from `per_layer_config`, or
     from the released spelling global_head_dim / num_global_key_value_heads (the latter only with attention_k_eq_v,
-    as transformers does); attention_k_eq_v full layers take v from the k projection (mapped as v = k weights).
+    as transformers does); attention_k_eq_v full layers take v from the k projection (AttentionSpec.k_eq_v).
   - rope per layer type; "proportional" rope on full layers rotates a partial_rotary_factor share of the pairs.
   - per-layer input embeddings (hidden_size_per_layer_input), a learned per-layer output scale (layer_scalar).
   - KV sharing: the last num_kv_shared_layers layers reuse the keys/values of the last earlier layer of their type.
-  - enable_moe_block: a dense MLP and GeGLU experts side by side (DenseMoeSpec). The router's input scale
+  - enable_moe_block: a dense MLP and GeGLU experts side by side (DenseMoeSpec), whose fc1 stays as stored
+    ([gate; up] per expert: the layout the per-expert MatMuls read). The router's input scale
     (router.scale / sqrt(hidden)) is folded into the router weight and router.per_expert_scale into each expert's
     down projection, which leaves the standard softmax -> top-k -> renormalise routing.
 """
@@ -25,114 +26,129 @@ from builder.errors import CheckpointError, UnsupportedModelError
 from builder.spec import AttentionSpec, DenseMoeSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, RopeSpec
 from builder.weights import Constant, RowMap, Stored, Weight, WeightMap
 from builders import Family, register
-from builders.common import map_table, require
-from builders.gemma import activation, attention_table, map_common, mlp_table, norm_table, text_prefix
+from builders.common import map_table
+from builders.config import Config
+from builders.gemma import NON_TEXT, activation, attention_table, bidirectional, map_common, mlp_table, norm_table, \
+    text_prefix
 
 LAYER_OVERRIDES = ("head_dim", "num_key_value_heads")  # per_layer_config keys that we honour
 ROPE_TYPES = ("default", "proportional", "linear")
 DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+KV_SHARED = "k/v projections and norms of KV-sharing layers (they reuse an earlier layer's cache, as in transformers)"
 
 
-def layer_types(config: dict) -> list[str]:
+def layer_types(cfg: Config) -> list[str]:
     """As transformers: the given layer_types (or 5 sliding : 1 full), the last layer always full attention."""
-    types = list(config.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention"
-                                               for i in range(config["num_hidden_layers"])])
+    n = cfg.int("num_hidden_layers", minimum=1)
+    types = cfg.list("layer_types", None, of=str, length=n) or [
+        "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
     types[-1] = "full_attention"
+    for kind in types:
+        if kind not in DEFAULT_THETA:
+            raise cfg.unsupported("layer_types", kind, ", ".join(DEFAULT_THETA))
     return types
 
 
-def layer_overrides(config: dict, types: list[str], arch: str) -> list[dict]:
+def layer_overrides(cfg: Config, types: list[str]) -> list[dict]:
     """Per-layer head_dim / num_key_value_heads overrides."""
-    given = config.get("per_layer_config")
+    given = cfg.sub("per_layer_config", None)
     if given is None:
-        override = {"head_dim": config.get("global_head_dim", 512)}
-        if config.get("attention_k_eq_v", False) and config.get("num_global_key_value_heads") is not None:
-            override["num_key_value_heads"] = config["num_global_key_value_heads"]
+        override = {"head_dim": cfg.int("global_head_dim", 512, minimum=1)}
+        global_kv = cfg.int("num_global_key_value_heads", None, minimum=1)
+        if cfg.bool("attention_k_eq_v", False) and global_kv is not None:
+            override["num_key_value_heads"] = global_kv
         return [dict(override) if kind == "full_attention" else {} for kind in types]
     out = []
     for i in range(len(types)):
-        values = dict(given.get(str(i)) or given.get(i) or {})
-        unknown = sorted(set(values) - set(LAYER_OVERRIDES))
+        layer = given.sub(str(i), None)
+        values = {} if layer is None else {key: layer.int(key, minimum=1) for key in layer.keys()
+                                           if key in LAYER_OVERRIDES}
+        unknown = sorted(set(layer.keys() if layer is not None else ()) - set(LAYER_OVERRIDES))
         if unknown:
-            raise UnsupportedModelError(f"{arch}: per_layer_config[{i}] overrides {unknown}, which this exporter "
-                                        f"does not support (only {', '.join(LAYER_OVERRIDES)}).")
+            raise UnsupportedModelError(f"{cfg.architecture}: per_layer_config[{i}] overrides {unknown}, which this "
+                                        f"exporter does not support (only {', '.join(LAYER_OVERRIDES)}).")
         out.append(values)
     return out
 
 
-def kv_sources(config: dict, types: list[str], arch: str) -> list[int | None]:
+def kv_sources(cfg: Config, types: list[str]) -> list[int | None]:
     """For each layer, the layer whose keys/values it reuses (None: its own), as transformers' kv_sharing_modes."""
-    shared = config.get("num_kv_shared_layers") or 0
+    shared = cfg.int("num_kv_shared_layers", 0, minimum=0)
+    if shared >= len(types):
+        raise cfg.bad("num_kv_shared_layers", shared, f"fewer than num_hidden_layers={len(types)}")
     first = len(types) - shared
     sources: list[int | None] = [None] * len(types)
     for i in range(first, len(types)):
         owners = [j for j in range(first) if types[j] == types[i]]
         if not owners:
-            raise UnsupportedModelError(f"{arch}: num_kv_shared_layers={shared} makes layer {i} ({types[i]}) reuse "
-                                        "the cache of an earlier layer of its type, but there is none.")
+            raise UnsupportedModelError(f"{cfg.architecture}: num_kv_shared_layers={shared} makes layer {i} "
+                                        f"({types[i]}) reuse the cache of an earlier layer of its type, but there "
+                                        "is none.")
         sources[i] = owners[-1]
     return sources
 
 
-def rope_for(config: dict, kind: str, dim: int, arch: str) -> RopeSpec:
-    params = dict((config.get("rope_parameters") or {}).get(kind) or {})
-    rope_type = params.pop("rope_type", "default")
-    theta = float(params.pop("rope_theta", DEFAULT_THETA[kind]))
-    if rope_type not in ROPE_TYPES:
-        raise UnsupportedModelError(f"{arch}: rope_parameters[{kind!r}].rope_type={rope_type!r} is not supported "
-                                    f"(supported: {', '.join(ROPE_TYPES)}).")
-    partial = params.get("partial_rotary_factor", 1.0)
+def rope_for(cfg: Config, kind: str, dim: int) -> RopeSpec:
+    params = cfg.sub("rope_parameters", None)
+    params = params.sub(kind, None) if params is not None else None
+    params = params or Config({}, cfg.architecture, cfg.where, f"{cfg.path}rope_parameters.{kind}.")
+    rope_type = params.str("rope_type", "default", choices=ROPE_TYPES)
+    theta = params.float("rope_theta", DEFAULT_THETA[kind])
+    partial = params.float("partial_rotary_factor", 1.0)
     if rope_type == "linear" and partial != 1.0:
-        raise UnsupportedModelError(f"{arch}: rope_parameters[{kind!r}] combines linear rope with "
-                                    f"partial_rotary_factor={partial}; only proportional rope may be partial.")
-    if rope_type == "default":
-        params = {}  # transformers' default rope rotates the whole head and ignores the other fields
-    hashable = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+        raise params.unsupported("partial_rotary_factor", partial, why="only proportional rope may be partial")
+    values = {}
+    if rope_type == "proportional":
+        values = {"partial_rotary_factor": partial, "factor": params.float("factor", None)}
+    elif rope_type == "linear":
+        values = {"factor": params.float("factor")}
+    # transformers' default rope rotates the whole head and ignores the other fields
+    hashable = tuple(sorted((k, v) for k, v in values.items() if v is not None))
     return RopeSpec(theta=theta, rotary_dim=dim, rope_type=rope_type, params=hashable,
-                    max_positions=int(config.get("max_position_embeddings", 4096)))
+                    max_positions=cfg.int("max_position_embeddings", 4096, minimum=1))
 
 
-def make_spec(config: dict) -> ModelSpec:
-    arch = config["architectures"][0]
-    if config.get("use_bidirectional_attention") == "all":
-        raise UnsupportedModelError(f"{arch}: config field use_bidirectional_attention='all' is not supported (only "
-                                    "causal decoders export; 'vision' is fine, it only affects image tokens).")
-    act = activation(config, arch, "hidden_activation")
-    types = layer_types(config)
-    unknown = sorted(set(types) - set(DEFAULT_THETA))
-    if unknown:
-        raise UnsupportedModelError(f"{arch}: layer_types {unknown} are not supported (only full_attention and "
-                                    "sliding_attention).")
-    overrides = layer_overrides(config, types, arch)
-    sources = kv_sources(config, types, arch)
-    heads, bias, window = config["num_attention_heads"], bool(config.get("attention_bias", False)), config.get(
-        "sliding_window")
+def make_spec(cfg: Config) -> ModelSpec:
+    if cfg.str("use_bidirectional_attention", None) == "all":  # "vision" only affects image tokens: fine
+        raise bidirectional(cfg, "all", "'vision' is fine, it only affects image tokens")
+    act = activation(cfg, "hidden_activation")
+    types = layer_types(cfg)
+    overrides = layer_overrides(cfg, types)
+    sources = kv_sources(cfg, types)
+    heads, bias = cfg.int("num_attention_heads", minimum=1), cfg.bool("attention_bias", False)
+    window = cfg.int("sliding_window", None, minimum=0) or None
+    k_eq_v = cfg.bool("attention_k_eq_v", False)
     moe = None
-    if config.get("enable_moe_block"):
-        moe = MoeSpec(num_experts=require(config, "num_experts", arch), top_k=require(config, "top_k_experts", arch),
-                      intermediate_size=require(config, "moe_intermediate_size", arch), activation=act)
+    if cfg.bool("enable_moe_block", False):
+        moe = MoeSpec(num_experts=cfg.int("num_experts", minimum=1), top_k=cfg.int("top_k_experts", minimum=1),
+                      intermediate_size=cfg.int("moe_intermediate_size", minimum=1), activation=act)
+        if moe.top_k > moe.num_experts:
+            raise cfg.bad("top_k_experts", moe.top_k, f"at most num_experts={moe.num_experts}")
+    dim, kv, intermediate = cfg.int("head_dim", minimum=1), cfg.int("num_key_value_heads", minimum=1), cfg.int(
+        "intermediate_size", minimum=1)
+    double_wide = cfg.bool("use_double_wide_mlp", False)
     layers = []
     for i, kind in enumerate(types):
-        dim = overrides[i].get("head_dim", config["head_dim"])
+        layer_dim = overrides[i].get("head_dim", dim)
         attn = AttentionSpec(
-            num_heads=heads, num_kv_heads=overrides[i].get("num_key_value_heads", config["num_key_value_heads"]),
-            head_dim=dim, rope=rope_for(config, kind, dim, arch), qkv_bias=bias, o_bias=bias, qk_norm=True,
-            v_norm=True, scale=1.0, sliding_window=window if kind == "sliding_attention" and window else None,
-            kv_source=sources[i])
-        wide = 2 if config.get("use_double_wide_mlp") and sources[i] is not None else 1
-        mlp = MlpSpec(intermediate_size=config["intermediate_size"] * wide, activation=act)
+            num_heads=heads, num_kv_heads=overrides[i].get("num_key_value_heads", kv), head_dim=layer_dim,
+            rope=rope_for(cfg, kind, layer_dim), qkv_bias=bias, o_bias=bias, qk_norm=True, v_norm=True, scale=1.0,
+            sliding_window=window if kind == "sliding_attention" else None, kv_source=sources[i],
+            k_eq_v=k_eq_v and kind == "full_attention" and sources[i] is None)
+        wide = 2 if double_wide and sources[i] is not None else 1
+        mlp = MlpSpec(intermediate_size=intermediate * wide, activation=act)
         layers.append(LayerSpec(attention=attn, ffn=DenseMoeSpec(mlp, moe) if moe else mlp, norm_scheme="sandwich",
                                 output_scale=True))
-    per_layer = config.get("hidden_size_per_layer_input") or 0
-    return ModelSpec(architecture=arch, model_type=config["model_type"], vocab_size=config["vocab_size"],
-                     hidden_size=config["hidden_size"], layers=tuple(layers),
-                     context_length=config.get("max_position_embeddings", 131072),
-                     norm_eps=config.get("rms_norm_eps", 1e-6), norm_weight_offset=0.0,
-                     embedding_scale=math.sqrt(config["hidden_size"]),
-                     tie_embeddings=bool(config.get("tie_word_embeddings", True)),
-                     final_softcap=float(config.get("final_logit_softcapping") or 0.0),
+    vocab, hidden = cfg.int("vocab_size", minimum=1), cfg.int("hidden_size", minimum=1)
+    per_layer = cfg.int("hidden_size_per_layer_input", 0, minimum=0)
+    return ModelSpec(architecture=cfg.architecture, model_type=cfg.str("model_type"), vocab_size=vocab,
+                     hidden_size=hidden, layers=tuple(layers),
+                     context_length=cfg.int("max_position_embeddings", 131072, minimum=1),
+                     norm_eps=cfg.float("rms_norm_eps", 1e-6), norm_weight_offset=0.0,
+                     embedding_scale=math.sqrt(hidden), tie_embeddings=cfg.bool("tie_word_embeddings", True),
+                     final_softcap=cfg.float("final_logit_softcapping", None) or 0.0,
                      per_layer_input_size=per_layer,
-                     per_layer_vocab_size=config.get("vocab_size_per_layer_input", config["vocab_size"]) if per_layer else 0,
+                     per_layer_vocab_size=cfg.int("vocab_size_per_layer_input", vocab, minimum=1) if per_layer else 0,
                      per_layer_activation=act)
 
 
@@ -149,25 +165,6 @@ class ScaledExperts:
 
     def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.source.rows(start, stop) * self.scale.rows(start, stop)[:, None, None]
-
-
-@dataclass(frozen=True)
-class GateUpInterleaved:
-    """transformers' experts.gate_up_proj [E, 2I, H] (all gate rows, then all up rows) as the canonical fc1
-    [E, 2I, H] with rows g0, u0, g1, u1, ... (read once per block of experts)."""
-
-    source: Weight
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.source.shape
-
-    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        both = self.source.rows(start, stop)
-        half = both.shape[1] // 2
-        out = np.empty_like(both)
-        out[:, 0::2], out[:, 1::2] = both[:, :half], both[:, half:]
-        return out
 
 
 def _stored(ckpt: Checkpoint, name: str, arch: str) -> Stored:
@@ -190,7 +187,8 @@ def _map_moe(spec: ModelSpec, ckpt: Checkpoint, weights: WeightMap, prefix: str,
                 f"{src}.router.proj.weight")
     gate_up = _stored(ckpt, f"{src}.experts.gate_up_proj", arch)
     e, two_i, _ = gate_up.shape
-    weights.add(f"layers.{i}.moe.fc1.weight", GateUpInterleaved(gate_up), f"{src}.experts.gate_up_proj")
+    # [E, 2I, H] as stored ([gate; up] per expert): what each per-expert MatMul reads, so nothing is interleaved
+    weights.add(f"layers.{i}.moe.fc1.weight", gate_up, f"{src}.experts.gate_up_proj")
     down = _stored(ckpt, f"{src}.experts.down_proj", arch)
     weights.add(f"layers.{i}.moe.fc2.weight",
                 ScaledExperts(down, _stored(ckpt, f"{src}.router.per_expert_scale", arch)),
@@ -200,24 +198,18 @@ def _map_moe(spec: ModelSpec, ckpt: Checkpoint, weights: WeightMap, prefix: str,
                               f"config implies [{moe.num_experts}, {2 * moe.intermediate_size}, {hidden}].")
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     prefix = text_prefix(ckpt, spec.architecture)
-    types = layer_types(config)
     for i, layer in enumerate(spec.layers):
         table = {**norm_table(prefix, True, str(i)), **mlp_table(prefix, str(i)),
                  f"layers.{i}.layer_scalar": f"{prefix}layers.{i}.layer_scalar"}
         attn = attention_table(prefix, str(i))
         if layer.attention.kv_source is not None:  # consumers have no k/v; transformers ignores stored copies too
             dropped = {k: v for k, v in attn.items() if any(f".attn.{p}" in k for p in ("k.", "v.", "k_norm"))}
-            ckpt.ignore(*dropped.values())
+            ckpt.ignore(*dropped.values(), reason=KV_SHARED)
             attn = {k: v for k, v in attn.items() if k not in dropped}
         map_table(ckpt, weights, {**table, **attn}, 0)
-        if config.get("attention_k_eq_v") and types[i] == "full_attention":
-            for kind in ("weight", "bias"):  # v comes from the k projection: v = v_norm(k_proj(x))
-                if f"layers.{i}.attn.k.{kind}" in weights:
-                    weights.add(f"layers.{i}.attn.v.{kind}", weights.get(f"layers.{i}.attn.k.{kind}"),
-                                f"{prefix}layers.{i}.self_attn.k_proj.{kind}")
         if f"layers.{i}.layer_scalar" not in weights:  # a buffer; transformers initialises it to 1 when absent
             weights.add(f"layers.{i}.layer_scalar", Constant(np.ones(1, np.float32)))
         if isinstance(layer.ffn, DenseMoeSpec):
@@ -236,6 +228,6 @@ def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
 
 
 register(Family("gemma4", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"), make_spec, map_weights,
-                text_config_key="text_config",
+                text_config_key="text_config", ignored=NON_TEXT,
                 notes="Gemma 4 text (per-layer head_dim, proportional rope, per-layer inputs, KV sharing, k=v "
                       "attention, dense + GeGLU-expert MoE)"))

@@ -21,6 +21,7 @@ from builder.spec import LayerSpec, ModelSpec, MoeSpec
 from builder.weights import Stored, Weight, WeightMap, to_expert_major
 from builders import Family, register
 from builders.common import map_table
+from builders.config import Config
 from builders.llama import attention_specs, map_base, model_spec
 
 ARCH = "GptOssForCausalLM"
@@ -40,33 +41,36 @@ TABLE = {
 EXPERT_PROJECTIONS = {"fc1": "gate_up_proj", "fc2": "down_proj"}
 
 
-def _with_rope_default(config: dict) -> dict:
-    if config.get("rope_parameters") or config.get("rope_scaling"):
-        return config
-    return {**config, "rope_parameters": {**DEFAULT_ROPE, "rope_theta": config.get("rope_theta", 150000.0)}}
+def _with_rope_default(cfg: Config) -> Config:
+    if "rope_parameters" in cfg or "rope_scaling" in cfg:
+        return cfg
+    return cfg.updated(rope_parameters={**DEFAULT_ROPE, "rope_theta": cfg.float("rope_theta", 150000.0)})
 
 
-def _check_quantization(config: dict) -> None:
-    quant = config.get("quantization_config")
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if quant and method != "mxfp4":
+def _check_quantization(cfg: Config) -> None:
+    quant = cfg.sub("quantization_config", None)
+    method = quant.str("quant_method", None) if quant is not None else None
+    if quant is not None and quant.keys() and method != "mxfp4":
         raise UnsupportedModelError(
             f"{ARCH}: quantization_config.quant_method={method!r} is not supported; ortbuild reads GPT-OSS experts "
             "in bf16/fp16/fp32 or the original MXFP4 format. Use the original or a dequantized checkpoint.")
 
 
-def make_spec(config: dict) -> ModelSpec:
-    _check_quantization(config)
-    config = _with_rope_default(config)
-    moe = MoeSpec(num_experts=config["num_local_experts"],
-                  top_k=config.get("num_experts_per_tok") or config["experts_per_token"],
-                  intermediate_size=config["intermediate_size"], activation="gpt_oss",
-                  swiglu_limit=float(config.get("swiglu_limit", 7.0)),
-                  swiglu_alpha=float(config.get("swiglu_alpha", 1.702)), swiglu_beta=1.0,
+def make_spec(cfg: Config) -> ModelSpec:
+    _check_quantization(cfg)
+    cfg = _with_rope_default(cfg)
+    experts = cfg.int("num_local_experts", minimum=1)
+    top_k = (cfg.int("num_experts_per_tok", None, minimum=1) or cfg.int("experts_per_token", None, minimum=1)
+             or cfg.int("num_experts_per_tok"))  # neither: name the current spelling
+    if top_k > experts:
+        raise cfg.bad("num_experts_per_tok", top_k, f"at most num_local_experts={experts}")
+    moe = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=cfg.int("intermediate_size", minimum=1),
+                  activation="gpt_oss", swiglu_limit=cfg.float("swiglu_limit", 7.0),
+                  swiglu_alpha=cfg.float("swiglu_alpha", 1.702), swiglu_beta=1.0,
                   expert_bias=True, router_bias=True, normalize_topk=True)
-    attentions = attention_specs(config, qk_norm=False, fixed_bias=None)
+    attentions = attention_specs(cfg, qk_norm=False, fixed_bias=None)
     layers = tuple(LayerSpec(attention=replace(a, sinks=True), ffn=moe) for a in attentions)
-    return model_spec(config, layers)
+    return model_spec(cfg, layers)
 
 
 def expert_weight(ckpt: Checkpoint, prefix: str, projection: str) -> Weight:
@@ -80,7 +84,7 @@ def expert_weight(ckpt: Checkpoint, prefix: str, projection: str) -> Weight:
                           f"is in the checkpoint in {ckpt.folder}. The checkpoint is incomplete; re-download it.")
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = map_base(spec, ckpt)
     map_table(ckpt, weights, TABLE, spec.num_layers)
     for i in range(spec.num_layers):

@@ -15,7 +15,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import map_table, rope_from, rope_settings, rope_type, tied_head_copy
+from builders.common import map_table, rope_from, rope_settings, rope_type
 from builders.config import Config
 from builders.llama import MLP_TABLE
 
@@ -41,8 +41,7 @@ def _rope(cfg: Config, head_dim: int, context: int):
     return rope_from(settings, kind, head_dim, context)
 
 
-def make_spec(config: dict) -> ModelSpec:
-    cfg = Config(config, ARCH)
+def make_spec(cfg: Config) -> ModelSpec:
     cfg.str("hidden_act", "silu", choices=("silu",))
     cfg.reject({"use_cla": False, "use_mixed_mlp_moe": False})
     if cfg.int("num_experts", 1) != 1:
@@ -61,11 +60,9 @@ def make_spec(config: dict) -> ModelSpec:
                      norm_eps=cfg.float("rms_norm_eps", 1e-5), tie_embeddings=cfg.bool("tie_word_embeddings", False))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     map_table(ckpt, weights, {**TABLE, **MLP_TABLE}, spec.num_layers)
-    if spec.tie_embeddings:
-        tied_head_copy(ckpt, spec.architecture, "lm_head.weight", "model.embed_tokens.weight")
     return weights
 
 

@@ -10,7 +10,8 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import head_dim, map_table, reject_fields, rope_spec
+from builders.common import head_dim, kv_heads, map_table, rope_spec
+from builders.config import Config
 
 # Embedding, norms, attention and head: shared by every family with the Llama layout (dense and MoE).
 BASE_TABLE = {
@@ -46,55 +47,59 @@ VARIANTS = {
 }
 
 
-def sliding_windows(config: dict) -> list[int | None]:
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def sliding_windows(cfg: Config) -> list[int | None]:
     """Per-layer sliding window: from layer_types when present, else Mistral's global sliding_window."""
-    n, window = config["num_hidden_layers"], config.get("sliding_window")
-    types = config.get("layer_types")
+    n = cfg.int("num_hidden_layers", minimum=1)
+    window = cfg.int("sliding_window", None, minimum=0) or None
+    types = cfg.list("layer_types", None, of=str, length=n)
     if types:
-        return [window if t == "sliding_attention" and window else None for t in types]
-    if config.get("use_sliding_window") is False:
+        for kind in types:
+            if kind not in LAYER_TYPES:
+                raise cfg.unsupported("layer_types", kind, ", ".join(LAYER_TYPES))
+        return [window if t == "sliding_attention" else None for t in types]
+    if cfg.bool("use_sliding_window", None) is False:
         return [None] * n
-    return [window or None] * n
+    return [window] * n
 
 
-def attention_specs(config: dict, *, qk_norm: bool, fixed_bias: tuple[bool, bool] | None) -> list[AttentionSpec]:
+def attention_specs(cfg: Config, *, qk_norm: bool, fixed_bias: tuple[bool, bool] | None) -> list[AttentionSpec]:
     """Per-layer attention for the Llama layout; fixed_bias overrides config.attention_bias (q/k/v, o)."""
-    dim = head_dim(config)
-    rope = rope_spec(config, dim)
-    bias = bool(config.get("attention_bias", False))
+    dim = head_dim(cfg)
+    rope = rope_spec(cfg, dim)
+    bias = cfg.bool("attention_bias", False)
     qkv_bias, o_bias = fixed_bias or (bias, bias)
-    return [AttentionSpec(num_heads=config["num_attention_heads"],
-                          num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                          head_dim=dim, rope=rope, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
-                          sliding_window=window)
-            for window in sliding_windows(config)]
+    heads = cfg.int("num_attention_heads", minimum=1)
+    return [AttentionSpec(num_heads=heads, num_kv_heads=kv_heads(cfg), head_dim=dim, rope=rope, qkv_bias=qkv_bias,
+                          o_bias=o_bias, qk_norm=qk_norm, sliding_window=window)
+            for window in sliding_windows(cfg)]
 
 
-def model_spec(config: dict, layers: tuple[LayerSpec, ...]) -> ModelSpec:
-    return ModelSpec(architecture=config["architectures"][0], model_type=config["model_type"],
-                     vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], layers=layers,
-                     context_length=config.get("max_position_embeddings", 4096),
-                     norm_eps=config.get("rms_norm_eps", 1e-6),
-                     tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+def model_spec(cfg: Config, layers: tuple[LayerSpec, ...]) -> ModelSpec:
+    return ModelSpec(architecture=cfg.architecture, model_type=cfg.str("model_type"),
+                     vocab_size=cfg.int("vocab_size", minimum=1), hidden_size=cfg.int("hidden_size", minimum=1),
+                     layers=layers, context_length=cfg.int("max_position_embeddings", 4096, minimum=1),
+                     norm_eps=cfg.float("rms_norm_eps", 1e-6),
+                     tie_embeddings=cfg.bool("tie_word_embeddings", False))
 
 
 def map_base(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
+    """Embedding, norms, attention and head; a stored head of a tied model is settled by resolve_tied_head."""
     weights = WeightMap(spec.architecture)
     map_table(ckpt, weights, BASE_TABLE, spec.num_layers)
-    if spec.tie_embeddings:
-        ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
     return weights
 
 
-def make_spec(config: dict) -> ModelSpec:
-    arch = config["architectures"][0]
-    reject_fields(config, arch, {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1})
-    mlp = MlpSpec(intermediate_size=config["intermediate_size"], activation="silu")
-    attentions = attention_specs(config, **VARIANTS[arch])
-    return model_spec(config, tuple(LayerSpec(attention=a, ffn=mlp) for a in attentions))
+def make_spec(cfg: Config) -> ModelSpec:
+    cfg.reject({"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1})
+    mlp = MlpSpec(intermediate_size=cfg.int("intermediate_size", minimum=1), activation="silu")
+    attentions = attention_specs(cfg, **VARIANTS[cfg.architecture])
+    return model_spec(cfg, tuple(LayerSpec(attention=a, ffn=mlp) for a in attentions))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = map_base(spec, ckpt)
     map_table(ckpt, weights, MLP_TABLE, spec.num_layers)
     return weights

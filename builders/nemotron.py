@@ -10,7 +10,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import checked_rope_spec, map_table, projection_table
+from builders.common import map_table, projection_table, rope_spec
 from builders.config import Config
 
 ARCH = "NemotronForCausalLM"
@@ -36,15 +36,14 @@ def _rotary_dim(cfg: Config, head_dim: int) -> int:
     return rotary
 
 
-def make_spec(config: dict) -> ModelSpec:
-    cfg = Config(config, ARCH)
+def make_spec(cfg: Config) -> ModelSpec:
     cfg.str("hidden_act", "relu2", choices=("relu2",))
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     dim = cfg.int("head_dim", None) or hidden // heads
     bias = cfg.bool("attention_bias", False)
+    rope = rope_spec(cfg, _rotary_dim(cfg, dim), partial=True)
     attention = AttentionSpec(num_heads=heads, num_kv_heads=cfg.int("num_key_value_heads", None) or heads,
-                              head_dim=dim, rope=checked_rope_spec(cfg, _rotary_dim(cfg, dim)), qkv_bias=bias,
-                              o_bias=bias)
+                              head_dim=dim, rope=rope, qkv_bias=bias, o_bias=bias)
     mlp = MlpSpec(cfg.int("intermediate_size", minimum=1), "relu2", bias=cfg.bool("mlp_bias", False), gated=False)
     return ModelSpec(architecture=ARCH, model_type=cfg.str("model_type", "nemotron"),
                      vocab_size=cfg.int("vocab_size", minimum=1), hidden_size=hidden,
@@ -53,16 +52,13 @@ def make_spec(config: dict) -> ModelSpec:
                      norm_kind="layer", norm_weight_offset=1.0, tie_embeddings=cfg.bool("tie_word_embeddings", False))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     attn, mlp = spec.layers[0].attention, spec.layers[0].ffn
     table = {**NORMS, "embed.weight": "model.embed_tokens.weight",
              **projection_table("layers.{i}.attn", f"{LAYER}.self_attn", "qkvo", bias=attn.qkv_bias),
              **projection_table("layers.{i}.mlp", f"{LAYER}.mlp", ("up", "down"), bias=mlp.bias)}
-    if spec.tie_embeddings:
-        ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
-    else:
-        table["lm_head.weight"] = "lm_head.weight"
+    table["lm_head.weight"] = "lm_head.weight"  # a stored head of a tied model is settled by resolve_tied_head
     map_table(ckpt, weights, table, spec.num_layers)
     return weights
 

@@ -10,7 +10,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec, RopeSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import checked_rope_spec, map_table, projection_table
+from builders.common import map_table, projection_table, rope_spec
 from builders.config import Config
 
 ARCHITECTURES = {"Olmo2ForCausalLM": 2, "Olmo3ForCausalLM": 3}
@@ -35,14 +35,13 @@ def _olmo3_ropes(cfg: Config, dim: int) -> dict[str, RopeSpec]:
     only; the sliding layers keep the default base (500000, which every released OLMo 3 uses for both)."""
     params = cfg.sub("rope_parameters", None)
     if params is not None and (FULL in params or SLIDING in params):
-        return {t: checked_rope_spec(cfg, dim, layer_type=t, default_theta=OLMO3_THETA) for t in (FULL, SLIDING)}
-    full = checked_rope_spec(cfg, dim, default_theta=OLMO3_THETA)
+        return {t: rope_spec(cfg, dim, layer_type=t, default_theta=OLMO3_THETA) for t in (FULL, SLIDING)}
+    full = rope_spec(cfg, dim, default_theta=OLMO3_THETA)
     return {FULL: full, SLIDING: RopeSpec(theta=OLMO3_THETA, rotary_dim=dim, max_positions=full.max_positions)}
 
 
-def make_spec(config: dict) -> ModelSpec:
-    arch = Config(config, "OLMo").list("architectures", of=str)[0]
-    cfg = Config(config, arch)
+def make_spec(cfg: Config) -> ModelSpec:
+    arch = cfg.architecture
     version = ARCHITECTURES[arch]
     cfg.str("hidden_act", "silu", choices=("silu",))
     cfg.reject({"mlp_bias": False})  # transformers' OLMo MLP has no bias whatever the config says
@@ -50,7 +49,7 @@ def make_spec(config: dict) -> ModelSpec:
     n = cfg.int("num_hidden_layers", minimum=1)
     dim = cfg.int("head_dim", None) or hidden // heads
     if version == 2:
-        types, ropes, window = [FULL] * n, {FULL: checked_rope_spec(cfg, dim)}, None
+        types, ropes, window = [FULL] * n, {FULL: rope_spec(cfg, dim)}, None
     else:
         default_types = [SLIDING if (i + 1) % 4 else FULL for i in range(n)]  # Olmo3Config's default pattern
         types = cfg.list("layer_types", default_types, of=str, length=n)
@@ -74,14 +73,11 @@ def make_spec(config: dict) -> ModelSpec:
                      norm_eps=cfg.float("rms_norm_eps", 1e-5), tie_embeddings=cfg.bool("tie_word_embeddings", False))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     bias = spec.layers[0].attention.qkv_bias
     table = {**TABLE, **projection_table("layers.{i}.attn", f"{LAYER}.self_attn", "qkvo", bias=bias)}
-    if spec.tie_embeddings:
-        ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
-    else:
-        table["lm_head.weight"] = "lm_head.weight"
+    table["lm_head.weight"] = "lm_head.weight"  # a stored head of a tied model is settled by resolve_tied_head
     map_table(ckpt, weights, table, spec.num_layers)
     return weights
 

@@ -16,7 +16,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import map_table, rope_from, rope_settings, rope_type, tied_head_copy
+from builders.common import map_table, rope_from, rope_settings, rope_type
 from builders.config import Config
 
 ARCH = "Phi3ForCausalLM"
@@ -51,8 +51,7 @@ def _rope(cfg: Config, head_dim: int, max_positions: int):
     return rope_from(rope, kind, rotary_dim, max_positions, overrides={"original_max_position_embeddings": original})
 
 
-def make_spec(config: dict) -> ModelSpec:
-    cfg = Config(config, ARCH)
+def make_spec(cfg: Config) -> ModelSpec:
     cfg.str("hidden_act", "silu", choices=("silu",))
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     kv_heads = cfg.int("num_key_value_heads", None, minimum=1) or heads
@@ -67,11 +66,9 @@ def make_spec(config: dict) -> ModelSpec:
                      norm_eps=cfg.float("rms_norm_eps", 1e-5), tie_embeddings=cfg.bool("tie_word_embeddings", False))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     map_table(ckpt, weights, TABLE, spec.num_layers)
-    if spec.tie_embeddings:
-        tied_head_copy(ckpt, spec.architecture, "lm_head.weight", "model.embed_tokens.weight")
     return weights
 
 

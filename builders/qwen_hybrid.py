@@ -28,13 +28,12 @@ from builder.spec import AttentionSpec, LayerSpec, LinearAttentionSpec, MlpSpec,
 from builder.weights import InterleavedGateUp, Stacked, Stored, Weight, WeightMap
 from builders import Family, register
 from builders.config import Config
-from builders.gemma4 import GateUpInterleaved
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 TEXT_PREFIXES = ("model.language_model.", "model.")
-# Checkpoint parts deliberately left out of the text decoder: prefix -> what it is (for the progress note)
-SKIPPED = {"model.visual.": "the vision tower (model.visual.*)",
-           "mtp.": "the multi-token-prediction head (mtp.*)"}
+# Checkpoint parts deliberately left out of the text decoder (Family.ignored: named in the progress output)
+IGNORED = (("the vision tower (model.visual.*)", ("model.visual.",)),
+           ("the multi-token-prediction head (mtp.*)", ("mtp.",)))
 # Fields of linear-attention variants (flash-linear-attention spellings) whose other values the graph does not compute
 LINEAR_ATTN_FIXED = {"update_rule": "gated_delta", "linear_update_rule": "gated_delta", "conv_bias": False,
                      "linear_conv_bias": False, "use_conv_bias": False, "use_short_conv": True,
@@ -54,12 +53,6 @@ VARIANTS = {
     "Qwen3_5MoeForConditionalGeneration": Variant("all", False),
     "Qwen3NextForCausalLM": Variant("sparse_step", True),
 }
-
-
-def _config(config: dict) -> Config:
-    """The text config (text_config of a multimodal checkpoint, merged by builders.text_config); errors name it."""
-    arch = (config.get("architectures") or ["Qwen3_5ForCausalLM"])[0]  # checked by Checkpoint.architecture
-    return Config(config, arch, path="text_config." if arch.endswith("ForConditionalGeneration") else "")
 
 
 def layer_types(cfg: Config, num_layers: int) -> list[str]:
@@ -121,8 +114,7 @@ def _is_moe_layer(cfg: Config, variant: Variant, index: int) -> bool:
     return index not in cfg.list("mlp_only_layers", [], of=int) and (index + 1) % step == 0
 
 
-def make_spec(config: dict) -> ModelSpec:
-    cfg = _config(config)
+def make_spec(cfg: Config) -> ModelSpec:
     variant = VARIANTS[cfg.architecture]
     cfg.str("hidden_act", "silu", choices=("silu",))  # the MLPs' and the linear-attention conv's activation
     hidden = cfg.int("hidden_size", minimum=1)
@@ -259,14 +251,14 @@ def _map_ffn(ckpt: Checkpoint, t: Tensors, weights: WeightMap, src: str, dst: st
     experts = f"{src}.mlp.experts"
     if ckpt.has(f"{experts}.gate_up_proj"):  # fused 3-D, gate rows then up rows
         gate_up = t(f"{experts}.gate_up_proj", (e, 2 * inter, hidden))
-        weights.add(f"{dst}.moe.fc1.weight", GateUpInterleaved(gate_up), f"{experts}.gate_up_proj")
+        weights.add(f"{dst}.moe.fc1.weight", InterleavedGateUp.from_halves(gate_up), f"{experts}.gate_up_proj")
         weights.add(f"{dst}.moe.fc2.weight", t(f"{experts}.down_proj", (e, hidden, inter)), f"{experts}.down_proj")
     else:
         def stacked(name, shape):
             return Stacked(tuple(t(f"{experts}.{k}.{name}.weight", shape) for k in range(e)))
 
-        weights.add(f"{dst}.moe.fc1.weight", InterleavedGateUp(stacked("gate_proj", (inter, hidden)),
-                                                               stacked("up_proj", (inter, hidden))),
+        weights.add(f"{dst}.moe.fc1.weight", InterleavedGateUp.from_gate_up(stacked("gate_proj", (inter, hidden)),
+                                                                            stacked("up_proj", (inter, hidden))),
                     f"{experts}.{{e}}.gate_proj.weight")
         weights.add(f"{dst}.moe.fc2.weight", stacked("down_proj", (hidden, inter)), f"{experts}.{{e}}.down_proj.weight")
     shared = ffn.shared_expert_size
@@ -277,21 +269,19 @@ def _map_ffn(ckpt: Checkpoint, t: Tensors, weights: WeightMap, src: str, dst: st
                 f"{src}.mlp.shared_expert_gate.weight")
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     arch, hidden = spec.architecture, spec.hidden_size
     variant = VARIANTS[arch]
     t = Tensors(ckpt, arch)
     weights = WeightMap(arch)
     prefix = text_prefix(ckpt, arch)
-    for skipped, reason in SKIPPED.items():
-        ckpt.skip(skipped, reason)
     weights.add("embed.weight", t(f"{prefix}embed_tokens.weight", (spec.vocab_size, hidden)),
                 f"{prefix}embed_tokens.weight")
     weights.add("final_norm.weight", t(f"{prefix}norm.weight", (hidden,)), f"{prefix}norm.weight")
-    if spec.tie_embeddings:
-        ckpt.ignore("lm_head.weight")  # some tied checkpoints still store a copy
-    else:
+    if ckpt.has("lm_head.weight"):  # a stored head of a tied model is settled by resolve_tied_head
         weights.add("lm_head.weight", t("lm_head.weight", (spec.vocab_size, hidden)), "lm_head.weight")
+    else:
+        weights.expect("lm_head.weight", "lm_head.weight")
     for i, layer in enumerate(spec.layers):
         src, dst = f"{prefix}layers.{i}", f"layers.{i}"
         weights.add(f"{dst}.attn_norm.weight", t(f"{src}.input_layernorm.weight", (hidden,)),
@@ -308,5 +298,5 @@ def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
 
 
 register(Family("qwen_hybrid", tuple(VARIANTS), make_spec, map_weights, text_config_key="text_config",
-                notes="Qwen3.5 / Qwen3.5-MoE (text decoder; CausalLM and multimodal layouts), Qwen3-Next: Gated "
+                ignored=IGNORED, notes="Qwen3.5 / Qwen3.5-MoE (text decoder; CausalLM and multimodal layouts), Qwen3-Next: Gated "
                       "DeltaNet linear attention + gated full attention, shared-expert MoE"))

@@ -12,7 +12,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import layer_windows, map_table, rope_from, rope_settings, rope_type, tied_head_copy
+from builders.common import layer_windows, map_table, rope_from, rope_settings, rope_type
 from builders.config import Config
 from builders.llama import BASE_TABLE
 
@@ -33,8 +33,7 @@ def rope_layers(cfg: Config, num_layers: int) -> list[bool]:
     return [bool(f) for f in flags]
 
 
-def make_spec(config: dict) -> ModelSpec:
-    cfg = Config(config, ARCH)
+def make_spec(cfg: Config) -> ModelSpec:
     cfg.str("hidden_act", "silu", choices=("silu",))
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     head_dim = cfg.int("head_dim", None, minimum=1) or hidden // heads
@@ -60,11 +59,9 @@ def make_spec(config: dict) -> ModelSpec:
                      norm_eps=cfg.float("rms_norm_eps", 1e-6), tie_embeddings=cfg.bool("tie_word_embeddings", True))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     weights = WeightMap(spec.architecture)
     map_table(ckpt, weights, {**BASE_TABLE, **MLP_TABLE}, spec.num_layers)
-    if spec.tie_embeddings:
-        tied_head_copy(ckpt, spec.architecture, "lm_head.weight", "model.embed_tokens.weight")
     return weights
 
 

@@ -20,7 +20,7 @@ from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
 from builders.common import (MROPE_FIELDS, layer_windows, map_table, rope_from, rope_settings, rope_type,
-                             text_decoder_prefix, text_positions_mrope, tied_head_copy)
+                             text_decoder_prefix, text_positions_mrope)
 from builders.config import Config
 
 # The text decoder's prefix, most specific first (each is tried for "<prefix>embed_tokens.weight").
@@ -56,9 +56,9 @@ def _windows(cfg: Config, arch: str, num_layers: int) -> list[int | None]:
                                for i in range(num_layers)], window)
 
 
-def make_spec(config: dict) -> ModelSpec:
-    arch = Config(config, "multimodal text decoder").list("architectures", of=str)[0]
-    cfg, variant = Config(config, arch), VARIANTS[arch]
+def make_spec(cfg: Config) -> ModelSpec:
+    arch = cfg.architecture
+    variant = VARIANTS[arch]
     text_type = cfg.str("model_type", choices=variant["text_types"])
     cfg.str("hidden_act", "silu", choices=("silu",))
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
@@ -89,7 +89,7 @@ def make_spec(config: dict) -> ModelSpec:
                      tie_embeddings=cfg.bool("tie_word_embeddings", False))
 
 
-def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
+def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     arch = spec.architecture
     prefix = text_decoder_prefix(ckpt, arch, TEXT_PREFIXES, SKIPPED[arch])
     head = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
@@ -107,8 +107,6 @@ def map_weights(spec: ModelSpec, ckpt: Checkpoint, config: dict) -> WeightMap:
     }
     weights = WeightMap(arch)
     map_table(ckpt, weights, table, spec.num_layers)
-    if spec.tie_embeddings:
-        tied_head_copy(ckpt, arch, head, f"{prefix}embed_tokens.weight")
     return weights
 
 

@@ -228,21 +228,19 @@ def test_genai_greedy_matches_transformers(case, exported):
 def _config(tiny_checkpoint, arch: str, **changes) -> tuple:
     config = json.loads((tiny_checkpoint(arch) / "config.json").read_text())
     family = family_for(config["architectures"][0])
-    text = text_config(family, config)
-    text.update(changes)
-    return family, text
+    return family, text_config(family, config, config["architectures"][0]).updated(**changes)
 
 
 @pytest.mark.parametrize("arch,changes,message", [
     ("gemma3", {"use_bidirectional_attention": True},
-     "Gemma3ForCausalLM: config field use_bidirectional_attention=True is not supported (only causal decoders "
-     "export; this is an embedding model)."),
+     "Gemma3ForCausalLM: config.json field 'use_bidirectional_attention'=True is not supported (only causal "
+     "decoders export; this is an embedding model)."),
     ("gemma2", {"hidden_activation": "relu"},
-     "Gemma2ForCausalLM: config field hidden_activation='relu' is not supported (supported: gelu, gelu_new, "
-     "gelu_pytorch_tanh, silu)."),
+     "Gemma2ForCausalLM: config.json field 'hidden_activation'='relu' is not supported (supported: 'gelu', "
+     "'gelu_new', 'gelu_pytorch_tanh', 'silu')."),
     ("gemma4", {"use_bidirectional_attention": "all"},
-     "Gemma4ForCausalLM: config field use_bidirectional_attention='all' is not supported (only causal decoders "
-     "export; 'vision' is fine, it only affects image tokens)."),
+     "Gemma4ForCausalLM: config.json field 'use_bidirectional_attention'='all' is not supported (only causal "
+     "decoders export; 'vision' is fine, it only affects image tokens)."),
     ("gemma4", {"per_layer_config": {"2": {"head_dim": 32, "sliding_window": 4}}},
      "Gemma4ForCausalLM: per_layer_config[2] overrides ['sliding_window'], which this exporter does not support "
      "(only head_dim, num_key_value_heads)."),
@@ -251,8 +249,8 @@ def _config(tiny_checkpoint, arch: str, **changes) -> tuple:
      "layer of its type, but there is none."),
     ("gemma4", {"rope_parameters": {FULL: {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0},
                                     SLIDING: {"rope_type": "default", "rope_theta": 1e4}}},
-     "Gemma4ForCausalLM: rope_parameters['full_attention'].rope_type='yarn' is not supported (supported: default, "
-     "proportional, linear)."),
+     "Gemma4ForCausalLM: config.json field 'rope_parameters.full_attention.rope_type'='yarn' is not supported "
+     "(supported: 'default', 'proportional', 'linear')."),
 ])
 def test_unsupported_configs_are_named(arch, changes, message, tiny_checkpoint):
     family, config = _config(tiny_checkpoint, arch, **changes)

@@ -29,6 +29,9 @@ import torch
 
 import parity
 from builder.errors import CheckpointError, UnsupportedModelError
+from builders.config import Config
+
+ARCH = "GptOssForCausalLM"
 
 TOL = 1e-4
 WINDOW = 8  # the factory's sliding window
@@ -122,7 +125,7 @@ def test_released_20b_config_maps_to_the_expected_spec():
     from builder.layers.rotary import inverse_frequencies
     from builders.gpt_oss import make_spec
 
-    spec = make_spec(RELEASED_20B_CONFIG)
+    spec = make_spec(Config(RELEASED_20B_CONFIG, ARCH))
     assert spec.num_layers == 24 and spec.vocab_size == 201088 and not spec.tie_embeddings
     windows = [layer.attention.sliding_window for layer in spec.layers]
     assert windows == [128, None] * 12
@@ -148,7 +151,7 @@ def test_config_without_rope_gets_transformers_default_yarn():
     from builders.gpt_oss import make_spec
 
     config = {k: v for k, v in RELEASED_20B_CONFIG.items() if k not in ("rope_scaling", "rope_theta")}
-    rope = make_spec(config).layers[0].attention.rope
+    rope = make_spec(Config(config, ARCH)).layers[0].attention.rope
     hf_config = GptOssConfig(**{k: v for k, v in config.items() if k != "quantization_config"})
     assert rope.rope_type == hf_config.rope_parameters["rope_type"] == "yarn" and rope.theta == 150000.0
     hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
@@ -162,7 +165,7 @@ def test_unsupported_quantization_is_refused():
 
     config = {**RELEASED_20B_CONFIG, "quantization_config": {"quant_method": "bitsandbytes"}}
     with pytest.raises(UnsupportedModelError) as err:
-        make_spec(config)
+        make_spec(Config(config, ARCH))
     assert str(err.value) == (
         "GptOssForCausalLM: quantization_config.quant_method='bitsandbytes' is not supported; ortbuild reads "
         "GPT-OSS experts in bf16/fp16/fp32 or the original MXFP4 format. Use the original or a dequantized "

@@ -277,11 +277,12 @@ def test_older_rope_spellings_read_as_transformers_reads_them(arch, extra):
     import transformers
 
     from builders import family_for
+    from builders.config import Config
 
     config = {**LEGACY, **extra, "architectures": [arch]}
     hf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**config)
     config["model_type"] = hf.model_type
-    spec = family_for(arch).make_spec(config)
+    spec = family_for(arch).make_spec(Config(config, arch))
     head_dim = 64
     for layer, kind in zip(spec.layers, getattr(hf, "layer_types", None) or [None] * 4):
         rope, params = layer.attention.rope, (hf.rope_parameters[kind] if kind else hf.rope_parameters)

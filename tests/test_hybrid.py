@@ -326,8 +326,8 @@ def test_inspect_shows_the_linear_attention_plan(checkpoint, capsys):
     assert "linear attention (Gated DeltaNet): layers 0,2,3; key heads 2 x 16, value heads 4 x 16" in out
     assert "int8 for linear-attention layers' projections and MLP / shared expert" in out
     rows = {line.split()[0]: " ".join(line.split()[1:]) for line in out.splitlines() if line.startswith("  layers.")}
-    assert rows["layers.0.linear_attn.qkv_z"].startswith("int8") and rows["layers.0.mlp.gate_up"].startswith("int8")
-    assert rows["layers.0.linear_attn.a_b"] == "float"
+    assert rows["layers.0.linear_attn.in_proj"].startswith("int8") and rows["layers.0.mlp.gate_up"].startswith("int8")
+    assert rows["layers.0.linear_attn.ab"] == "float"
     assert rows["layers.1.attn.qkv"].startswith("int4") and rows["layers.1.mlp.gate_up"].startswith("int4")
 
 
@@ -417,4 +417,4 @@ def test_progress_says_what_is_not_exported(checkpoint, tmp_path, capsys):
                                     "-p", "fp32", "-e", "cpu"])
     assert code == 0
     assert "note: not exported: the vision tower (model.visual.*) (" in err
-    assert "note: not exported: the multi-token-prediction head (mtp.*) (3 tensors)" in err
+    assert "note: not exported: the multi-token-prediction head (mtp.*) (3 tensors: mtp." in err

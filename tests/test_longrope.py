@@ -30,6 +30,7 @@ import torch
 import factory
 import parity
 from builders import family_for
+from builders.config import Config
 
 TOL = 1e-4
 SWITCH = 32  # factory.PHI3_LONGROPE original_max_position_embeddings
@@ -115,8 +116,7 @@ def test_genai_phi3_rewind_makes_generation_across_the_switch_exact(tiny_checkpo
 
 
 def _spec(config: dict):
-    config = {**config, "architectures": ["Phi3ForCausalLM"]}
-    return family_for("Phi3ForCausalLM").make_spec(config)
+    return family_for("Phi3ForCausalLM").make_spec(Config(config, "Phi3ForCausalLM"))
 
 
 @pytest.mark.parametrize("extra", [{}, {"factor": 4.0}, {"attention_factor": 1.3}])
@@ -148,14 +148,13 @@ def test_ntk_alpha_matches_hunyuan():
     from builder.layers.rotary import inverse_frequencies
 
     config = factory.build_config("hunyuan")
-    ours, factor = inverse_frequencies(family_for("HunYuanDenseV1ForCausalLM").make_spec(
-        {**config.to_dict(), "architectures": ["HunYuanDenseV1ForCausalLM"]}).attention.rope)
+    hunyuan = "HunYuanDenseV1ForCausalLM"
+    ours, factor = inverse_frequencies(family_for(hunyuan).make_spec(Config(config.to_dict(), hunyuan)).attention.rope)
     theirs = HunYuanDenseV1RotaryEmbedding(config).inv_freq
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
     assert factor == 1.0 and not np.allclose(ours, inverse_frequencies(
-        family_for("HunYuanDenseV1ForCausalLM").make_spec({**config.to_dict(), "rope_parameters": {
-            "rope_type": "default", "rope_theta": 10000.0}, "architectures": ["HunYuanDenseV1ForCausalLM"]}
-        ).attention.rope)[0])
+        family_for(hunyuan).make_spec(Config({**config.to_dict(), "rope_parameters": {
+            "rope_type": "default", "rope_theta": 10000.0}}, hunyuan)).attention.rope)[0])
 
 
 def test_switch_length_is_read_as_phi3config_reads_it():

@@ -23,6 +23,7 @@ import torch
 from builder.checkpoint import Checkpoint, TensorRef
 from builder.errors import CheckpointError
 from builder.mxfp4 import FP4_E2M1_VALUES, Mxfp4Experts, dequantize_mxfp4
+from builder.quant.plan import WeightFormat
 from builder.weights import Constant, row_blocks, to_expert_major
 
 RNG = np.random.default_rng(7)
@@ -144,14 +145,15 @@ def test_mxfp4_experts_stream_one_expert_at_a_time(tiny_checkpoint, monkeypatch)
     blocks.reads.clear(), scales.reads.clear()
 
     monkeypatch.setattr(moe_layer, "EXPERT_BLOCK_BYTES", one_expert)
-    source = moe_layer.ExpertQuantSource(weight, 4, 32, "fc1", None)
-    packed = np.concatenate(list(source.packed_blocks()))
+    source = moe_layer.expert_source(weight, WeightFormat(4, "default", 32), "fc1", None)
+    packed = np.concatenate(list(source.blocks("packed")))
     assert blocks.reads == [(0, 1), (1, 2), (2, 3), (3, 4)]
     from builder.quant.moe import quantize_experts
 
     expected = quantize_experts(whole, bits=4, block_size=32, name="fc1")
     np.testing.assert_array_equal(packed, expected.packed)
-    np.testing.assert_array_equal(source.scales(), expected.scales)
+    np.testing.assert_array_equal(source.whole("scales"), expected.scales)
+    assert source.passes == 1
 
 
 def test_mxfp4_pair_with_mismatched_shapes_is_rejected(tmp_path):

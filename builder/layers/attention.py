@@ -5,12 +5,11 @@ concatenated). Layers whose rotary the op cannot do (q/k norm after rotary, rota
 of 8) are rotated before it (builder/layers/rotary_graph.py). Per-head q/k RMSNorm is either fused into the op
 (CUDA: q_norm_weight / k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it
 (CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale,
-attention sinks (head_sink), weightless v norm (Gemma 4), a query scale by position (Ministral 3), an output gate
-(Qwen3.5 / Qwen3-Next: gate rows packed after q|k|v, the op's output multiplied by their sigmoid before o_proj), and
-KV sharing:
-a layer with kv_source feeds GroupQueryAttention the source layer's new (normalised, un-rotated) keys/values and
-cache, so the op rebuilds exactly the source's keys and values while the layer itself has no k/v projection and no
-cache of its own (its present outputs are left unused).
+attention sinks (head_sink), weightless v norm and values from the key projection (Gemma 4), a query scale by
+position (Ministral 3), an output gate (Qwen3.5 / Qwen3-Next: gate rows packed after q|k|v, the op's output
+multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the
+source layer's new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and
+values while the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
 """
 
 from __future__ import annotations
@@ -40,14 +39,15 @@ class SharedKV:
 
 
 def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tuple[int, ...]) -> Weight:
-    """The fused qkv weight/bias as the checkpoint stores it, else q, k and v concatenated; then the output-gate
-    rows when the layer has them (one MatMul, split after)."""
+    """The fused qkv weight/bias as the checkpoint stores it, else q, k and v concatenated (v = k with k_eq_v); then
+    the output-gate rows when the layer has them (one MatMul, split after)."""
     if f"{prefix}.qkv.{kind}" in w:
         packed = w.get(f"{prefix}.qkv.{kind}", (attn.q_size + 2 * attn.kv_size, *tail))
     else:
+        value = "k" if attn.k_eq_v else "v"  # k_eq_v: the value projection is the key projection
         packed = Concatenated((w.get(f"{prefix}.q.{kind}", (attn.q_size, *tail)),
                                w.get(f"{prefix}.k.{kind}", (attn.kv_size, *tail)),
-                               w.get(f"{prefix}.v.{kind}", (attn.kv_size, *tail))))
+                               w.get(f"{prefix}.{value}.{kind}", (attn.kv_size, *tail))))
     if attn.output_gate:
         return Concatenated((packed, w.get(f"{prefix}.gate.{kind}", (attn.q_size, *tail))))
     return packed

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from builder.errors import UnsupportedModelError
 from builder.layers import LayerContext
 from builder.layers.linear import linear
-from builder.layers.mlp import activation, gated_mlp
+from builder.layers.mlp import GATED, activation, gated_mlp
 from builder.layers.norm import rms_norm, weightless_rms_norm
-from builder.quant.plan import FLOAT
 from builder.spec import DenseMoeSpec, MoeSpec
 from builder.weights import Weight, WholeMap
 
@@ -43,16 +43,10 @@ class ExpertSlice:
         return self.source.rows(self.index, self.index + 1)[0][start:stop]
 
 
-def _split_gate_up(matrix: np.ndarray) -> np.ndarray:
-    return np.concatenate([matrix[0::2], matrix[1::2]])
-
-
-def expert_matrix(source: Weight, index: int, split_interleaved: bool = False) -> Weight:
-    """Expert `index`'s [N, K] matrix; `split_interleaved` turns fc1's interleaved gate/up rows (g0, u0, g1, ...)
-    into [gate; up] so one MatMul feeds a Split. WholeMap keeps the matrix for one scan, so a writer reading it in
-    row blocks reads the expert once, not once per block."""
-    return WholeMap(ExpertSlice(source, index), _split_gate_up if split_interleaved else np.asarray,
-                    tuple(source.shape[1:]))
+def expert_matrix(source: Weight, index: int) -> Weight:
+    """Expert `index`'s [N, K] matrix (fc1 arrives as [gate; up] rows, so one MatMul feeds a Split). WholeMap keeps
+    the matrix for one scan, so a writer reading it in row blocks reads the expert once, not once per block."""
+    return WholeMap(ExpertSlice(source, index), np.asarray, tuple(source.shape[1:]))
 
 
 def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec) -> tuple[ir.Value, ir.Value]:
@@ -61,7 +55,8 @@ def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec
     prefix = f"layers.{index}.moe"
     bias = w.get(f"{prefix}.router.bias", (moe.num_experts,)) if moe.router_bias else None
     logits = linear(ctx, router_input, f"{prefix}.router",
-                    w.get(f"{prefix}.router.weight", (moe.num_experts, ctx.spec.hidden_size)), FLOAT, bias)
+                    w.get(f"{prefix}.router.weight", (moe.num_experts, ctx.spec.hidden_size)),
+                    ctx.settings.plan.format_for("moe.router", index), bias)
     probs = g.op("Softmax", [logits], axis=-1)
     top_w, top_i = g.op("TopK", [probs, g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
     if moe.normalize_topk:
@@ -82,7 +77,7 @@ def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_
     routed = g.op("ReduceMax", [g.op("Cast", [hit], to=ir.DataType.INT32), g.ints("const.axis1", [1])], keepdims=0)
     rows = g.op("Reshape", [g.op("NonZero", [routed]), g.ints("const.flat", [-1])])
     tokens = g.op("Gather", [x, rows], axis=0)
-    fc1 = expert_matrix(w.get(f"{prefix}.fc1.weight", (moe.num_experts, 2 * inter, hidden)), expert, True)
+    fc1 = expert_matrix(w.get(f"{prefix}.fc1.weight", (moe.num_experts, 2 * inter, hidden)), expert)
     with g.scope("gate_up_proj"):
         gate_up = linear(ctx, tokens, f"{prefix}.experts.{expert}.gate_up", fc1, fmt)
     gate, up = g.op("Split", [gate_up], axis=-1, num_outputs=2, outputs=2)
@@ -96,9 +91,10 @@ def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_
 
 def routed_experts(ctx: LayerContext, x: ir.Value, router_input: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
     """Mixture of experts over x [B, S, H], routed on router_input [B, S, H]; returns [B, S, H]."""
-    if moe.expert_bias or moe.shared_expert_size or moe.swiglu_limit is not None:
-        raise ValueError("routed_experts: expert biases, shared experts and clamped SwiGLU go through "
-                         "layers/moe.py (the fused MoE/QMoE op)")
+    if moe.expert_bias or moe.shared_expert_size or moe.swiglu_limit is not None or moe.activation not in GATED:
+        raise UnsupportedModelError(f"layers.{index}.moe: per-expert experts compute {', '.join(GATED)} gated MLPs "
+                                    "without biases, shared experts or clamping; this spec asks for more (activation "
+                                    f"{moe.activation!r}). Such experts go through the fused MoE/QMoE op (MoeSpec).")
     g, hidden = ctx.g, ctx.spec.hidden_size
     flat_shape = g.ints("shape.flat_hidden", [-1, hidden])
     flat = g.op("Reshape", [x, flat_shape])

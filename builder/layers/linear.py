@@ -5,6 +5,8 @@ The format of each weight (float / int4 method / int8) comes from the QuantPlan;
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -13,59 +15,59 @@ from builder.quant.plan import WeightFormat
 from builder.weights import Weight, block_spans, ordered_map
 
 
-class QuantizedSource:
-    """Quantizes a [N, K] weight in row blocks once; the packed codes stream to disk, scales/zero points are kept.
+class QuantizedWeight:
+    """One weight's quantization: a single pass over its rows hands out packed codes, scales and zero points.
 
-    The packed initializer is registered (and so written) before its scales, so each weight is read and quantized
-    exactly once; the scales (1/4 of the packed size at 4 bits) are held until the writer reaches them and then
-    dropped, so held scales never add up over the layers.
+    Quantizing a row block yields all three at once, but each is stored in its own initializer, and the writer
+    saves initializers in an order of its choosing. Whichever output is asked for first runs the pass, streaming its
+    own blocks as they come; the other outputs of that pass are kept until their initializers take them, then
+    forgotten. So a weight is read and quantized once whatever the write order, and only what is not yet written is
+    held: the scales (1/4 of the packed size at 4 bits) when the codes go first, the codes if scales go first.
     Row blocks are read and quantized by `ordered_map` workers (one per core) and come back in order, so the bytes
     do not depend on the thread count.
     """
 
-    block_bytes: int | None = None  # rows per block: weights.ROW_BLOCK_BYTES unless a subclass says otherwise
+    OUTPUTS = ("packed", "scales", "zero_points")
 
-    def __init__(self, weight: Weight, fmt: WeightFormat):
+    def __init__(self, weight: Weight, quantize: Callable[[np.ndarray], Any], block_bytes: int | None = None):
         self.weight = weight
-        self.fmt = fmt
-        self._held: dict[str, list[np.ndarray]] = {}  # "scales"/"zero_points" of the last pass, not yet written
-
-    def _quantize(self, rows: np.ndarray):
-        from builder.quant.blockwise import quantize_blockwise
-        from builder.quant.kquant import quantize_kquant
-
-        if self.fmt.method == "k_quant":
-            return quantize_kquant(rows, bits=self.fmt.bits, block_size=self.fmt.block_size)
-        return quantize_blockwise(rows, bits=self.fmt.bits, block_size=self.fmt.block_size,
-                                  symmetric=self.fmt.symmetric, method=self.fmt.method)
+        self._quantize = quantize  # float32 rows -> object with .packed, .scales, .zero_points (None if symmetric)
+        self.block_bytes = block_bytes  # rows per block: weights.ROW_BLOCK_BYTES unless given
+        self._held: dict[str, list[np.ndarray]] = {}  # outputs of the last pass that nobody has taken yet
+        self.passes = 0  # quantization passes run (one, unless an output is asked for twice)
 
     def _quantize_rows(self, span: tuple[int, int]):
         return self._quantize(self.weight.rows(*span))
 
-    def packed_blocks(self):
-        scales, zero_points = [], []
+    def blocks(self, kind: str) -> Iterator[np.ndarray]:
+        """The blocks of one output, in row order: from the pass that already ran, else from a new pass."""
+        if kind in self._held:
+            yield from self._held.pop(kind)
+            return
+        self.passes += 1
+        others: dict[str, list[np.ndarray]] = {k: [] for k in self.OUTPUTS if k != kind}
         for q in ordered_map(self._quantize_rows, block_spans(self.weight, self.block_bytes)):
-            scales.append(q.scales)
-            if q.zero_points is not None:
-                zero_points.append(q.zero_points)
-            yield q.packed
-        self._held = {"scales": scales, "zero_points": zero_points}
+            for other, parts in others.items():
+                if getattr(q, other) is not None:
+                    parts.append(getattr(q, other))
+            if getattr(q, kind) is not None:
+                yield getattr(q, kind)
+        self._held.update(others)
 
-    def _take(self, kind: str) -> np.ndarray:
-        """Hand over the scales or zero points of the last pass and forget them (re-quantizes if none is held)."""
-        if kind not in self._held:
-            for _ in self.packed_blocks():
-                pass
-        return np.concatenate(self._held.pop(kind), axis=0)
+    def whole(self, kind: str) -> np.ndarray:
+        """One output as a single array (scales and zero points: small enough to hand over at once)."""
+        return np.concatenate(list(self.blocks(kind)), axis=0)
 
-    def scales(self) -> np.ndarray:
-        return self._take("scales")
 
-    def zero_points(self) -> np.ndarray:
-        return self._take("zero_points")
+def quantize_rows(fmt: WeightFormat) -> Callable[[np.ndarray], Any]:
+    """The MatMulNBits quantizer of `fmt`: float32 [N, K] rows -> packed codes, scales, zero points."""
+    from builder.quant.blockwise import quantize_blockwise
+    from builder.quant.kquant import quantize_kquant
 
-    def release(self) -> None:
-        self._held = {}
+    if fmt.method == "k_quant":
+        return lambda rows: quantize_kquant(rows, bits=fmt.bits, block_size=fmt.block_size)
+    return lambda rows: quantize_blockwise(rows, bits=fmt.bits, block_size=fmt.block_size, symmetric=fmt.symmetric,
+                                           method=fmt.method)
 
 
 def quantized_shapes(n: int, k: int, fmt: WeightFormat) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -80,19 +82,19 @@ def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: Weig
     `flat` stores the codes 2-D [N, blocks * block_size * bits / 8] (the GatherBlockQuantized layout: same bytes).
     """
     n, k = weight.shape
-    source = QuantizedSource(weight, fmt)
+    source = QuantizedWeight(weight, quantize_rows(fmt))
     b_shape, s_shape, zp_shape = quantized_shapes(n, k, fmt)
     if flat:
         b_shape = (n, b_shape[1] * b_shape[2])
     g = ctx.g
-    packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, source.packed_blocks)
+    packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, lambda: source.blocks("packed"))
     numpy_dtype = ctx.settings.numpy_dtype
     scales = g.streamed(f"{name}.scales", ctx.settings.ir_dtype, s_shape,
-                        lambda: iter([source.scales().astype(numpy_dtype)]))
+                        lambda: iter([source.whole("scales").astype(numpy_dtype)]))
     zero_points = None
     if not fmt.symmetric:
         zero_points = g.streamed(f"{name}.zero_points", ir.DataType.UINT8, zp_shape,
-                                 lambda: iter([source.zero_points()]))
+                                 lambda: iter([source.whole("zero_points")]))
     return packed, scales, zero_points
 
 

@@ -32,7 +32,6 @@ from builder.errors import UnsupportedModelError
 from builder.graph import FLOAT_DTYPES
 from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
-from builder.quant.plan import FLOAT
 from builder.spec import LinearAttentionSpec
 from builder.weights import Concatenated, RowMap
 
@@ -107,7 +106,8 @@ def linear_attention(ctx: LayerContext, x: ir.Value, layer: int, spec: LinearAtt
                       outputs=2)
     with g.scope("in_proj_ab"):
         ab = linear(ctx, x, f"{prefix}.ab", Concatenated((w.get(f"{prefix}.a.weight", (heads, hidden)),
-                                                          w.get(f"{prefix}.b.weight", (heads, hidden)))), FLOAT)
+                                                          w.get(f"{prefix}.b.weight", (heads, hidden)))),
+                    plan.format_for("linear_attn.ab", layer))
 
     if core != io:
         qkv, ab, z = (g.op("Cast", [t], to=core) for t in (qkv, ab, z))

@@ -12,6 +12,10 @@ from builder.spec import MlpSpec
 from builder.weights import Concatenated
 
 
+GATED = ("silu", "gelu_tanh", "gelu")  # the activations of gated MLPs (and per-expert experts): act(gate(x)) * up(x)
+ACTIVATIONS = (*GATED, "relu2")  # relu2: Nemotron's squared ReLU, plain (non-gated) MLPs
+
+
 def activation(ctx: LayerContext, x: ir.Value, kind: str) -> ir.Value:
     g = ctx.g
     if kind == "silu":
@@ -23,7 +27,10 @@ def activation(ctx: LayerContext, x: ir.Value, kind: str) -> ir.Value:
     if kind == "relu2":
         relu = g.op("Relu", [x])
         return g.op("Mul", [relu, relu])
-    raise ValueError(f"unknown activation {kind!r}")
+    from builder.errors import UnsupportedModelError
+
+    raise UnsupportedModelError(f"activation {kind!r} is not computed by the MLP layer (it computes "
+                                f"{', '.join(ACTIVATIONS)}).")
 
 
 def gated_mlp(ctx: LayerContext, x: ir.Value, prefix: str, mlp: MlpSpec, layer: int | None,

@@ -1,7 +1,9 @@
 """Mixture-of-experts block through com.microsoft MoE (float experts) or QMoE (int4/int8 experts).
 
 Shared by every MoE family. Canonical weights (see builder/spec.py): router [E, H] (+ bias), fc1 [E, 2I, H] with
-gate/up rows interleaved (swiglu_fusion=1), fc2 [E, H, I], optional expert biases, optional shared expert.
+gate/up rows interleaved (swiglu_fusion=1), fc2 [E, H, I], optional expert biases, optional shared expert. The
+QuantPlan decides the experts' storage (float -> MoE; bits and block/per-channel scales -> QMoE) and the router's;
+the op computes SwiGLU only, so any other MoeSpec.activation is refused while the graph is built.
 Routing is the op's: softmax over all experts, top-k, renormalise. Families without renormalisation
 (Qwen2-MoE norm_topk_prob=False) feed softmax probabilities as `router_weights`, because QMoE ignores
 normalize_routing_weights=0 (see shared/reference/ort-ops.md).
@@ -9,67 +11,77 @@ normalize_routing_weights=0 (see shared/reference/ort-ops.md).
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import onnx_ir as ir
 
 from builder.layers import LayerContext
-from builder.layers.linear import QuantizedSource, linear
+from builder.layers.linear import QuantizedWeight, linear
 from builder.layers.mlp import gated_mlp
-from builder.quant.plan import FLOAT, WeightFormat
+from builder.quant.plan import WeightFormat
 from builder.spec import MlpSpec, MoeSpec
 from builder.weights import Weight
 
-EXPERT_BLOCK_BYTES = 64 * 1024 * 1024
+FUSED_ACTIVATIONS = ("silu", "gpt_oss")  # MoeSpec.activation values the op computes (see swiglu_attributes)
+
+EXPERT_BLOCK_BYTES = 64 * 1024 * 1024  # experts quantized per block (the rows of an [E, N, K] weight are experts)
 
 
-class ExpertQuantSource(QuantizedSource):
-    """Quantizes [E, N, K] expert weights a few experts at a time (the rows here are experts).
+def _quantize_experts(rows, *, fmt: WeightFormat, name: str, prepack_arch: int | None):
+    """[e, N, K] float32 experts -> packed codes (raw, or the CUDA-prepacked layout) and scales (no zero points)."""
+    from builder.quant.cuda_layout import prepack_for_cuda
+    from builder.quant.moe import quantize_experts
 
-    Same streaming contract as QuantizedSource: packed codes (raw or CUDA-prepacked) stream to disk, the scales of
-    the pass are handed to the writer once and then dropped, so nothing is held across layers.
-    """
+    q = quantize_experts(rows, bits=fmt.bits, block_size=fmt.block_size, name=name)
+    packed = q.packed if prepack_arch is None else prepack_for_cuda(q, arch=prepack_arch)
+    return SimpleNamespace(packed=packed, scales=q.scales, zero_points=None)
 
-    def __init__(self, weight: Weight, bits: int, block_size: int, name: str, prepack_arch: int | None):
-        super().__init__(weight, WeightFormat(bits, "default", block_size))
-        self.name, self.prepack_arch = name, prepack_arch
 
-    @property
-    def block_bytes(self) -> int:
-        return EXPERT_BLOCK_BYTES
-
-    def _quantize_rows(self, span: tuple[int, int]):
-        from builder.quant.cuda_layout import prepack_for_cuda
-        from builder.quant.moe import quantize_experts
-
-        q = quantize_experts(self.weight.rows(*span), bits=self.fmt.bits, block_size=self.fmt.block_size,
-                             name=self.name)
-        packed = q.packed if self.prepack_arch is None else prepack_for_cuda(q, arch=self.prepack_arch)
-        return SimpleNamespace(packed=packed, scales=q.scales, zero_points=None)
+def expert_source(weight: Weight, fmt: WeightFormat, name: str, prepack_arch: int | None) -> QuantizedWeight:
+    """The one quantization pass of an [E, N, K] expert weight, a few experts at a time."""
+    return QuantizedWeight(weight, partial(_quantize_experts, fmt=fmt, name=name, prepack_arch=prepack_arch),
+                           EXPERT_BLOCK_BYTES)
 
 
 def prepacked_layout(ctx: LayerContext) -> bool:
     """CUDA QMoE reads an omitted weights_prepacked as "already prepacked" (ORT 1.31), so auto ships prepacked bytes."""
-    return ctx.settings.ep == "cuda" and ctx.settings.moe.prepacked != 0
+    return ctx.settings.ep == "cuda" and ctx.settings.qmoe_layout.prepacked != 0
 
 
-def _expert_weights(ctx: LayerContext, name: str, weight: Weight) -> tuple[ir.Value, ir.Value | None]:
+def _expert_weights(ctx: LayerContext, name: str, weight: Weight,
+                    fmt: WeightFormat) -> tuple[ir.Value, ir.Value | None]:
     """Float initializer, or (packed, scales) for QMoE."""
-    moe = ctx.settings.moe
-    if moe.bits is None:
+    if fmt.is_float:
         return ctx.float_initializer(name, weight), None
     e, n, k = weight.shape
-    block = moe.block_size if moe.block_size > 0 else 0
-    prepack = moe.prepack_arch if prepacked_layout(ctx) else None
-    source = ExpertQuantSource(weight, moe.bits, block, name, prepack)
+    prepack = ctx.settings.qmoe_layout.prepack_arch if prepacked_layout(ctx) else None
+    source = expert_source(weight, fmt, name, prepack)
     # the CUTLASS layout is stored [E, K, N*bits/8], the shape ORT's own packers emit
-    shape = (e, k, n * moe.bits // 8) if prepack else (e, n, k * moe.bits // 8)
-    packed = ctx.g.streamed(f"{name}.qweight", ir.DataType.UINT8, shape, source.packed_blocks)
-    scale_shape = (e, n, k // block) if block else (e, n)
+    shape = (e, k, n * fmt.bits // 8) if prepack else (e, n, k * fmt.bits // 8)
+    packed = ctx.g.streamed(f"{name}.qweight", ir.DataType.UINT8, shape, lambda: source.blocks("packed"))
+    scale_shape = (e, n, k // fmt.block_size) if fmt.block_size else (e, n)
     numpy_dtype = ctx.settings.numpy_dtype
     scales = ctx.g.streamed(f"{name}.scales", ctx.settings.ir_dtype, scale_shape,
-                            lambda: iter([source.scales().astype(numpy_dtype)]))
+                            lambda: iter([source.whole("scales").astype(numpy_dtype)]))
     return packed, scales
+
+
+def swiglu_attributes(moe: MoeSpec, index: int) -> dict:
+    """The op's activation attributes for the spec's expert activation; the op computes SwiGLU only,
+    g * sigmoid(alpha * g) * (u + beta) with g (and u, within +-limit) clamped when a limit is given."""
+    from builder.errors import UnsupportedModelError
+
+    plain = (moe.swiglu_alpha, moe.swiglu_beta, moe.swiglu_limit) == (1.0, 0.0, None)
+    if moe.activation not in FUSED_ACTIVATIONS or (moe.activation == "silu" and not plain):
+        raise UnsupportedModelError(
+            f"layers.{index}.moe: the fused MoE/QMoE op computes SwiGLU only (activation 'silu' with alpha 1, beta 0 "
+            f"and no limit, or 'gpt_oss' clamped SwiGLU); this spec asks for activation {moe.activation!r} (alpha "
+            f"{moe.swiglu_alpha}, beta {moe.swiglu_beta}, limit {moe.swiglu_limit}). Other gated experts need the "
+            "per-expert path (DenseMoeSpec).")
+    return dict(activation_type="swiglu", swiglu_fusion=1,
+                swiglu_limit=float(moe.swiglu_limit) if moe.swiglu_limit is not None else None,
+                activation_alpha=float(moe.swiglu_alpha), activation_beta=float(moe.swiglu_beta))
 
 
 def _shared_expert(ctx: LayerContext, flat: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
@@ -80,7 +92,8 @@ def _shared_expert(ctx: LayerContext, flat: ir.Value, index: int, moe: MoeSpec) 
     if moe.shared_expert_gated:
         with g.scope("shared_expert_gate"):
             gate = linear(ctx, flat, f"{prefix}.shared_gate", w.get(f"{prefix}.shared_gate.weight",
-                                                                     (1, ctx.spec.hidden_size)), FLOAT)
+                                                                     (1, ctx.spec.hidden_size)),
+                          ctx.settings.plan.format_for("moe.shared_gate", index))
             out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
     return out
 
@@ -100,23 +113,22 @@ def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Va
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{index}.moe"
     e, inter = moe.num_experts, moe.intermediate_size
+    attrs = dict(k=moe.top_k, **swiglu_attributes(moe, index), normalize_routing_weights=int(moe.normalize_topk))
+    plan = ctx.settings.plan
+    fmt = plan.format_for("moe.experts", index)
     flat = g.op("Reshape", [x, g.ints("shape.flat_hidden", [-1, hidden])])
     with g.scope("router"):
         router_bias = w.get(f"{prefix}.router.bias", (e,)) if moe.router_bias else None
-        logits = linear(ctx, flat, f"{prefix}.router", w.get(f"{prefix}.router.weight", (e, hidden)), FLOAT,
-                        router_bias)
-    fc1_w, fc1_s = _expert_weights(ctx, f"{prefix}.fc1", w.get(f"{prefix}.fc1.weight", (e, 2 * inter, hidden)))
-    fc2_w, fc2_s = _expert_weights(ctx, f"{prefix}.fc2", w.get(f"{prefix}.fc2.weight", (e, hidden, inter)))
+        logits = linear(ctx, flat, f"{prefix}.router", w.get(f"{prefix}.router.weight", (e, hidden)),
+                        plan.format_for("moe.router", index), router_bias)
+    fc1_w, fc1_s = _expert_weights(ctx, f"{prefix}.fc1", w.get(f"{prefix}.fc1.weight", (e, 2 * inter, hidden)), fmt)
+    fc2_w, fc2_s = _expert_weights(ctx, f"{prefix}.fc2", w.get(f"{prefix}.fc2.weight", (e, hidden, inter)), fmt)
     fc1_b = fc2_b = None
     if moe.expert_bias:
         fc1_b = ctx.float_initializer(f"{prefix}.fc1.bias", w.get(f"{prefix}.fc1.bias", (e, 2 * inter)))
         fc2_b = ctx.float_initializer(f"{prefix}.fc2.bias", w.get(f"{prefix}.fc2.bias", (e, hidden)))
-    attrs = dict(k=moe.top_k, activation_type="swiglu", swiglu_fusion=1,
-                 swiglu_limit=float(moe.swiglu_limit) if moe.swiglu_limit is not None else None,
-                 activation_alpha=float(moe.swiglu_alpha), activation_beta=float(moe.swiglu_beta),
-                 normalize_routing_weights=int(moe.normalize_topk))
     settings = ctx.settings
-    if settings.moe.bits is None:
+    if fmt.is_float:
         out = g.ms("MoE", [flat, logits, fc1_w, fc1_b, fc2_w, fc2_b], **attrs)
     else:
         router_weights = None
@@ -126,11 +138,11 @@ def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Va
                   router_weights]
         while inputs[-1] is None:
             inputs.pop()
-        prepacked = settings.moe.prepacked if settings.ep == "cuda" and settings.moe.prepacked >= 0 else None
+        layout = settings.qmoe_layout
+        prepacked = layout.prepacked if settings.ep == "cuda" and layout.prepacked >= 0 else None
         if settings.ep == "cuda":
             _check_cuda_sizes(ctx, index, moe)
-        out = g.ms("QMoE", inputs, expert_weight_bits=settings.moe.bits,
-                   block_size=settings.moe.block_size if settings.moe.block_size > 0 else None,
+        out = g.ms("QMoE", inputs, expert_weight_bits=fmt.bits, block_size=fmt.block_size or None,
                    weights_prepacked=prepacked, **attrs)
     if moe.shared_expert_size:
         out = g.op("Add", [out, _shared_expert(ctx, flat, index, moe)])

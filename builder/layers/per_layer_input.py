@@ -30,6 +30,8 @@ def per_layer_inputs(ctx: LayerContext, input_ids: ir.Value, embeds: ir.Value) -
     packed = layers * size
     shape = g.ints(f"shape.per_layer.{layers}.{size}", [0, 0, layers, size])
     with g.scope("per_layer_inputs"):
+        if not ctx.settings.plan.format_for("per_layer.embed").is_float:
+            raise ValueError("per_layer.embed: only a float table is wired (the plan keeps it float)")
         table = ctx.float_initializer("per_layer.embed.weight",
                                       w.get("per_layer.embed.weight", (spec.per_layer_vocab_size, packed)))
         with g.scope("embed"):

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from builder.quant import BLOCK_SIZES
+
 VALID_BITS = (4, 8)
-VALID_BLOCK_SIZES = (16, 32, 64, 128, 256)
 VALID_METHODS = ("default", "rtn")
 
 
@@ -71,9 +72,9 @@ def check_args(fn: str, w, bits: int, block_size: int) -> np.ndarray:
         raise ValueError(f"{fn}: weight dtype {w.dtype} of shape {tuple(w.shape)} is not floating point")
     if bits not in VALID_BITS:
         raise ValueError(f"{fn}: bits={bits!r} not supported for weight {tuple(w.shape)}; valid: {VALID_BITS}")
-    if block_size not in VALID_BLOCK_SIZES:
+    if block_size not in BLOCK_SIZES:
         raise ValueError(
-            f"{fn}: block_size={block_size!r} not supported for weight {tuple(w.shape)}; valid: {VALID_BLOCK_SIZES}"
+            f"{fn}: block_size={block_size!r} not supported for weight {tuple(w.shape)}; valid: {BLOCK_SIZES}"
         )
     w = np.ascontiguousarray(w, dtype=np.float32)
     finite = np.isfinite(w)
@@ -130,45 +131,67 @@ def unpack_zero_points(packed_zp: np.ndarray, bits: int, n_blocks: int) -> np.nd
     return unpack_codes(packed_zp, 4)[:, :n_blocks]
 
 
-def round_half_away(x: np.ndarray) -> np.ndarray:
-    """C ``roundf``: nearest integer, ties away from zero (``np.rint`` breaks ties to even).
+def round_half_away(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """C ``roundf``: nearest integer, ties away from zero (``np.rint`` breaks ties to even); the one implementation
+    every quantizer here uses.
 
-    Computed as rint with an exact tie fix-up, because ``floor(|x| + 0.5)`` is wrong for 0.49999997 in float32.
+    Exact: ``|x|`` splits into its integer part and a fraction without rounding error, and the fraction alone
+    decides (``floor(|x| + 0.5)`` would be wrong for 0.49999997 in float32). `in_place` reuses x's buffer for the
+    fraction (x is then lost), which saves a full-size temporary in the quantizers' hot loops.
     """
-    r = np.rint(x)
-    t = np.trunc(x)
-    tie = np.abs(x - t) == 0.5
-    if tie.any():
-        r[tie] = t[tie] + np.sign(x[tie])
-    return r
+    negative = np.signbit(x)
+    fraction = np.abs(x, out=x if in_place else None)
+    whole = np.floor(fraction)
+    fraction -= whole
+    whole += fraction >= 0.5
+    if negative.any():  # rare in codes, which are offset to be non-negative
+        np.negative(whole, out=whole, where=negative)
+    return whole
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the two methods: blocks [N, nb, bs] float32 -> codes (float array of integers), scales f32, zero points or None
 
 
-def _default_mlas(blocks: np.ndarray, bits: int, symmetric: bool):
-    """MLAS BlockwiseQuantizer maths, in float32."""
-    qmax = np.float32(2**bits - 1)
+def quantize_symmetric_mlas(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The MLAS symmetric grid (``quantize_matmul_{4,8}bits``, q4_dq.cpp ``range2scale``), shared by MatMulNBits and
+    QMoE weights: float32 blocks ``[..., block]`` -> (uint8 codes ``[..., block]``, float32 signed scales ``[...]``).
+
+    Per block the anchor is the element of largest magnitude *with its sign* (ties go to the negative one) and
+    ``scale = -anchor / 2^(bits-1)``, so the anchor lands on code 0 and the whole code range is used. Codes are
+    ``roundf(w * (1/scale) + 2^(bits-1))`` in float32, clipped to [0, 2^bits - 1]; an all-zero block gets scale
+    -0.0, reciprocal 0 and every code at the zero point. Blocks holding inf/NaN give non-finite scales (the caller
+    reports them); numpy stays quiet about them.
+    """
     mid = np.float32(2 ** (bits - 1))
     mx = blocks.max(axis=-1)
     mn = blocks.min(axis=-1)
+    scales = (-np.where(np.abs(mx) > np.abs(mn), mx, mn) / mid).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recip = np.zeros_like(scales)
+        np.divide(np.float32(1), scales, out=recip, where=scales != 0)
+        codes = blocks * recip[..., None]
+        codes += mid
+        codes = round_half_away(codes, in_place=True)
+        np.clip(codes, 0, 2**bits - 1, out=codes)
+        return codes.astype(np.uint8), scales
+
+
+def _default_mlas(blocks: np.ndarray, bits: int, symmetric: bool):
+    """MLAS BlockwiseQuantizer maths, in float32."""
     if symmetric:
-        signed_peak = np.where(np.abs(mx) > np.abs(mn), mx, mn)
-        scales = (-signed_peak / mid).astype(np.float32)
-        zp_f = np.full(scales.shape, mid, np.float32)
-        zero_points = None
-    else:
-        mn = np.minimum(mn, np.float32(0))
-        mx = np.maximum(mx, np.float32(0))
-        scales = ((mx - mn) / qmax).astype(np.float32)
-        nonzero = scales != 0
-        zp_raw = np.where(nonzero, np.float32(0) - mn / np.where(nonzero, scales, np.float32(1)), mn)
-        zero_points = np.clip(round_half_away(zp_raw.astype(np.float32)), 0, qmax).astype(np.uint8)
-        zp_f = zero_points.astype(np.float32)
+        codes, scales = quantize_symmetric_mlas(blocks, bits)
+        return codes, scales, None
+    qmax = np.float32(2**bits - 1)
+    mn = np.minimum(blocks.min(axis=-1), np.float32(0))
+    mx = np.maximum(blocks.max(axis=-1), np.float32(0))
+    scales = ((mx - mn) / qmax).astype(np.float32)
+    nonzero = scales != 0
+    zp_raw = np.where(nonzero, np.float32(0) - mn / np.where(nonzero, scales, np.float32(1)), mn)
+    zero_points = np.clip(round_half_away(zp_raw.astype(np.float32)), 0, qmax).astype(np.uint8)
     recip = np.zeros_like(scales)
     np.divide(np.float32(1), scales, out=recip, where=scales != 0)
-    codes = round_half_away(blocks * recip[..., None] + zp_f[..., None])
+    codes = round_half_away(blocks * recip[..., None] + zero_points.astype(np.float32)[..., None])
     np.clip(codes, 0, qmax, out=codes)
     return codes, scales, zero_points
 

@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from builder.quant.moe import QuantizedExperts, _pack_codes, unpack_codes
+from builder.quant.blockwise import pack_codes, unpack_codes
+from builder.quant.moe import QuantizedExperts
 
 SUPPORTED_ARCHS = (80, 90)
 # ThreadblockK of ColumnMajorTileInterleave for 16-bit activations: 128 bytes * 8 / 16 bits.
@@ -185,7 +186,7 @@ def unprepack_from_cuda(prepacked: np.ndarray, *, n: int, k: int, bits: int, arc
     inverse = np.argsort(ldsm_row_permutation(bits))
     tile = inverse.size
     codes = codes.reshape(e, n, k // tile, tile)[..., inverse].reshape(e, n, k)
-    return _pack_codes(codes, bits)
+    return pack_codes(codes, bits)
 
 
 def _check_prepackable(q: QuantizedExperts, arch: int) -> tuple[int, int, int]:

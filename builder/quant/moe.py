@@ -6,17 +6,19 @@ input-feature axis K is packed, even k in the low nibble) plus float scales ``[E
 ``W = (q - zp) * scale`` with the op's default zero point ``zp = 2^(bits-1)`` (8 or 128)
 when no zero-point input is given. We therefore emit no zero-point tensor.
 
-The grid is ONNX Runtime's MatMulNBits symmetric grid (MLAS ``range2scale`` in
-onnxruntime/core/mlas/lib/q4_dq.cpp): per block the anchor is the element of largest
-magnitude *with its sign* (ties go to the negative one) and ``scale = anchor / -2^(bits-1)``.
-The anchor then lands exactly on code 0, so the full code range [-8, 7] / [-128, 127] is
-used and the extreme is reproduced without error. About half the scales are negative; that
-sign is load-bearing. Taking ``abs()`` of the scale (a bug that looks like "int4 quality
-loss") flips every block whose anchor is negative.
+The grid is ONNX Runtime's MatMulNBits symmetric grid, computed by the one implementation
+both layouts share, :func:`builder.quant.blockwise.quantize_symmetric_mlas` (MLAS
+``range2scale`` in onnxruntime/core/mlas/lib/q4_dq.cpp): per block the anchor is the element
+of largest magnitude *with its sign* (ties go to the negative one) and
+``scale = anchor / -2^(bits-1)``. The anchor then lands exactly on code 0, so the full code
+range [-8, 7] / [-128, 127] is used and the extreme is reproduced without error. About half
+the scales are negative; that sign is load-bearing. Taking ``abs()`` of the scale (a bug that
+looks like "int4 quality loss") flips every block whose anchor is negative.
 
-Codes are ``roundf(w * (1/scale) + zp)`` in float32, clipped to [0, 2^bits - 1], which is
-bit-identical to ``onnxruntime.capi._pybind_state.quantize_matmul_{4,8}bits`` (measured,
-see tests/test_quant_moe.py). The CPU QMoE kernel, the CUDA PrePack hook
+Codes are ``roundf(w * (1/scale) + zp)`` in float32, clipped to [0, 2^bits - 1], and packed
+by the same nibble packer as MatMulNBits, which is bit-identical to
+``onnxruntime.capi._pybind_state.quantize_matmul_{4,8}bits`` (measured, see
+tests/test_quant_moe.py). The CPU QMoE kernel, the CUDA PrePack hook
 (``weights_prepacked=0``) and :func:`builder.quant.cuda_layout.prepack_for_cuda` all
 consume this raw layout.
 """
@@ -27,8 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from builder.quant import BLOCK_SIZES
+from builder.quant.blockwise import pack_codes, quantize_symmetric_mlas, unpack_codes
+
 SUPPORTED_BITS = (4, 8)
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+__all__ = ["QuantizedExperts", "quantize_experts", "dequantize_experts", "unpack_codes"]
 
 # Rows (over all experts) quantized per vectorised pass: bounds temporaries to ~64 MiB of
 # float32 for K=2880 while keeping each numpy call large enough to amortise its overhead.
@@ -73,8 +78,6 @@ def quantize_experts(w: np.ndarray, *, bits: int, block_size: int, name: str = "
     e, n, k = w.shape
     block = k if block_size <= 0 else block_size
     blocks_per_row = k // block
-    half = 1 << (bits - 1)
-    qmax = (1 << bits) - 1
 
     rows = w.reshape(e * n, k)
     packed = np.empty((e * n, k * bits // 8), dtype=np.uint8)
@@ -82,9 +85,9 @@ def quantize_experts(w: np.ndarray, *, bits: int, block_size: int, name: str = "
     step = max(1, _ROW_CHUNK_ELEMENTS // k)
     for start in range(0, e * n, step):
         chunk = rows[start:start + step].astype(np.float32, copy=False).reshape(-1, blocks_per_row, block)
-        codes, chunk_scales = _quantize_blocks(chunk, half=half, qmax=qmax)
+        codes, chunk_scales = quantize_symmetric_mlas(chunk, bits)
         scales[start:start + step] = chunk_scales
-        packed[start:start + step] = _pack_codes(codes.reshape(codes.shape[0], k), bits)
+        packed[start:start + step] = pack_codes(codes.reshape(codes.shape[0], k), bits)
 
     if not np.isfinite(scales).all():
         bad = np.argwhere(~np.isfinite(scales.reshape(e, n, blocks_per_row)))[0]
@@ -109,48 +112,6 @@ def dequantize_experts(q: QuantizedExperts) -> np.ndarray:
     return blocks.reshape(e, n, k)
 
 
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 [..., K*bits/8] -> uint8 codes [..., K]; for 4-bit the low nibble is the even k."""
-    if bits == 8:
-        return packed
-    codes = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
-    codes[..., 0::2] = packed & 0x0F
-    codes[..., 1::2] = packed >> 4
-    return codes
-
-
-def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [..., K] -> packed bytes [..., K*bits/8] (inverse of unpack_codes)."""
-    if bits == 8:
-        return codes
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def _quantize_blocks(blocks: np.ndarray, *, half: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [R, B, L] -> (uint8 codes [R, B, L], float32 signed scales [R, B]).
-
-    Anchor selection mirrors MLAS: lo = min(0, min), hi = max(0, max), anchor = hi if
-    |hi| > |lo| else lo (so ties choose the negative value). An all-zero block gets scale -0.0
-    and reciprocal 0, hence every code equals the zero point, as MLAS produces.
-    """
-    hi = np.maximum(blocks.max(axis=-1), np.float32(0))
-    lo = np.minimum(blocks.min(axis=-1), np.float32(0))
-    anchor = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-    scales = (anchor / np.float32(-half)).astype(np.float32)
-    # inf/NaN blocks are reported by the caller from their non-finite scales; keep numpy quiet.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reciprocal = np.where(scales != 0, np.float32(1) / scales, np.float32(0)).astype(np.float32)
-        y = blocks * reciprocal[..., None]
-        y += np.float32(half)
-        # C roundf (half away from zero) on the non-negative range that matters; np.rint would
-        # round half to even and disagree with MLAS on exact .5 ties.
-        rounded = np.floor(y)
-        y -= rounded
-        rounded += y >= np.float32(0.5)
-        np.clip(rounded, 0, qmax, out=rounded)
-        return rounded.astype(np.uint8), scales
-
-
 def _validate(w: np.ndarray, *, bits: int, block_size: int, name: str) -> None:
     """Reject inputs QMoE cannot represent, saying what, where and how to fix."""
     if w.ndim != 3:
@@ -163,9 +124,9 @@ def _validate(w: np.ndarray, *, bits: int, block_size: int, name: str) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"{name}: bits={bits} is not supported by QMoE int quantization; use 4 or 8.")
     e, n, k = w.shape
-    if block_size > 0 and block_size not in SUPPORTED_BLOCK_SIZES:
+    if block_size > 0 and block_size not in BLOCK_SIZES:
         raise ValueError(
-            f"{name}: block_size={block_size} is not supported; use one of {SUPPORTED_BLOCK_SIZES} "
+            f"{name}: block_size={block_size} is not supported; use one of {BLOCK_SIZES} "
             "or 0 for per-channel scales."
         )
     if (k * bits) % 8 != 0:
