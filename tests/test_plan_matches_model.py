@@ -93,7 +93,7 @@ def model_formats(model) -> dict[str, tuple | None]:
     found: dict[str, tuple | None] = {}
     for node in model.graph.node:
         ins = list(node.input)
-        if "/lm_head/" in node.name and node.op_type in ("MatMulNBits", "Gemm", "MatMul"):
+        if "/lm_head/" in node.name and node.op_type in ("MatMulNBits", "FusedMatMul", "MatMul"):
             key = "lm_head"
         elif node.op_type in ("MatMulNBits", "MatMul", "Gemm"):
             key = prefix(reshaped.get(ins[1], ins[1]))
@@ -104,7 +104,7 @@ def model_formats(model) -> dict[str, tuple | None]:
             if ins[1] in dims:
                 assert dims[ins[1]] == [a["N"], blocks, a["block_size"] * a["bits"] // 8], node.name
             found[key] = (a["bits"], a["block_size"], len(ins) < 4 or not ins[3])
-        elif node.op_type in ("MatMul", "Gemm") and ins[1] in inits:
+        elif node.op_type in ("MatMul", "FusedMatMul", "Gemm") and ins[1] in inits:
             found[key] = None
         elif node.op_type == "GatherBlockQuantized":
             a = attrs(node)
