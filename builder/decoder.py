@@ -21,9 +21,8 @@ from builder.layers.embedding import embedding
 from builder.layers.linear_attention import linear_attention
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
-from builder.layers.norm import skip_stream_norm
 from builder.layers.padding import restore_order, step_inputs
-from builder.layers.residual import sublayer_input, sublayer_output
+from builder.layers.residual import add_to_stream, settled, sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
 from builder.spec import DenseMoeSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec
@@ -85,6 +84,8 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
             attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)
             x, residual = sublayer_input(ctx, attn_out, residual, i, "ffn", layer)
             pending = sublayer_output(ctx, _ffn(ctx, x, residual, i, layer), i, "ffn", layer)
+            if per_layer is not None or layer.output_scale:
+                pending = settled(ctx, pending)
             if per_layer is not None:
                 with g.scope("per_layer"):
                     residual = g.op("Add", [pending, residual])
@@ -96,7 +97,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                   ctx.weights.get(f"layers.{i}.layer_scalar", (1,)))
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
-        x, _ = skip_stream_norm(ctx, pending, residual, "final_norm")
+        x, _ = add_to_stream(ctx, pending, residual, "final_norm")
     logits = lm_head(ctx, restore_order(g, x, rank))
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST_SOURCES = {"Shape", "Size"}
 # ops that compute on small int64 shape tensors; the CUDA EP places them on the CPU when every input is host-side
 HOST_OPS = {"Shape", "Size", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Add", "Sub", "Mul", "Div",
-            "Neg", "Equal", "Range", "Reshape", "ConstantOfShape", "Max", "Min", "ReduceMax", "ReduceSum", "Expand"}
+            "Neg", "Equal", "Reshape", "ConstantOfShape", "Max", "Min", "ReduceMax", "ReduceSum", "Expand"}
 
 
 def optimized_graph(model: Path, provider: str = "CPUExecutionProvider", level: str = "ORT_ENABLE_ALL"):

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
+from builder.layers.residual import Biased
 from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
 from builder.spec import AttentionSpec
 from builder.weights import Concatenated, Weight, WeightMap
@@ -120,7 +121,7 @@ def _query_only(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec)
 def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: StepInputs,
               past_key: ir.Value | None, past_value: ir.Value | None, *, kv_store: dict | None = None,
               ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Returns (output [B, S, hidden], present_key, present_value).
+    """Returns (output [B, S, hidden], or `Biased` when o_proj has a bias, present_key, present_value).
 
     kv_store (layer -> SharedKV): a source layer records its keys/values there; a consumer (attn.kv_source) reads
     them and ignores past_key/past_value.
@@ -207,7 +208,8 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
         with g.scope("output_gate"):
             out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
     with g.scope("o_proj"):
-        o_bias = w.get(f"{prefix}.o.bias", (hidden,)) if attn.o_bias else None
         out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, attn.q_size)),
-                     plan.format_for("attn.o", layer), o_bias)
+                     plan.format_for("attn.o", layer))
+    if attn.o_bias:  # added by the next residual norm when nothing comes between (builder/layers/residual.py)
+        out = Biased(out, ctx.float_initializer(f"{prefix}.o.bias", w.get(f"{prefix}.o.bias", (hidden,))))
     return out, present_key, present_value
