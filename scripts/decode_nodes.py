@@ -11,6 +11,9 @@ graph optimizations at ORT_ENABLE_ALL, and the optimized graph (SessionOptions.o
   input (CUDA-graph capture refuses a session with any);
 - `device`: the rest, a kernel launch each on CUDA (or more: MatMulNBits and GroupQueryAttention launch several).
 
+A -e cuda export (fp16) loads on the CPU EP too; the casts the CPU EP inserts to run fp16 nodes in float32 are left
+out of the counts (they do not exist in a CUDA session). Its fused q/k norm inputs load but would not run on CPU.
+
 The CPU EP stands in for the CUDA EP here (no GPU on this machine): the layout and fusion passes are shared, but CPU
 and CUDA differ in a few ORT_ENABLE_ALL fusions (e.g. MatMulNBitsFusion, which folds a following Add into
 MatMulNBits' bias, is registered for the CPU EP only; GroupQueryAttentionFusion for CUDA only), so the GPU figures
@@ -33,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_SOURCES = {"Shape", "Size"}
+CPU_FALLBACK_CAST = "InsertedPrecisionFreeCast_"  # casts the CPU EP adds around fp16 nodes it runs in float32
 # ops that compute on small int64 shape tensors; the CUDA EP places them on the CPU when every input is host-side
 HOST_OPS = {"Shape", "Size", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Add", "Sub", "Mul", "Div",
             "Neg", "Equal", "Reshape", "ConstantOfShape", "Max", "Min", "ReduceMax", "ReduceSum", "Expand"}
@@ -59,7 +63,11 @@ def classify(graph) -> dict:
     constants = {i.name for i in graph.initializer}
     host_values: set[str] = set()
     ops, host_ops = collections.Counter(), collections.Counter()
+    inserted = 0
     for node in graph.node:  # the saved graph is topologically sorted
+        if node.name.startswith(CPU_FALLBACK_CAST):
+            inserted += 1  # the CPU EP's own fp16 fallback (a -e cuda export counted here): not in the CUDA session
+            continue
         inputs = [i for i in node.input if i and i not in constants]
         host = node.op_type in HOST_SOURCES or (
             node.domain in ("", "ai.onnx") and node.op_type in HOST_OPS and inputs
@@ -71,7 +79,7 @@ def classify(graph) -> dict:
     total = sum(ops.values())
     hosts = sum(host_ops.values())
     return {"nodes": total, "host": hosts, "device": total - hosts, "ops": dict(sorted(ops.items())),
-            "host_ops": dict(sorted(host_ops.items()))}
+            "host_ops": dict(sorted(host_ops.items())), "cpu_fallback_casts": inserted}
 
 
 def count_export(folder: Path, provider: str = "CPUExecutionProvider") -> dict:
