@@ -33,7 +33,8 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
         source = str(Path(source).resolve())  # so `verify` finds the reference from any working directory
     made = {"producer": "ortbuild", "version": builder.__version__, "source": source,
             "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
-            "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra)}
+            "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra),
+            "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled)}
     if graph is not None:
         made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"))
     return made
@@ -62,7 +63,8 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     weights = family.map_weights(spec, checkpoint)
     spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
     settings = settings.with_plan(spec)
-    notes = (*settings.plan.notes, *tie_notes, *skip_notes(checkpoint))
+    capture_note = settings.graph_capture.note(settings.ep)
+    notes = (*settings.plan.notes, *tie_notes, *skip_notes(checkpoint), *([capture_note] if capture_note else []))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 
 
