@@ -76,7 +76,8 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
     settings = ExportSettings.resolve(precision, ep, extra_options)  # usage errors before any work
     check_destination(output, overwrite)
     progress.stage(f"reading checkpoint {input_dir or model}")
-    prepared = prepare(model, precision, ep, settings.extra, input_dir=input_dir, cache_dir=cache_dir)
+    given = {key: settings.extra[key] for key in settings.given}  # defaults stay defaults (no "changes nothing" notes)
+    prepared = prepare(model, precision, ep, given, input_dir=input_dir, cache_dir=cache_dir)
     spec, settings = prepared.spec, prepared.settings
     for note in prepared.notes:
         progress.note(note)

@@ -23,6 +23,7 @@ come from scripts/gpu_decode_bench.py's profile of the real CUDA session.
     PYTHONPATH=$PWD python scripts/decode_nodes.py qwen3 gpt_oss -p int4    # some families, int4 (cpu layout)
     PYTHONPATH=$PWD python scripts/decode_nodes.py --ops qwen3              # plus the op histogram
     PYTHONPATH=$PWD python scripts/decode_nodes.py --json counts.json       # machine-readable
+    PYTHONPATH=$PWD python scripts/decode_nodes.py --folders out/ref-int4 --ops  # any export folder
 """
 
 from __future__ import annotations
@@ -92,7 +93,6 @@ def count_export(folder: Path, provider: str = "CPUExecutionProvider") -> dict:
 
 
 def export_family(case: str, out: Path, precision: str, ep: str, extra: list[str]) -> Path:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import batching
     import factory
     from builder.export import export
@@ -112,8 +112,20 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", nargs="*", default=[])
     parser.add_argument("--ops", action="store_true", help="print each family's op histogram")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--folders", nargs="+", type=Path, help="count these exports instead (e.g. the reference's)")
+    parser.add_argument("--repo", type=Path, default=ROOT, help="the ortbuild checkout that exports (before/after)")
     args = parser.parse_args(argv)
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(args.repo), str(ROOT / "tests")]
+    if args.folders:
+        rows = {folder.name: count_export(folder) for folder in args.folders}
+        for name, r in rows.items():
+            print(f"{name:24s} graph {r['graph_nodes']:4d}  optimized {r['nodes']:4d}  host {r['host']:3d}  "
+                  f"device {r['device']:4d}")
+            if args.ops:
+                print("    ops:", ", ".join(f"{k} {v}" for k, v in r["ops"].items()))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     import batching
 
     families = args.families or list(batching.FAMILIES)
