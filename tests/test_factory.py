@@ -222,6 +222,28 @@ def test_bad_arguments_say_what_to_do(tmp_path):
         factory.make_checkpoint("llama", tmp_path, dtype="int8")
 
 
+def test_recipe_modules_beside_the_factory_are_merged_into_archs(tmp_path, monkeypatch):
+    """ARCHS = tests/factory_recipes.py + every tests/factory_<topic>_recipes.py present; a name defined twice is an
+    error naming both files."""
+    import factory_recipes
+
+    assert factory._recipe_modules()[0] == "factory_recipes"
+    assert set(factory.ARCHS) >= set(factory_recipes.ARCHS)
+    (tmp_path / "factory_extra_recipes.py").write_text(
+        "from factory_recipes import ArchRecipe, cfg\n"
+        "ARCHS = {'llama_extra': ArchRecipe('llama', 'LlamaForCausalLM', cfg(num_hidden_layers=1))}\n")
+    (tmp_path / "factory_clash_recipes.py").write_text(
+        "from factory_recipes import ArchRecipe, cfg\nARCHS = {'llama': ArchRecipe('llama', 'LlamaForCausalLM', cfg())}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(factory, "_recipe_modules", lambda: ["factory_recipes", "factory_extra_recipes"])
+    merged = factory._merged_recipes()
+    assert merged["llama_extra"].config["num_hidden_layers"] == 1 and merged["llama"] == factory_recipes.ARCHS["llama"]
+    monkeypatch.setattr(factory, "_recipe_modules", lambda: ["factory_recipes", "factory_clash_recipes"])
+    with pytest.raises(ValueError, match=r"test architecture 'llama' is defined twice: tests/factory_recipes.py and "
+                                         r"tests/factory_clash_recipes.py"):
+        factory._merged_recipes()
+
+
 def test_hub_cache_resolves_offline(tiny_checkpoint, tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants
