@@ -20,7 +20,7 @@ from builder.layers import LayerContext
 from builder.layers.linear import QuantizedWeight, linear
 from builder.layers.mlp import gated_mlp
 from builder.quant.plan import WeightFormat
-from builder.spec import MlpSpec, MoeSpec
+from builder.spec import MlpSpec, MoeSpec, RoutingSpec
 from builder.weights import Weight
 
 FUSED_ACTIVATIONS = ("silu", "gpt_oss")  # MoeSpec.activation values the op computes (see swiglu_attributes)
@@ -109,11 +109,20 @@ def _check_cuda_sizes(ctx: LayerContext, index: int, moe: MoeSpec) -> None:
             "use -p fp16/bf16 for cuda.")
 
 
+def _check_routing(index: int, moe: MoeSpec) -> None:
+    from builder.errors import UnsupportedModelError
+
+    if moe.routing != RoutingSpec(normalize_topk=moe.routing.normalize_topk):
+        raise UnsupportedModelError(f"layers.{index}.moe: this graph routes by softmax top-k only; the spec asks for "
+                                    f"{moe.routing}.")
+
+
 def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+    _check_routing(index, moe)
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{index}.moe"
     e, inter = moe.num_experts, moe.intermediate_size
-    attrs = dict(k=moe.top_k, **swiglu_attributes(moe, index), normalize_routing_weights=int(moe.normalize_topk))
+    attrs = dict(k=moe.top_k, **swiglu_attributes(moe, index), normalize_routing_weights=int(moe.routing.normalize_topk))
     plan = ctx.settings.plan
     fmt = plan.format_for("moe.experts", index)
     flat = g.op("Reshape", [x, g.ints("shape.flat_hidden", [-1, hidden])])
@@ -132,7 +141,7 @@ def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Va
         out = g.ms("MoE", [flat, logits, fc1_w, fc1_b, fc2_w, fc2_b], **attrs)
     else:
         router_weights = None
-        if not moe.normalize_topk:
+        if not moe.routing.normalize_topk:
             router_weights = g.op("Softmax", [logits], axis=-1)
         inputs = [flat, logits, fc1_w, fc1_s, fc1_b, fc2_w, fc2_s, fc2_b, None, None, None, None, None, None,
                   router_weights]
