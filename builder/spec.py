@@ -154,15 +154,18 @@ class RoutingSpec:
         weights   = scores at the chosen experts, renormalised to sum to one when normalize_topk,
                     times scaling_factor (routed_scaling_factor)
         weight_on_input: the weight multiplies the expert's input instead of its output (Llama 4, top-1)
+    scoring "sparsemixer" (PhiMoE, top-2): experts are the top-2 logits; expert j's weight is the softmax at j over
+    the logits l_i with (l_j - l_i) / max(|l_i|, l_j) <= 2 * sparsemixer_eps, the first pick left out for the second.
     """
 
-    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sparsemixer"
     normalize_topk: bool = True  # Mixtral, Qwen3-MoE norm_topk_prob, GPT-OSS; False: Qwen2-MoE
     correction_bias: bool = False
     n_group: int = 1
     topk_group: int = 1
     scaling_factor: float = 1.0
     weight_on_input: bool = False
+    sparsemixer_eps: float = 0.0  # PhiMoE router_jitter_noise
 
 
 @dataclass(frozen=True)
