@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import factory_moe_recipes
 import tiny_tokenizer
 from checkpoint_layouts import apply_layout
 from tiny_tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, TOKENIZER_VOCAB, UNK, special_token_ids  # noqa: F401
@@ -232,6 +233,8 @@ ARCHS: dict[str, ArchRecipe] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
         "mlp_only_layers": [2], **_QWEN35_MOE}),
 }
+
+ARCHS.update(factory_moe_recipes.recipes(_cfg, ArchRecipe))
 
 __all__ = [
     "ARCHS",
