@@ -11,7 +11,8 @@ What is proved here:
   the export computes it;
 - the graph is the intended one: one MoE/QMoE node per MoE layer fed the 3-D hidden states, QMoE fed router_weights
   where selection and weights differ, Llama 4's expert input scaled by the router, GroupQueryAttention given an
-  attention_bias on the chunked layers only, routed_scaling_factor folded into fc2;
+  attention_bias on the chunked layers only (cuda: no bias, the context capped at the chunk, where causal attention
+  is chunked attention), routed_scaling_factor folded into fc2;
 - int4 and int8 (QMoE) exports run prompt + decode; int8 stays within a few per cent;
 - routing fields the graph does not compute exit 3 naming the field.
 """
@@ -163,6 +164,21 @@ def test_chunked_layers_get_an_attention_bias(exported):
     with_bias = sorted(i for i, n in gqa.items() if len(n.input) > 10 and n.input[10])
     assert with_bias == [0, 2]  # the rope layers; NoPE layers 1 and 3 attend to every earlier key
     assert len({gqa[i].input[10] for i in with_bias}) == 1  # one bias, shared by the chunked layers
+
+
+def test_cuda_export_caps_the_context_at_the_chunk_instead_of_an_attention_bias(checkpoint, exported):
+    """CUDA's GroupQueryAttention rejects attention_bias: a cuda export runs the chunked layers causally, which is
+    exact up to the chunk size (8 here), caps genai's max_length there, and says so before writing."""
+    from builder.export import prepare
+
+    prepared = prepare(str(checkpoint("llama4_text")), "fp16", "cuda")
+    assert prepared.spec.context_length == 8
+    assert any("chunked attention (chunks of 8) on CUDA" in note for note in prepared.notes)
+    folder = exported("llama4_text", "fp16", "cuda")
+    assert all(len(n.input) <= 10 or not n.input[10]
+               for n in parity.nodes_of(parity.load_graph(folder), "GroupQueryAttention"))
+    assert parity.genai_config(folder)["search"]["max_length"] == 8
+    assert prepare(str(checkpoint("llama4_text")), "fp16", "cpu").spec.context_length == 256
 
 
 def test_scaling_factor_is_folded_into_fc2(checkpoint, exported):

@@ -16,7 +16,7 @@ values while the layer itself has no k/v projection and no cache of its own (its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -25,7 +25,7 @@ from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
 from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
-from builder.spec import AttentionSpec
+from builder.spec import AttentionSpec, ModelSpec
 from builder.weights import Concatenated, Weight, WeightMap
 
 
@@ -80,6 +80,25 @@ def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: Step
     with g.scope("query_scale"):
         scale = g.op("Gather", [g.initializer(name), _positions(ctx, step, q)], axis=0)
         return g.op("Mul", [q, g.op("Unsqueeze", [scale, g.ints("const.-1", [-1])])])
+
+
+def fit_chunked_attention(spec: ModelSpec, ep: str) -> tuple[ModelSpec, list[str]]:
+    """Chunked attention on CUDA: its GroupQueryAttention kernel rejects attention_bias ("attention_bias is not
+    supported in GroupQueryAttention cuda kernel", onnxruntime 1.31-1.32), so `chunk_bias` cannot run there. Plain
+    causal attention equals chunked attention exactly while every position lies in the first chunk, i.e. for
+    sequences of at most `attention_chunk` tokens, and differs past it. So a cuda export drops the chunk and caps the
+    context at the smallest chunk size (genai_config's max_length then refuses longer runs), and says so."""
+    chunks = {layer.attention.attention_chunk for layer in spec.layers
+              if isinstance(layer.attention, AttentionSpec) and layer.attention.attention_chunk}
+    if ep != "cuda" or not chunks:
+        return spec, []
+    limit = min(chunks)
+    layers = tuple(replace(layer, attention=replace(layer.attention, attention_chunk=None))
+                   if isinstance(layer.attention, AttentionSpec) else layer for layer in spec.layers)
+    note = (f"chunked attention (chunks of {limit}) on CUDA: GroupQueryAttention's CUDA kernel takes no attention_bias, "
+            f"and causal attention equals chunked attention only up to {limit} tokens, so the context is capped at "
+            f"{limit} (was {spec.context_length}); export -e cpu for longer contexts")
+    return replace(spec, layers=layers, context_length=min(limit, spec.context_length)), [note]
 
 
 def chunk_bias(ctx: LayerContext, step: StepInputs, like: ir.Value, chunk: int) -> ir.Value:

@@ -116,10 +116,11 @@ def router_feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, qua
             bias = ctx.float_initializer(f"layers.{index}.moe.router.correction_bias", ctx.weights.get(
                 f"layers.{index}.moe.router.correction_bias", (moe.num_experts,)))
             selection = g.op("Add", [scores, bias])
+        if quantized:  # the group limit's own reshape back makes the selection 2-D
+            selection = _group_limited(ctx, selection, moe, flat=True) if _grouped(r) else _flat(ctx, selection, moe)
+            return RouterFeed(x, selection, _flat(ctx, scores, moe), r.normalize_topk)
         if _grouped(r):
-            selection = _group_limited(ctx, selection, moe)
-        if quantized:
-            return RouterFeed(x, _flat(ctx, selection, moe), _flat(ctx, scores, moe), r.normalize_topk)
+            selection = _group_limited(ctx, selection, moe, flat=False)
         log_weights = logits if r.scoring == "softmax" else g.op("Log", [scores])
         return _one_input(ctx, x, selection, log_weights, scores, moe)
 
@@ -196,9 +197,10 @@ def _one_input(ctx: LayerContext, x: ir.Value, selection: ir.Value, log_weights:
     return RouterFeed(x, _flat(ctx, probs, moe), None, True, scale)
 
 
-def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec) -> ir.Value:
-    """Selection scores outside the topk_group best groups set to the lowest float. A group's rank is the sum of its
-    two best selection scores (transformers' DeepSeek-V3 / GLM-4.5 noaux_tc rule)."""
+def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec, *, flat: bool) -> ir.Value:
+    """Selection scores outside the topk_group best groups set to the lowest float, [B, S, E] (or [B * S, E] when
+    `flat`). A group's rank is the sum of its two best selection scores (transformers' DeepSeek-V3 / GLM-4.5 noaux_tc
+    rule)."""
     g, r, e = ctx.g, moe.routing, moe.num_experts
     size = e // r.n_group
     with g.scope("group_limit"):
@@ -207,6 +209,8 @@ def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec) -> ir.V
         group_scores = g.op("ReduceSum", [best2, g.ints("const.axis_last", [-1])], keepdims=1)  # [B, S, G, 1]
         kept = _top_k_mask(ctx, group_scores, r.topk_group, axis=-2)
         masked = g.op("Where", [kept, grouped, _lowest(ctx)])
+        if flat:
+            return _flat(ctx, masked, moe)
         return g.op("Reshape", [masked, g.ints(f"shape.ungroup.{e}", [0, 0, e])])
 
 
