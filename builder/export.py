@@ -8,6 +8,7 @@ from pathlib import Path
 import builder
 from builder.checkpoint import Checkpoint
 from builder.decoder import build_decoder
+from builder.layers.attention import fit_chunked_attention
 from builder.genai_config import GENAI_TYPES, genai_config
 from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
 from builder.progress import Progress
@@ -15,6 +16,7 @@ from builder.report import written_formats
 from builder.runtime_requirements import ir_nodes, requirements
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
+from builder.state import genai_names
 from builder.weights import WeightMap
 from builders import family_for, text_config
 from builders.common import ignore_declared, reject_unconsumed, reject_unread, resolve_tied_head, skip_notes
@@ -36,7 +38,8 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
             "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra),
             "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled)}
     if graph is not None:
-        made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"))
+        made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"),
+                                        genai_names(spec.state)[0])
     return made
 
 
@@ -62,9 +65,11 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     ignore_declared(checkpoint, family.ignored)
     weights = family.map_weights(spec, checkpoint)
     spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
+    spec, ep_notes = fit_chunked_attention(spec, settings.ep)
     settings = settings.with_plan(spec)
     capture_note = settings.graph_capture.note(settings.ep)
-    notes = (*settings.plan.notes, *tie_notes, *skip_notes(checkpoint), *([capture_note] if capture_note else []))
+    notes = (*settings.plan.notes, *tie_notes, *ep_notes, *skip_notes(checkpoint),
+             *([capture_note] if capture_note else []))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 
 

@@ -1,10 +1,11 @@
 """Parity of an exported model against transformers: what `ortbuild verify` measures and `ortbuild batch` records.
 
-For each prompt the reference (transformers, fp32 by default) decodes `steps` greedy tokens; the ONNX model then runs
-the prompt with an empty KV cache and feeds the same tokens one at a time through present -> past, so both sides see
-identical inputs and every position can be compared: max-abs logit error (prompt and decode positions apart, since a
-cache bug shows only in the second), top-1 agreement, and greedy agreement (the common prefix of greedy continuations,
-through onnxruntime and, when installed, onnxruntime-genai — the runtime users deploy with).
+For each prompt the reference (transformers, fp32 by default) decodes `steps` greedy tokens with its KV cache; the ONNX
+model then runs the prompt with an empty KV cache and feeds the same tokens one at a time through present -> past, so
+both sides see identical inputs, compute the same way, and every position can be compared: max-abs logit error
+(prompt and decode positions apart, since a cache bug shows only in the second), top-1 agreement, and greedy
+agreement (the common prefix of greedy continuations, through onnxruntime and, when installed, onnxruntime-genai —
+the runtime users deploy with).
 
 torch and transformers are an optional extra (`pip install ortbuild[verify]`); they are imported only when a
 reference is loaded, so exporting never needs them.
@@ -96,6 +97,12 @@ def _reference_stack():
     return torch, transformers
 
 
+# Wrappers whose transformers class cannot run text alone (5.24's Llama4ForConditionalGeneration.forward reads
+# image_outputs from its text model's output and fails on any input): their text decoder is loaded through
+# AutoModelForCausalLM instead (Llama4ForCausalLM, from the same checkpoint).
+TEXT_DECODER_REFERENCE = {"Llama4ForConditionalGeneration"}
+
+
 def load_reference(reference: str, dtype: str = "float32", cache_dir: str | None = None):
     """The transformers model for a folder or Hub id, on CPU in `dtype`; MXFP4 experts are dequantized."""
     torch, transformers = _reference_stack()
@@ -106,7 +113,7 @@ def load_reference(reference: str, dtype: str = "float32", cache_dir: str | None
         if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
             kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
         arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = getattr(transformers, arch, None) if arch and arch not in TEXT_DECODER_REFERENCE else None
         model = (cls or transformers.AutoModelForCausalLM).from_pretrained(reference, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load the reference {reference} with transformers ({type(exc).__name__}: "
@@ -124,18 +131,25 @@ def _cache_argument(model) -> str:
 
 
 def reference_run(model, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    """(greedy continuation of `steps` tokens, fp32 logits [len(ids) + steps, V] of one full no-cache pass)."""
+    """(greedy continuation of `steps` tokens, fp32 logits [len(ids) + steps, V]) of transformers' cached decode: the
+    prompt pass, then one pass per token with its KV cache -- the computation the exported graph does.
+
+    For every model but one that equals a single cache-free pass over prompt + tokens (to float rounding). The
+    exception is longrope (Phi-3) across its switch length: a pass picks the short or long factors by its total
+    length, so after the crossing the cached keys keep their short-factor rotation while a cache-free pass rotates
+    every key with the long set; an exact export matches the former.
+    """
     torch, _ = _reference_stack()
     tokens: list[int] = []
     cache = _cache_argument(model)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        for step in range(steps):
+        rows = [out.logits[0]]
+        for _ in range(steps):
             tokens.append(int(out.logits[0, -1].argmax()))
-            if step + 1 < steps:
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache: getattr(out, cache)})
-        full = model(input_ids=torch.tensor([ids + tokens]), use_cache=False).logits[0]
-    return tokens, full.float().numpy()
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache: getattr(out, cache)})
+            rows.append(out.logits[0, -1:])
+    return tokens, torch.cat(rows).float().numpy()
 
 
 def encode_prompts(texts: list[str], *folders: str | Path) -> list[list[int]]:
