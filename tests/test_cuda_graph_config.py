@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
-import parity
 from builder.errors import UsageError
-from builder.export import prepare
+from builder.export import export, prepare
 from builder.genai_config import genai_config
 
 
@@ -20,13 +20,13 @@ def _config(ckpt, ep="cuda", precision="fp16", extra=()):
 
 
 def test_dense_cuda_export_turns_capture_on(tiny_checkpoint, tmp_path):
-    out = parity.export(tiny_checkpoint("qwen3"), tmp_path / "m", "fp16", "cuda")
+    out = export(str(tiny_checkpoint("qwen3")), tmp_path / "m", "fp16", "cuda")
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]
     assert config["search"]["past_present_share_buffer"] is True  # genai refuses capture without it
     assert json.loads((out / "ortbuild.json").read_text())["cuda_graph"] is True
-    ops = parity.ops_in(out)
-    assert not {"If", "Loop", "Scan"} & set(ops)
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert not {"If", "Loop", "Scan"} & ops  # control flow: ONNX Runtime would refuse to capture
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "gemma3"])

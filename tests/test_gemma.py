@@ -205,8 +205,10 @@ def test_int4_export_runs_and_tracks_transformers(case, matmul_nbits, exported):
     full = parity.hf_logits(parity.load_hf(ckpt), parity.PROMPT_IDS)
     # Tiny random Gemma 4 models are very sensitive to weight rounding (transformers itself, with its weights
     # rounded to int4 the same way, moves logits by ~2.5), so compare the shape of the logits, not the top token.
+    # The tied embedding is int4 too (shared with the lm_head by default): gemma4 measured 0.77 (0.8+ with a float
+    # table; quantization.md, "Embeddings", has the cost on a realistic shape).
     corr = np.corrcoef(run.prompt_logits.ravel(), full.ravel())[0, 1]
-    assert corr >= 0.8, corr
+    assert corr >= 0.75, corr
 
 
 # ------------------------------------------------------------------------------------------------ genai
