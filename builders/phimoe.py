@@ -17,7 +17,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, ModelSpec, MoeSpec, RoutingSpec
 from builder.weights import Stored, WeightMap
 from builders import Family, register
-from builders.common import head_dim, kv_heads, map_table, projection_table, rope_from, rope_settings, rope_type
+from builders.common import head_dim, kv_heads, map_table, projection_table, rope_settings, rope_spec
 from builders.config import Config
 from builders.moe_common import map_experts, top_k
 
@@ -29,20 +29,18 @@ NORMS = {f"{dst}.{kind}": f"{src}.{kind}" for dst, src in (
 
 
 def _rope(cfg: Config, dim: int, context: int):
+    kinds = dict(types=("default", "longrope"), aliases={"su": "longrope"}, max_positions=context)
+    if rope_spec(cfg, dim, **kinds).rope_type == "default":
+        return rope_spec(cfg, dim, **kinds)
     rope = rope_settings(cfg)
-    kind = rope_type(rope, ("default", "longrope"), aliases={"su": "longrope"})
-    if kind == "default":
-        return rope_from(rope, kind, dim, context, drop=("original_max_position_embeddings",))
-    for key in ("short_factor", "long_factor"):
-        rope.list(key, of=float, length=dim // 2)
     short = rope.float("short_mscale")
     if rope.float("long_mscale") != short:
         raise rope.unsupported("long_mscale", rope.float("long_mscale"), why=f"an attention factor that differs from "
                                f"short_mscale={short} is not computed (the released Phi-3.5-MoE has them equal)")
     original = rope.int("original_max_position_embeddings", None, minimum=1) or cfg.int(
         "original_max_position_embeddings", minimum=1)
-    return rope_from(rope, kind, dim, context, drop=("short_mscale", "long_mscale"),
-                     overrides={"original_max_position_embeddings": original, "attention_factor": short})
+    return rope_spec(cfg, dim, **kinds, overrides={"original_max_position_embeddings": original,
+                                                   "attention_factor": short})
 
 
 def make_spec(cfg: Config) -> ModelSpec:

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import factory_moe_recipes
 import tiny_tokenizer
 from checkpoint_layouts import apply_layout
 from factory_recipes import BASE, LLAMA3_ROPE, PHI3_LONGROPE, ArchRecipe  # noqa: F401
@@ -61,8 +60,6 @@ def _merged_recipes() -> dict[str, ArchRecipe]:
 
 
 ARCHS: dict[str, ArchRecipe] = _merged_recipes()
-
-ARCHS.update(factory_moe_recipes.recipes(_cfg, ArchRecipe))
 
 __all__ = [
     "ARCHS",

@@ -5,7 +5,7 @@ layers before or between MoE layers, shared experts, NoPE and chunked layers, sp
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from factory_recipes import ArchRecipe, cfg
 
 GLM4_MOE = dict(
     head_dim=32, num_hidden_layers=3, tie_word_embeddings=False, attention_bias=True, use_qk_norm=True,
@@ -29,19 +29,17 @@ PHIMOE = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def recipes(cfg: Callable[..., dict], recipe: Callable[..., Any]) -> dict:
-    """name -> ArchRecipe, built with tests/factory.py's `_cfg` (tiny base config) and `ArchRecipe`."""
-    return {
-        "glm4_moe": recipe("glm4_moe", "Glm4MoeForCausalLM", cfg(**GLM4_MOE), layout=("correction_bias", "mtp_layer")),
-        "ernie4_5_moe": recipe("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", cfg(**ERNIE4_5_MOE),
+ARCHS = {
+    "glm4_moe": ArchRecipe("glm4_moe", "Glm4MoeForCausalLM", cfg(**GLM4_MOE), layout=("correction_bias", "mtp_layer")),
+    "ernie4_5_moe": ArchRecipe("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", cfg(**ERNIE4_5_MOE),
                                layout=("correction_bias",)),
-        "llama4_text": recipe("llama4_text", "Llama4ForCausalLM", cfg(**LLAMA4_TEXT)),
-        "llama4_vlm": recipe("llama4", "Llama4ForConditionalGeneration", {
-            "text_config": cfg(**LLAMA4_TEXT),
-            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                              "num_attention_heads": 2, "image_size": 32, "patch_size": 16,
-                              "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64},
-            "tie_word_embeddings": False, "image_token_index": 508, "boi_token_index": 506,
-            "eoi_token_index": 507}, text_config_key="text_config"),
-        "phimoe": recipe("phimoe", "PhimoeForCausalLM", cfg(**PHIMOE)),
-    }
+    "llama4_text": ArchRecipe("llama4_text", "Llama4ForCausalLM", cfg(**LLAMA4_TEXT)),
+    "llama4_vlm": ArchRecipe("llama4", "Llama4ForConditionalGeneration", {
+        "text_config": cfg(**LLAMA4_TEXT),
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 32, "patch_size": 16,
+                          "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64},
+        "tie_word_embeddings": False, "image_token_index": 508, "boi_token_index": 506,
+        "eoi_token_index": 507}, text_config_key="text_config"),
+    "phimoe": ArchRecipe("phimoe", "PhimoeForCausalLM", cfg(**PHIMOE)),
+}
