@@ -34,7 +34,8 @@ ORT_SINCE = {
              "attr:activation_alpha": "1.23", "attr:activation_beta": "1.23", "attr:block_size": "1.23",
              "input:fc1_zero_points": "1.24", "input:fc2_zero_points": "1.24", "input:router_weights": "1.25",
              "attr:weights_prepacked": "1.28"},
-    "MatMulNBits": {},
+    "MatMulNBits": {},  # its bias input (index 5) runs on the 1.20.1 CPU kernel too (checked)
+    "FusedMatMul": {},  # the float lm_head (transB=1)
     "SkipSimplifiedLayerNormalization": {},
     "SkipLayerNormalization": {},
     "RotaryEmbedding": {},
