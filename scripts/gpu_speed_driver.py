@@ -8,15 +8,38 @@ finished step is skipped on the next call, and a step is only started when its e
 left of --budget seconds, so the same command can be repeated until it reports "all steps done". Each call rewrites
 gpu_speed.json and gpu_speed.md in --out from everything finished so far.
 
-Steps and their estimated durations on the H200 machine (16 cores; checked against the CPU runs of this project):
-    env                   versions, GPU, cores, disk                                      ~5 s
-    probe-dense           Qwen3-0.6B-shaped bf16 probe (1.40 GiB)                         ~15 s
-    probe-gptoss          GPT-OSS-20B-shaped probe, MXFP4 experts, 24 layers (12.8 GiB)   ~90 s
-    export-*-dense-*      ortbuild / reference, int4 and fp16, -e cuda                    ~10-40 s each
-    export-ours-gptoss    ortbuild int4 -e cuda                                           ~150 s
-    export-ref-gptoss     reference int4 -e cuda (loads the model into transformers)      ~360 s
-    bench-*               gpu_decode_bench.py: 3 ORT modes + genai, kernel profile        ~30 s dense, ~120 s GPT-OSS
-The GPT-OSS probe is deleted once both of its exports are done (disk: 64 GiB; probe 12.8 + two int4 exports ~13 each).
+Steps, in this order, and their estimated durations on the H200 machine (16 cores):
+    env                         versions, GPU, cores, disk                                          ~5 s
+    probe-dense                 Qwen3-0.6B-shaped bf16 probe, 28 layers, tied (1.40 GiB)            ~15 s
+    export-{ours,ref}-dense-*   int4 and fp16, -e cuda                                              20-40 s each
+    bench-*-dense-*             gpu_decode_bench.py: growing / static / captured (/ captured_fpa)
+                                ORT modes + genai with the folder's config + kernel profile          ~40 s each
+    probe-gptoss_cmp            GPT-OSS-20B's shape, MXFP4 experts, 4 layers (4.3 GiB)              ~30 s
+    export-ours-gptoss_cmp      ortbuild int4 -e cuda                                               ~30 s
+    export-ref-gptoss_cmp       reference int4 -e cuda (dequantizes through transformers)           ~180 s
+    bench-*-gptoss_cmp          the same comparison as the dense one, GPT-OSS layers                ~60 s each
+    probe-gptoss                GPT-OSS-20B's shape at full depth, 24 layers (12.8 GiB)             ~90 s
+    export-ours-gptoss          ortbuild int4 -e cuda: full-depth export wall time and peak RSS     ~150 s
+    bench-ours-gptoss           full-depth decode speed                                             ~150 s
+About 17 minutes in all (these estimates are deliberately high). The reference builder does not get the full-depth
+probe by default: on this project's CPU machine it took ~41 s of CPU (mostly one core) and ~4 GB of RSS per GPT-OSS-20B
+layer (1 layer: 192 s wall, 10.1 GB; 2 layers: 359 s, 14.1 GB), so 24 layers need ~17 minutes and ~100 GB, more than
+one 10-minute call; --ref-full-gptoss adds it anyway (a step killed at the end of a call is retried once from
+scratch in the next, then given up). The GPT-OSS probe is deleted once its exports are done.
+
+Device plan (each `run` within 30 s of the previous one, so /tmp survives; onnxruntime-gpu as shared/gpu/README.md):
+    here:   mkdir -p .gpuwheels && cp /tmp/gw/onnx_ir-1.1.0-py3-none-any.whl \\
+                /tmp/gw/onnxruntime_genai_cuda-0.18.0-cp312-cp312-manylinux_2_28_x86_64.whl .gpuwheels/
+    run 1-4 carry [".ortgpu/partN"]: mkdir -p /tmp/ortgpu && cp .ortgpu/partN /tmp/ortgpu/           (N = 0..3)
+    run 5   carry [".ortgpu/part4", ".gpuwheels"] (56 MB with the repository), timeout_s 600:
+            mkdir -p /tmp/ortgpu && cp .ortgpu/part4 /tmp/ortgpu/ && \\
+            W=/tmp/ortgpu/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl && cat /tmp/ortgpu/part* > $W && \\
+            python3 -m pip install -q --no-deps --target /tmp/ortsite $W && \\
+            PYTHONPATH=/tmp/ortsite python3 scripts/gpu_speed_driver.py --wheels .gpuwheels --out $OUT --budget 480
+    run 6+  timeout_s 600: PYTHONPATH=/tmp/ortsite python3 scripts/gpu_speed_driver.py --out $OUT --budget 560
+            (repeat until it prints "all steps done"; `--list` shows what is left, `--only NAME ...` picks steps)
+Each call brings back two files: $OUT/gpu_speed.json (every step's result, failures with their log tails) and
+$OUT/gpu_speed.md (the tables).
 
 What the GPU machine lacks and must be carried as wheels (pip download lines; `--wheels DIR` installs each with
 `pip install --no-deps --target /tmp/ortsite`, which must be on PYTHONPATH with onnxruntime-gpu 1.31.1):
@@ -256,15 +279,15 @@ EXPORTS = [
 REF_FULL_GPTOSS = Export("ref-gptoss-int4", "ref", "gptoss", "int4", 1200, 240)
 # probe -> (preset, layers) on the GPU machine and in the smoke run (None: the preset's own depth)
 PROBES = {"dense": (("qwen3-0.6b", None), ("qwen3-0.6b", 2)),
-          "gptoss": (("gpt-oss-20b-mxfp4", None), ("gpt-oss-2g-mxfp4", 2)),
-          "gptoss_cmp": (("gpt-oss-20b-mxfp4", 4), ("gpt-oss-2g-mxfp4", 1))}
+          "gptoss_cmp": (("gpt-oss-20b-mxfp4", 4), ("gpt-oss-2g-mxfp4", 1)),
+          "gptoss": (("gpt-oss-20b-mxfp4", None), ("gpt-oss-2g-mxfp4", 2))}
 PROBE_ESTIMATES = {"dense": (15, 30), "gptoss": (90, 40), "gptoss_cmp": (30, 25)}
 BENCH_ESTIMATES = {"dense": (40, 40), "gptoss": (150, 60), "gptoss_cmp": (60, 50)}
 
 
 def steps(ref_full_gptoss: bool = False) -> list[Step]:
-    """In the order they run: the dense comparison first, then GPT-OSS-20B at full depth (ours; the reference too with
-    --ref-full-gptoss), then both exporters on the same 4-layer GPT-OSS-20B-shaped probe."""
+    """In the order they run: the dense comparison, both exporters on the same 4-layer GPT-OSS-20B-shaped probe, then
+    GPT-OSS-20B at full depth (ours; the reference too with --ref-full-gptoss)."""
     exports = EXPORTS + ([REF_FULL_GPTOSS] if ref_full_gptoss else [])
     out = [Step("env", 5, step_env, smoke_estimate_s=10)]
     for probe in PROBES:
