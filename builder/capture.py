@@ -69,8 +69,8 @@ def refusal(spec: ModelSpec) -> str | None:
 def unproven(spec: ModelSpec) -> str | None:
     """Why capture is not promised for this model although ONNX Runtime would accept the graph, or None."""
     if any(isinstance(layer.attention, LinearAttentionSpec) for layer in spec.layers):
-        return ("its linear-attention layers keep conv/recurrent state that onnxruntime-genai 0.18 double-buffers under "
-                "capture; not yet measured on a GPU with these graphs")
+        return ("its linear-attention layers keep conv/recurrent state that onnxruntime-genai 0.18 double-buffers "
+                "under capture; not yet measured on a GPU with these graphs")
     unknown = {type(layer.attention).__name__ for layer in spec.layers
                if not isinstance(layer.attention, (AttentionSpec, LinearAttentionSpec))}
     if unknown:

@@ -80,8 +80,9 @@ class ExportSettings:
         if fuse is None:
             fuse = ep == "cuda"
         if ep != "cuda" and extra["enable_cuda_graph"]:
-            raise UsageError("enable_cuda_graph=true needs -e cuda: CUDA graphs are a CUDA execution provider feature "
-                             "(a cpu export's genai_config has no CUDA options). Drop the option or export with -e cuda.")
+            raise UsageError("enable_cuda_graph=true needs -e cuda: CUDA graphs are a CUDA execution provider "
+                             "feature (a cpu export's genai_config has no CUDA options). Drop the option or export "
+                             "with -e cuda.")
         if ep != "cuda" and "qmoe_weights_prepacked" in given and given["qmoe_weights_prepacked"] != -1:
             raise UsageError("qmoe_weights_prepacked applies to -e cuda only (the CPU QMoE kernel has a single layout "
                              "and the attribute would be ignored). Drop the option or export with -e cuda.")

@@ -284,9 +284,9 @@ def bench_ort(folder: Path, provider: str, prompt_len: int, steps: int, repeat: 
             "decode_tok_s_passes": [round(steps / p[1], 1) for p in passes],
             "tokens_agree_with_growing": f"{sum(a == b for a, b in zip(tokens, reference_tokens))}/{len(tokens)}",
             "passes_identical": all(p[2] == tokens for p in passes)}
-        print(f"  {folder.name} {mode}: prefill {result['modes'][mode]['prefill_ms']:.2f} ms, decode "
-              f"{result['modes'][mode]['decode_tok_s']:.1f} tok/s, tokens {result['modes'][mode]['tokens_agree_with_growing']}",
-              flush=True)
+        done = result["modes"][mode]
+        print(f"  {folder.name} {mode}: prefill {done['prefill_ms']:.2f} ms, decode {done['decode_tok_s']:.1f} tok/s, "
+              f"tokens {done['tokens_agree_with_growing']}", flush=True)
     result["tokens"] = reference_tokens
     if provider == "cuda" and profile_steps:
         try:

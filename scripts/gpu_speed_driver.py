@@ -33,7 +33,8 @@ Device plan (each `run` within 30 s of the previous one, so /tmp survives; onnxr
     run 1-4 carry [".ortgpu/partN"]: mkdir -p /tmp/ortgpu && cp .ortgpu/partN /tmp/ortgpu/           (N = 0..3)
     run 5   carry [".ortgpu/part4", ".gpuwheels"] (56 MB with the repository), timeout_s 600:
             mkdir -p /tmp/ortgpu && cp .ortgpu/part4 /tmp/ortgpu/ && \\
-            W=/tmp/ortgpu/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl && cat /tmp/ortgpu/part* > $W && \\
+            W=/tmp/ortgpu/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl && \\
+            cat /tmp/ortgpu/part* > $W && \\
             python3 -m pip install -q --no-deps --target /tmp/ortsite $W && \\
             PYTHONPATH=/tmp/ortsite python3 scripts/gpu_speed_driver.py --wheels .gpuwheels --out $OUT --budget 480
     run 6+  timeout_s 600: PYTHONPATH=/tmp/ortsite python3 scripts/gpu_speed_driver.py --out $OUT --budget 560
@@ -177,12 +178,14 @@ def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path, timeout: float) 
 def step_env(d: Driver) -> dict:
     info = {"python": sys.version.split()[0], "cores": os.cpu_count(), "work": str(d.work),
             "disk_free_gb": round(shutil.disk_usage(d.work).free / 2**30, 1)}
-    probe = ("import json, torch, onnxruntime as o; r = {'torch': torch.__version__, 'cuda': torch.cuda.is_available(), "
+    probe = ("import json, torch, onnxruntime as o\n"
+             "r = {'torch': torch.__version__, 'cuda': torch.cuda.is_available(), "
              "'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "
              "'onnxruntime': o.__version__, 'providers': o.get_available_providers()}\n"
              "try:\n import onnxruntime_genai as g; r['genai'] = g.__version__ + ' ' + g.__id__\n"
              "except Exception as e: r['genai'] = 'not importable: ' + repr(e)[:200]\n"
-             "import onnx_ir, transformers; r['onnx_ir'] = onnx_ir.__version__; r['transformers'] = transformers.__version__\n"
+             "import onnx_ir, transformers\n"
+             "r.update(onnx_ir=onnx_ir.__version__, transformers=transformers.__version__)\n"
              "print(json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", probe], env=d.env(repo=False), capture_output=True, text=True,
                           cwd=d.work)
@@ -340,8 +343,8 @@ def markdown(state: dict) -> str:
     lines += ["", "## Decode speed", "",
               "Prompt, steps and repeats as in the JSON (1024-token prompt, 128 greedy steps, median of 3 after a "
               "warm-up on the GPU). tok/s per mode; `genai` runs the folder's own genai_config.json.", "",
-              "| export | prefill ms | growing tok/s | static tok/s | captured tok/s | genai tok/s (capture in config) | "
-              "kernels / step | memcpy / step | nodes per EP (Memcpy nodes) | tokens vs growing (static / captured / "
+              "| export | prefill ms | growing tok/s | static tok/s | captured tok/s | "
+              "genai tok/s (capture in config) | kernels / step | memcpy / step | nodes per EP (Memcpy nodes) | tokens vs growing (static / captured / "
               "genai) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for e in EXPORTS + [REF_FULL_GPTOSS]:
         s = state.get(f"bench-{e.key}")
@@ -365,7 +368,8 @@ def markdown(state: dict) -> str:
         cells[3] += capture
         per_step = r.get("ort", {}).get("per_step", {})
         placement = r.get("ort", {}).get("placement", {})
-        agree = " / ".join(str(_mode(r, m, "tokens_agree_with_growing") or "-") for m in ("static", "captured", "genai"))
+        agree = " / ".join(str(_mode(r, m, "tokens_agree_with_growing") or "-")
+                           for m in ("static", "captured", "genai"))
         prefill = _mode(r, "growing", "prefill_ms")
         lines.append(f"| {e.key} | {prefill if prefill is not None else ''} | {' | '.join(cells)} | "
                      f"{per_step.get('kernels', '')} | {per_step.get('memcpys', '')} | "

@@ -42,7 +42,7 @@ class ProbeShape:
     intermediate: int  # dense MLP width, or each expert's width for gpt_oss
     vocab: int
     tie: bool = False  # tie_word_embeddings in config.json
-    lm_head_copy: bool = False  # store lm_head.weight (a copy of the embedding) even when tied, as Qwen3-0.6B's files do
+    lm_head_copy: bool = False  # store lm_head.weight, a copy of the embedding, although tied (as Qwen3-0.6B does)
     experts: int = 0
     top_k: int = 0
     shards: int = 1
