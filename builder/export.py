@@ -8,6 +8,7 @@ from pathlib import Path
 import builder
 from builder.checkpoint import Checkpoint
 from builder.decoder import build_decoder
+from builder.layers.attention import fit_chunked_attention
 from builder.genai_config import GENAI_TYPES, genai_config
 from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
 from builder.progress import Progress
@@ -63,8 +64,9 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     ignore_declared(checkpoint, family.ignored)
     weights = family.map_weights(spec, checkpoint)
     spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
+    spec, ep_notes = fit_chunked_attention(spec, settings.ep)
     settings = settings.with_plan(spec)
-    notes = (*settings.plan.notes, *tie_notes, *skip_notes(checkpoint))
+    notes = (*settings.plan.notes, *tie_notes, *ep_notes, *skip_notes(checkpoint))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 
 

@@ -9,7 +9,7 @@ dtype.
 
 from __future__ import annotations
 
-from builder.spec import DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
+from builder.spec import AttentionSpec, DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
 
 ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary caches"
 # Quantized contrib ops: (bits attribute, its default, inputs holding the packed weights).
@@ -116,6 +116,37 @@ def qk_norm_rows(spec, settings) -> list[str]:
     return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
 
 
+def moe_rows(spec) -> list[str]:
+    """How each fused-MoE layer routes, by layer (builder/layers/routing.py)."""
+    from builder.layers.routing import describe as describe_routing
+
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer.ffn, MoeSpec):
+            groups.setdefault(describe_routing(layer.ffn), []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
+def attention_rows(spec) -> list[str]:
+    """Attention variants that change which keys a query sees or how it is scaled (chunks, windows, temperature)."""
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        attn = layer.attention
+        if not isinstance(attn, AttentionSpec):
+            continue
+        parts = []
+        if attn.attention_chunk:
+            parts.append(f"chunks of {attn.attention_chunk} (attention_bias)")
+        if attn.sliding_window:
+            parts.append(f"sliding window {attn.sliding_window}")
+        if attn.query_position_scale:
+            beta, period = attn.query_position_scale
+            parts.append(f"q x (1 + {beta:g} ln(1 + floor((pos + {attn.query_position_offset}) / {period})))")
+        if parts:
+            groups.setdefault(", ".join(parts), []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
 def _format_name(bits: int | None) -> str:
     return "float" if bits is None else f"int{bits}"
 
@@ -139,6 +170,8 @@ def describe(prepared, notes: bool = True) -> str:
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
     lines += [f"q/k norm: {row}" for row in qk_norm_rows(spec, settings)]
+    lines += [f"attention: {row}" for row in attention_rows(spec)]
+    lines += [f"moe: {row}" for row in moe_rows(spec)]
     linear = spec.linear_attention_layers
     if linear:
         mixer = spec.layers[linear[0]].attention

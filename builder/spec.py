@@ -26,6 +26,7 @@ orientation [out_features, in_features]:
     layers.{i}.mlp.{gate,up,down}.weight / .bias   (no gate when MlpSpec.gated is False)
     layers.{i}.mlp.gate_up.weight      [2 * intermediate, hidden] gate then up, stored fused (Phi-3): replaces gate/up
     layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
+    layers.{i}.moe.router.correction_bias     [num_experts] added to the scores for selection only (RoutingSpec)
     layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden] in the layout its consumer reads: gate/up rows
                                               interleaved (g0, u0, g1, u1, ...) for the fused MoE op (MoeSpec),
                                               [gate; up] per expert for per-expert MatMuls (DenseMoeSpec)
@@ -74,8 +75,13 @@ class AttentionSpec:
     # "head": one RMSNorm per head over head_dim; "projection": one RMSNorm over the whole q / k projection (OLMo 2)
     qk_norm_scope: str = "head"
     qk_norm_after_rope: bool = False  # the q/k norm comes after rotary instead (HunYuan): rotary runs outside GQA
-    # (beta, period): q *= 1 + beta * ln(1 + floor(position / period)) (Ministral 3's llama_4_scaling_beta)
+    # (beta, period): q *= 1 + beta * ln(1 + floor((position + query_position_offset) / period)) (Ministral 3's
+    # llama_4_scaling_beta; Llama 4's attention temperature tuning on NoPE layers counts from 1: offset 1)
     query_position_scale: tuple[float, int] | None = None
+    query_position_offset: int = 0
+    qk_norm_weightless: bool = False  # the q/k norm has no weight: x / rms(x) per head (Llama 4's L2Norm)
+    # keys only from the query's own chunk of this many positions (position // chunk equal; Llama 4 chunked attention)
+    attention_chunk: int | None = None
     scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
     softcap: float = 0.0  # attention logit softcapping (Gemma 2)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)
@@ -141,6 +147,33 @@ class MlpSpec:
 
 
 @dataclass(frozen=True)
+class RoutingSpec:
+    """How a token picks its experts and what weight each picked expert's output gets.
+
+        scores    = scoring(router logits)       "softmax" over all experts | "sigmoid" per expert
+        selection = scores + correction_bias     (canonical weight layers.{i}.moe.router.correction_bias [E]),
+                                                 used to choose experts only, never as a weight
+        groups    : experts split into n_group equal groups, each ranked by the sum of its top-2 selection
+                    scores; only the best topk_group groups compete (DeepSeek-V3 / GLM-4.5 noaux_tc)
+        experts   = top-k of the selection
+        weights   = scores at the chosen experts, renormalised to sum to one when normalize_topk,
+                    times scaling_factor (routed_scaling_factor)
+        weight_on_input: the weight multiplies the expert's input instead of its output (Llama 4, top-1)
+    scoring "sparsemixer" (PhiMoE, top-2): experts are the top-2 logits; expert j's weight is the softmax at j over
+    the logits l_i with (l_j - l_i) / max(|l_i|, l_j) <= 2 * sparsemixer_eps, the first pick left out for the second.
+    """
+
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sparsemixer"
+    normalize_topk: bool = True  # Mixtral, Qwen3-MoE norm_topk_prob, GPT-OSS; False: Qwen2-MoE
+    correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scaling_factor: float = 1.0
+    weight_on_input: bool = False
+    sparsemixer_eps: float = 0.0  # PhiMoE router_jitter_noise
+
+
+@dataclass(frozen=True)
 class MoeSpec:
     num_experts: int
     top_k: int
@@ -153,10 +186,10 @@ class MoeSpec:
     swiglu_beta: float = 0.0
     expert_bias: bool = False
     router_bias: bool = False
-    # Renormalise the top-k routing weights to sum to one (Mixtral, Qwen3-MoE norm_topk_prob, GPT-OSS)
-    normalize_topk: bool = True
+    routing: RoutingSpec = RoutingSpec()
     shared_expert_size: int = 0  # Qwen2-MoE shared expert intermediate size, 0 when absent
     shared_expert_gated: bool = False  # sigmoid(shared_expert_gate(x)) scales the shared expert
+    shared_expert_bias: bool = False  # the shared expert's projections have biases (ERNIE-4.5-MoE use_bias)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import numpy as np
 
 from builder.checkpoint import Checkpoint
 from builder.errors import CheckpointError
-from builder.spec import AttentionSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec, MoeSpec, RopeSpec
+from builder.spec import (AttentionSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec, MoeSpec, RopeSpec,
+                          RoutingSpec)
 from builder.weights import InterleavedGateUp, Stacked, Stored, Weight, WeightMap
 from builders import Family, register
 from builders.common import rope_spec, rotary_width
@@ -94,7 +95,8 @@ def _linear_attention(cfg: Config) -> LinearAttentionSpec:
 def _moe(cfg: Config, variant: Variant) -> MoeSpec:
     return MoeSpec(num_experts=cfg.int("num_experts", minimum=1), top_k=cfg.int("num_experts_per_tok", minimum=1),
                    intermediate_size=cfg.int("moe_intermediate_size", minimum=1),
-                   normalize_topk=cfg.bool("norm_topk_prob", True) if variant.moe == "sparse_step" else True,
+                   routing=RoutingSpec(normalize_topk=cfg.bool("norm_topk_prob", True)
+                                       if variant.moe == "sparse_step" else True),
                    shared_expert_size=cfg.int("shared_expert_intermediate_size", minimum=1),
                    shared_expert_gated=True)
 

@@ -52,6 +52,11 @@ CASES = {
     "qwen3_5_moe": ("qwen3_5_moe", {}, "int4", ["moe_quant_bits=8", "qmoe_block_size=16"]),
     "qwen3_5_moe_vlm": ("qwen3_5_moe_vlm", {}, "int8", ["qmoe_block_size=0"]),
     "qwen3_next": ("qwen3_next", {}, "int4", ["int8_linear_attn=true", "int4_is_symmetric=false"]),
+    "glm4_moe": ("glm4_moe", {}, "int4", ["moe_quant_bits=8"]),
+    "ernie4_5_moe": ("ernie4_5_moe", {}, "int8", ["qmoe_block_size=0"]),
+    "llama4_text": ("llama4_text", {}, "int4", []),
+    "llama4_vlm": ("llama4_vlm", {}, "int4", ["qmoe_block_size=16"]),
+    "phimoe": ("phimoe", {}, "int4", ["last_matmul_weight_int8=true"]),
 }
 assert {arch for arch, *_ in CASES.values()} == set(factory.ARCHS)  # every family recipe is covered
 FORMAT = re.compile(r"^int(\d) \S+ (?:block (\d+)|per-channel) (sym|asym)")
