@@ -15,7 +15,7 @@ import onnx_ir as ir
 import builder
 from builder.graph import FLOAT_DTYPES, GraphBuilder
 from builder.layers import LayerContext, StepInputs
-from builder.layers.attention import attention
+from builder.layers.attention import attention, kv_sharing_layers
 from builder.layers.dense_moe import dense_moe_block
 from builder.layers.embedding import embedding
 from builder.layers.linear_attention import linear_attention
@@ -66,7 +66,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     states = spec.state
     state_dtypes = {"io": dtype, "linear_attn": FLOAT_DTYPES[settings.linear_attn_dtype][0]}
     pasts = {(t.layer, t.kind): g.input(t.past_name, state_dtypes[t.dtype], list(t.past_shape)) for t in states}
-    kv_sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
+    sharing = kv_sharing_layers(spec)
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
     # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
     input_ids, step, rank = step_inputs(g, input_ids, attention_mask)
@@ -78,7 +78,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     for i, layer in enumerate(spec.layers):
         with g.scope(f"layers.{i}"):
             x, residual = sublayer_input(ctx, pending, residual, i, "attn", layer)
-            shares = i in kv_sources or getattr(layer.attention, "kv_source", None) is not None
+            shares = i in sharing
             attn_out, present = _token_mixer(ctx, x, i, layer, step, pasts, kv_store if shares else None)
             presents.update(present)
             attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)

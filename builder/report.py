@@ -100,6 +100,22 @@ def rope_rows(spec) -> list[str]:
     return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
 
 
+def qk_norm_rows(spec, settings) -> list[str]:
+    """Where each attention layer's q/k norm runs (fused into GroupQueryAttention or as nodes, and why), by layer."""
+    from builder.layers.attention import kv_sharing_layers, qk_norm_placement
+
+    sharing = kv_sharing_layers(spec)
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer.attention, LinearAttentionSpec):
+            continue  # its q/k L2 normalisation is part of the linear-attention layer
+        where = qk_norm_placement(layer.attention, settings.fuse_qk_norm, i in sharing)
+        text = ("none" if where is None else "fused into GroupQueryAttention" if where == "fused"
+                else f"RMSNorm nodes ({where})")
+        groups.setdefault(text, []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
 def moe_rows(spec) -> list[str]:
     """How each fused-MoE layer routes, by layer (builder/layers/routing.py)."""
     from builder.layers.routing import describe as describe_routing
@@ -150,10 +166,10 @@ def describe(prepared, notes: bool = True) -> str:
         f"architecture: {spec.architecture} (model_type {spec.model_type})",
         f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, {heads}, "
         f"context {spec.context_length}",
-        f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
-        f"fused q/k norm: {settings.fuse_qk_norm}",
+        f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}",
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
+    lines += [f"q/k norm: {row}" for row in qk_norm_rows(spec, settings)]
     lines += [f"attention: {row}" for row in attention_rows(spec)]
     lines += [f"moe: {row}" for row in moe_rows(spec)]
     linear = spec.linear_attention_layers

@@ -30,6 +30,32 @@ from builder.spec import AttentionSpec, ModelSpec
 from builder.weights import Concatenated, Weight, WeightMap
 
 
+def kv_sharing_layers(spec) -> set[int]:
+    """Layers whose new keys/values another layer reads (KV-sharing sources) and the layers that read them."""
+    sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
+    return {i for i, layer in enumerate(spec.layers)
+            if i in sources or getattr(layer.attention, "kv_source", None) is not None}
+
+
+def qk_norm_placement(attn: AttentionSpec, fuse: bool, shares_kv: bool) -> str | None:
+    """How a layer's q/k norm runs: None without one; "fused" into GroupQueryAttention (its q_norm_weight /
+    k_norm_weight inputs, which only a weighted per-head norm right before the op's own rotary can use); else why it
+    runs as separate RMSNorm nodes. `fuse` is ExportSettings.fuse_qk_norm; `shares_kv`: the layer is in kv_sharing_layers."""
+    if not attn.qk_norm:
+        return None
+    if attn.kv_source is not None:
+        return "q only: keys come normalised from the layer they are shared with"
+    reasons = (("over the whole q / k projection", attn.qk_norm_scope != "head"),
+               ("after rotary", attn.qk_norm_after_rope),
+               ("without a weight", attn.qk_norm_weightless),
+               ("rotary runs before the op", rotary_outside(attn)),
+               ("v has a norm too", attn.v_norm),
+               ("keys shared with another layer", shares_kv),
+               ("queries scaled by position", attn.query_position_scale is not None),
+               ("the fused form is CUDA-only, fuse_qk_norm_gqa", not fuse))
+    return next((why for why, applies in reasons if applies), "fused")
+
+
 @dataclass
 class SharedKV:
     """What a KV-sharing consumer needs from its source layer: new keys/values before rotary, and the cache."""
@@ -196,9 +222,7 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     # keys/values must exist as separate values when a later layer shares them, v gets its own norm, or q/k are
     # rotated or scaled before the op
     separate = attn.v_norm or kv_store is not None or outside or attn.query_position_scale is not None
-    # GroupQueryAttention's fused q/k norm is per head, with a weight
-    if (attn.qk_norm and attn.qk_norm_scope == "head" and not attn.qk_norm_weightless and ctx.settings.fuse_qk_norm
-            and not separate):
+    if qk_norm_placement(attn, ctx.settings.fuse_qk_norm, kv_store is not None) == "fused":
         q, k, v = qkv, None, None
         q_norm = norm_weight(ctx, f"{prefix}.q_norm.weight", attn.head_dim)
         k_norm = norm_weight(ctx, f"{prefix}.k_norm.weight", attn.head_dim)
