@@ -171,9 +171,11 @@ def _monotone(ctx: LayerContext, x: ir.Value, logits: ir.Value, moe: MoeSpec, qu
 
 
 def _raw_softmax_broken(ctx: LayerContext) -> bool:
-    """MoE with normalize_routing_weights=0 returns zeros for float16 on the CPU EP of onnxruntime 1.31.1 (1.32.0 is
-    right; tests/test_routing_op.py): there the top-k softmax is renormalised by the op and scaled back after."""
-    return ctx.settings.ep == "cpu" and ctx.settings.numpy_dtype == np.float16
+    """MoE with normalize_routing_weights=0 on the CPU EP of onnxruntime 1.31.1 (1.32.0 is right) returns zeros for
+    float16 (tests/test_routing_op.py) and, inside a whole decoder, wrong float32 values (max-abs 0.64 on the tiny
+    Qwen2-MoE, exact again once the op's input or output is also a graph output: the kernel's in-place handling),
+    so on cpu the op renormalises the top-k softmax and the graph scales it back by the top-k mass."""
+    return ctx.settings.ep == "cpu"
 
 
 def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int, axis: int = -1) -> ir.Value:
