@@ -30,7 +30,10 @@ _DTYPES = {
     "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn,
     "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E8M0": ml_dtypes.float8_e8m0fnu,  # power-of-two block scales (UE8M0)
 }
+# 8-bit float weights carry separate scales (builder/fp8.py): reading one as plain floats would drop them
+_SCALED_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 _MAX_HEADER = 100 * 1024 * 1024
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
@@ -84,6 +87,10 @@ class TensorRef:
 
     def read_float(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows as float32 (bf16/fp16 widen exactly; float32 data is returned as read, without a copy)."""
+        if self.dtype in _SCALED_DTYPES:
+            raise CheckpointError(f"{self.path.name}: tensor {self.name} is {self.dtype}, an 8-bit float weight "
+                                  "whose values need their scales; this architecture's mapping reads it as plain "
+                                  "floats. Export a bf16 copy of the checkpoint, or use a family that reads FP8.")
         return self.read(start, stop).astype(np.float32, copy=False)
 
 

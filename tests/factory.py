@@ -30,6 +30,7 @@ import torch
 
 import tiny_tokenizer
 from checkpoint_layouts import apply_layout
+from factory_deepseek_recipes import RECIPES as DEEPSEEK_RECIPES
 from tiny_tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, TOKENIZER_VOCAB, UNK, special_token_ids  # noqa: F401
 
 
@@ -232,6 +233,8 @@ ARCHS: dict[str, ArchRecipe] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
         "mlp_only_layers": [2], **_QWEN35_MOE}),
 }
+ARCHS.update({name: ArchRecipe(model_type, architecture, config, layout=layout)
+              for name, (model_type, architecture, config, layout) in DEEPSEEK_RECIPES.items()})
 
 __all__ = [
     "ARCHS",

@@ -125,6 +125,12 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     kv_store (layer -> SharedKV): a source layer records its keys/values there; a consumer (attn.kv_source) reads
     them and ignores past_key/past_value.
     """
+    if attn.latent is not None:  # multi-head latent attention (DeepSeek): its own layer
+        from builder.layers.mla import latent_attention
+
+        if kv_store is not None:
+            raise ValueError(f"layer {layer}: KV sharing with latent attention is not implemented")
+        return latent_attention(ctx, x, layer, attn, step, past_key, past_value)
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan
