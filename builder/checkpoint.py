@@ -15,7 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from builder.errors import CheckpointError, UnsupportedModelError
+from builder.errors import CheckpointError
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16,
@@ -191,10 +191,6 @@ class Checkpoint:
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: expected a JSON object of model settings, found a JSON "
                                   f"{type(config).__name__}. Re-download the checkpoint's config.json.")
-        if config.get("auto_map"):
-            raise UnsupportedModelError(
-                f"{path}: the config asks for custom code (auto_map: {sorted(config['auto_map'])}), i.e. "
-                "trust_remote_code. ortbuild never runs checkpoint code; only built-in architectures are supported.")
         return config
 
     def _index_tensors(self) -> dict[str, TensorRef]:
@@ -247,6 +243,13 @@ class Checkpoint:
                                   "model this is. Add the model class transformers saves there, e.g. "
                                   '"architectures": ["LlamaForCausalLM"].')
         return archs[0]
+
+    @property
+    def remote_code(self) -> list[str]:
+        """The auto_map entries of config.json: the checkpoint's own modelling code (trust_remote_code), which
+        ortbuild never imports; builders.checkpoint_family decides whether the architecture is exported anyway."""
+        auto_map = self.config.get("auto_map")
+        return sorted(auto_map) if isinstance(auto_map, dict) else ([str(auto_map)] if auto_map else [])
 
     def names(self) -> list[str]:
         return sorted(self._refs)

@@ -16,7 +16,7 @@ from builder.runtime_requirements import ir_nodes, requirements
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
 from builder.weights import WeightMap
-from builders import family_for, text_config
+from builders import checkpoint_family, text_config
 from builders.common import ignore_declared, reject_unconsumed, reject_unread, resolve_tied_head, skip_notes
 
 
@@ -55,14 +55,14 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
             cache_dir: str | None = None) -> Prepared:
     settings = ExportSettings.resolve(precision, ep, extra_options)
     checkpoint = Checkpoint.resolve(model, input_dir, cache_dir)
-    family = family_for(checkpoint.architecture)
+    family, family_notes = checkpoint_family(checkpoint)
     config = text_config(family, checkpoint.config, checkpoint.architecture)
     spec = family.make_spec(config)
     ignore_declared(checkpoint, family.ignored)
     weights = family.map_weights(spec, checkpoint)
     spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
     settings = settings.with_plan(spec)
-    notes = (*settings.plan.notes, *tie_notes, *skip_notes(checkpoint))
+    notes = (*family_notes, *settings.plan.notes, *tie_notes, *skip_notes(checkpoint))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 
 

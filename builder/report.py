@@ -28,6 +28,12 @@ def _layer_rows(plan, i: int, layer) -> list[tuple[str, str, int | None]]:
         rows = [_row(f"layers.{i}.linear_attn.in_proj", fmt("linear_attn.qkv")),
                 _row(f"layers.{i}.linear_attn.ab", fmt("linear_attn.ab")),
                 _row(f"layers.{i}.linear_attn.out", fmt("linear_attn.out"))]
+    elif attn.latent is not None:  # q_a (or q) + kv_a in one MatMul, q_b, the absorbed kv_b halves, then o
+        rows = [_row(f"layers.{i}.attn.qkv_a", fmt("attn.q"))]
+        rows += [_row(f"layers.{i}.attn.q_b", fmt("attn.q"))] if attn.latent.q_lora_rank is not None else []
+        rows += [_row(f"layers.{i}.attn.kv_b_{part}", fmt("attn.kv_b"), " (per-head MatMul)")
+                 for part in ("key", "value")]
+        rows.append(_row(f"layers.{i}.attn.o", fmt("attn.o")))
     else:
         rows = [_row(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
                 _row(f"layers.{i}.attn.o", fmt("attn.o"))]
@@ -123,6 +129,14 @@ def describe(prepared, notes: bool = True) -> str:
         f"fused q/k norm: {settings.fuse_qk_norm}",
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
+    latent = [i for i, layer in enumerate(spec.layers) if getattr(layer.attention, "latent", None) is not None]
+    if latent:
+        attn = spec.layers[latent[0]].attention
+        lat = attn.latent
+        q = f"q_a {lat.q_lora_rank} -> norm -> q_b" if lat.q_lora_rank is not None else "one q projection"
+        lines.append(f"latent attention (MLA): {_layer_ranges(latent)}; {q}, kv latent {lat.kv_lora_rank}, "
+                     f"{attn.num_heads} heads of nope {lat.qk_nope_head_dim} + rope {lat.qk_rope_head_dim} (v "
+                     f"{lat.v_head_dim}); cached per token and layer: key and value rows of {lat.cache_width}")
     linear = spec.linear_attention_layers
     if linear:
         mixer = spec.layers[linear[0]].attention

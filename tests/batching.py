@@ -62,6 +62,9 @@ FAMILIES = {
     "qwen3_5": ("qwen3_5", {}),
     "qwen3_5_moe": ("qwen3_5_moe_vlm", {}),  # fused experts, shared expert
     "qwen3_next": ("qwen3_next", {}),
+    # latent attention (one kv head of [rope key | latent] rows)
+    "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v2": ("deepseek_v2", {}),  # plain q projection, greedy softmax experts
 }
 
 

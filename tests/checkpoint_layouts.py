@@ -29,5 +29,6 @@ def apply_layout(tensors: dict[str, torch.Tensor], layout: tuple[str, ...], seed
         dtype = next(iter(tensors.values())).dtype
         for name, shape in (("eh_proj.weight", (64, 128)), ("enorm.weight", (64,)), ("hnorm.weight", (64,)),
                             ("shared_head.norm.weight", (64,)), ("self_attn.kv_b_proj.weight", (160, 32))):
-            out[f"model.layers.{layers}.{name}"] = torch.randn(shape, generator=gen).to(dtype)
+            values = torch.randn(shape, generator=gen) if len(shape) > 1 else 1.1 + torch.rand(shape, generator=gen)
+            out[f"model.layers.{layers}.{name}"] = values.to(dtype)
     return dict(sorted(out.items()))

@@ -28,7 +28,6 @@ DEEPSEEK_V2_LITE = dict(_BASE, q_lora_rank=None, first_k_dense_replace=1, n_rout
 
 # name -> (model_type, architecture, config, on-disk layout)
 RECIPES = {
-    "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_DENSE, ()),
-    "deepseek_v3_moe": ("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_MOE, ("deepseek_mtp",)),
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_DENSE, ("deepseek_mtp",)),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2ForCausalLM", DEEPSEEK_V2_LITE, ()),
 }

@@ -52,6 +52,9 @@ CASES = {
     "qwen3_5_moe": ("qwen3_5_moe", {}, "int4", ["moe_quant_bits=8", "qmoe_block_size=16"]),
     "qwen3_5_moe_vlm": ("qwen3_5_moe_vlm", {}, "int8", ["qmoe_block_size=0"]),
     "qwen3_next": ("qwen3_next", {}, "int4", ["int8_linear_attn=true", "int4_is_symmetric=false"]),
+    "deepseek_v3": ("deepseek_v3", {}, "int4", ["int8_mixed_layers=true"]),
+    "deepseek_v3_no_q_lora": ("deepseek_v3", {"q_lora_rank": None}, "int8", []),
+    "deepseek_v2": ("deepseek_v2", {}, "int4", ["moe_quant_bits=8"]),
 }
 assert {arch for arch, *_ in CASES.values()} == set(factory.ARCHS)  # every family recipe is covered
 FORMAT = re.compile(r"^int(\d) \S+ (?:block (\d+)|per-channel) (sym|asym)")

@@ -123,7 +123,7 @@ def _absorbed(ctx: LayerContext, layer: int, attn: AttentionSpec, part: str) -> 
     lat = attn.latent
     kv_b = ctx.weights.get(f"{name}.weight", (attn.num_heads * (lat.qk_nope_head_dim + lat.v_head_dim),
                                               lat.kv_lora_rank))
-    return ctx.float_initializer(f"{name}.{part}_absorbed", KvbHeads(kv_b, lat, attn.num_heads, part))
+    return ctx.float_initializer(f"{name}_{part}.weight", KvbHeads(kv_b, lat, attn.num_heads, part))
 
 
 def _rotate_outside(ctx: LayerContext, step: StepInputs, attn: AttentionSpec, q_rope: ir.Value,
