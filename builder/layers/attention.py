@@ -10,6 +10,7 @@ position (Ministral 3), an output gate (Qwen3.5 / Qwen3-Next: gate rows packed a
 multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the
 source layer's new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and
 values while the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
+Multi-head latent attention (AttentionSpec.latent, DeepSeek) is its own layer: builder/layers/mla.py.
 """
 
 from __future__ import annotations
