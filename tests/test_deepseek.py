@@ -11,7 +11,8 @@ What is proved here:
   [rope key | latent] (48 values for kv_lora 32 + rope 16), W_UK / W_UV^T as per-head batched MatMul weights, and
   what each feature switches matters (pair vs half rotation, the mscale in the softmax scale);
 - int8 exports stay close to transformers, int4 exports run prompt and decode steps;
-- the multi-token-prediction layer released checkpoints carry is left out, saying so;
+- the multi-token-prediction layer released checkpoints carry is left out, saying so; the config as the Hub ships
+  it (Kimi-K2's model_type, auto_map, the legacy rope_scaling) exports the same model;
 - routing or attention fields the graph does not compute exit 3 naming the field.
 FP8 checkpoints: test_fp8.py.
 """
@@ -218,3 +219,27 @@ def test_fields_the_graph_does_not_compute_exit_3(case, field, value, fragment, 
     code, _, err = run_cli(capsys, "-m", str(folder), "-o", str(out), "-q")
     assert code == 3 and not out.exists()
     assert err.startswith("ortbuild: unsupported model: ") and fragment in err and len(err.splitlines()) == 1
+
+
+def test_the_hub_spelling_of_the_config_exports_the_same_model(checkpoint, exported, tmp_path):
+    """The config as deepseek-ai / moonshotai ship it (Kimi-K2's model_type, auto_map to their own code, the legacy
+    rope_scaling with `type`, topk_method / scoring_func spelled out, no transformers-only fields) exports the same
+    graph and weights as transformers' spelling of the same model."""
+    import json
+
+    folder = tmp_path / "hub"
+    shutil.copytree(checkpoint("v3"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    for field in ("rope_interleave", "head_dim", "qk_head_dim", "dtype"):
+        config.pop(field)
+    config.update(model_type="kimi_k2", rope_theta=rope.pop("rope_theta"), rope_scaling={"type": rope.pop("rope_type"),
+                                                                                         **rope},
+                  topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, torch_dtype="bfloat16",
+                  auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    ours = parity.export(folder, tmp_path / "out")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (ours / name).read_bytes() == (exported("v3") / name).read_bytes(), name
+    assert parity.genai_config(ours)["model"]["type"] == "decoder"
