@@ -4,8 +4,8 @@ What is proved here:
 - `Fp8BlockWeight` decodes exactly what transformers' own FP8 dequantization produces, for any row range (partial
   edge blocks, ranges that start and stop inside a block), with float32, bf16 and e8m0 scales;
 - a tiny DeepSeek-V3 written in FP8 (blocks of 16 x 32, partial blocks included) exports to the same bytes as its
-  dequantized bf16 twin, in fp32 and in int4, and the twin matches transformers; so the FP8 export matches
-  transformers through the twin;
+  dequantized bf16 twin, in fp32 and in int4; the twin matches transformers, and so does the FP8 export against
+  transformers loading the FP8 checkpoint itself;
 - an int4 export of an FP8 checkpoint dequantizes row block by row block (never a whole tensor at once when the
   block budget is smaller than the tensor);
 - an FP8 tensor whose scale tensor is missing or mis-shaped, or whose config names no FP8 quantization, exits 4
@@ -180,3 +180,10 @@ def test_fp8_without_its_quantization_config_is_refused(fp8_pair, tmp_path, caps
     (folder / "config.json").write_text(json.dumps(config))
     _refused(capsys, folder, tmp_path, "FP8 tensor model.layers.0.", "config.json has no quantization_config with "
                                        "quant_method 'fp8'")
+
+
+def test_the_fp8_export_matches_transformers_loading_the_fp8_checkpoint(fp8_pair, tmp_path):
+    fp8, _ = fp8_pair
+    prompt_err, decode_err, _, full = parity.compare_with_hf(parity.export(fp8, tmp_path / "fp8"), fp8)
+    assert np.ptp(full, axis=0).max() > 100 * TOL
+    assert prompt_err <= TOL and decode_err <= TOL, (prompt_err, decode_err)
