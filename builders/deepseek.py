@@ -13,6 +13,9 @@ Routing, as transformers computes it:
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LatentSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec
 from builder.weights import InterleavedGateUp, Stacked, WeightMap
@@ -51,8 +54,7 @@ MLP = {part: f"{{block}}.{part}_proj.weight" for part in ("gate", "up", "down")}
 
 
 def _mscale(factor: float, mscale: float) -> float:
-    import math
-
+    """YaRN's attention scale for a context stretched `factor` times (transformers' yarn_get_mscale)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -79,8 +81,6 @@ def latent_attention_spec(cfg: Config) -> AttentionSpec:
         if all_dim:
             scale *= _mscale(settings.float("factor"), all_dim) ** 2
     bias = cfg.bool("attention_bias", False)
-    from dataclasses import replace
-
     return AttentionSpec(num_heads=heads, num_kv_heads=1, head_dim=latent.cache_width,
                          rope=replace(rope, interleaved=interleaved), qkv_bias=bias, o_bias=bias, scale=scale,
                          latent=latent)
