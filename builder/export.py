@@ -15,6 +15,7 @@ from builder.report import written_formats
 from builder.runtime_requirements import ir_nodes, requirements
 from builder.settings import ExportSettings
 from builder.spec import ModelSpec
+from builder.state import genai_names
 from builder.weights import WeightMap
 from builders import checkpoint_family, text_config
 from builders.common import ignore_declared, reject_unconsumed, reject_unread, resolve_tied_head, skip_notes
@@ -35,7 +36,8 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
             "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
             "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra)}
     if graph is not None:
-        made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"))
+        made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"),
+                                        genai_names(spec.state)[0])
     return made
 
 

@@ -157,9 +157,10 @@ def version_warnings(runtime: Runtime, requires: dict | None, model_path: Path, 
         try:
             config = json.loads((model_path.parent / "genai_config.json").read_text())
             genai_type = config["model"]["type"]
-        except (OSError, ValueError, KeyError, TypeError):
-            genai_type = "decoder"
+            genai_keys = list(config["model"]["decoder"].get("inputs", {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            genai_type, genai_keys = "decoder", []
         graph = onnx.load(str(model_path), load_external_data=False).graph
-        requires = requirements(onnx_nodes(graph), ep, genai_type)
+        requires = requirements(onnx_nodes(graph), ep, genai_type, genai_keys)
     return older_than_required(requires, {"onnxruntime": runtime.version,
                                           "onnxruntime-genai": installed_genai_version()})

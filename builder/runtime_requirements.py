@@ -7,7 +7,9 @@ Facts, not guesses:
   newest patch) whose schema has it. `scripts/check_runtime_floor.py` then ran tiny exports on those wheels (which
   found the two CPU-kernel limits in CPU_VALUE_SINCE): each loads and matches the newest release's logits from its
   recorded minimum on, and fails or differs one release below it (scripts/results/runtime_floor.json).
-- onnxruntime-genai: the first release tag of microsoft/onnxruntime-genai whose sources list the model type.
+- onnxruntime-genai: the first release tag of microsoft/onnxruntime-genai whose runtime sources list the model type;
+  for genai_config keys newer than the model types (linear-attention state), the first release wheel whose library
+  reads the key, checked by running the tiny hybrid exports on it and on the release before.
 Everything the graphs use that is not in the tables existed in 1.20 (ai.onnx opset 21, IR version 10).
 """
 
@@ -17,8 +19,10 @@ import re
 
 ORT_BASE = "1.20"  # the oldest release compared
 
-# op -> {feature: first onnxruntime minor release}; feature "input:<name>", "attr:<name>", or "cpu" for the op's CPU
-# kernel (needed by cpu exports only). Only features newer than ORT_BASE are listed.
+# op -> {feature: first onnxruntime minor release}; feature "op" (the op's schema), "input:<name>", "attr:<name>", or
+# "cpu" for the op's CPU kernel (needed by cpu exports only). Only features newer than ORT_BASE are listed; every
+# contrib op a graph can contain has an entry (tests/test_runtime_requirements.py builds every factory recipe for every
+# precision and EP and checks each op, input, attribute and CPU kernel it uses against the wheels' schemas).
 ORT_SINCE = {
     "GroupQueryAttention": {"input:position_ids": "1.22", "input:attention_bias": "1.22", "input:head_sink": "1.23",
                             "attr:qk_output": "1.23", "input:q_norm_weight": "1.28", "input:k_norm_weight": "1.28",
@@ -30,6 +34,15 @@ ORT_SINCE = {
              "attr:activation_alpha": "1.23", "attr:activation_beta": "1.23", "attr:block_size": "1.23",
              "input:fc1_zero_points": "1.24", "input:fc2_zero_points": "1.24", "input:router_weights": "1.25",
              "attr:weights_prepacked": "1.28"},
+    "MatMulNBits": {},
+    "SkipSimplifiedLayerNormalization": {},
+    "SkipLayerNormalization": {},
+    "RotaryEmbedding": {},
+    # linear attention (Gated DeltaNet, builder/layers/linear_attention.py)
+    "CausalConvWithState": {"op": "1.25", "cpu": "1.25"},
+    "LinearAttention": {"op": "1.25", "cpu": "1.25"},
+    "LinearAttentionGate": {"op": "1.29", "cpu": "1.30"},
+    "GatedRMSNorm": {"op": "1.29", "cpu": "1.30", "attr:activation": "1.31"},
 }
 # Input names by position, for the ops whose optional inputs matter (schema order of onnxruntime 1.32).
 INPUT_NAMES = {
@@ -48,9 +61,16 @@ CPU_VALUE_SINCE = {("MatMulNBits", "bits", 8): "1.22", ("QMoE", "expert_weight_b
 # but the layout was measured on onnxruntime-gpu 1.31.1 only (README, "Verified on CUDA"), so that is the floor.
 CUDA_PREPACKED_QMOE = "1.31"
 
-# genai model type -> first onnxruntime-genai release that runs it ("decoder" is the generic type).
-GENAI_SINCE = {"decoder": "0.1.0", "llama": "0.1.0", "mistral": "0.1.0", "gemma": "0.1.0", "qwen2": "0.4.0",
-               "gemma2": "0.4.0", "gemma3_text": "0.7.1", "qwen3": "0.8.1", "gptoss": "0.9.1", "gemma4_text": "0.14.0"}
+# genai model type -> first onnxruntime-genai release that runs it ("decoder" is the generic type). Every type
+# builder/genai_config.py writes has an entry (a test checks it).
+GENAI_SINCE = {"decoder": "0.1.0", "llama": "0.1.0", "mistral": "0.1.0", "gemma": "0.1.0", "phi3": "0.2.0",
+               "qwen2": "0.4.0", "gemma2": "0.4.0", "nemotron": "0.5.0", "granite": "0.6.0", "gemma3_text": "0.7.1",
+               "qwen3": "0.8.1", "ernie4_5": "0.9.0", "gptoss": "0.9.1", "smollm3": "0.9.1", "gemma4_text": "0.14.0",
+               "hunyuandensev1": "0.14.0", "qwen3_5_text": "0.14.0", "qwen3_5_moe_text": "0.15.0"}
+# genai_config decoder input key -> first onnxruntime-genai release that reads it: the strings in each release's
+# libonnxruntime-genai.so (0.14.0 .. 0.18.0 wheels); 0.15.2 refuses a config with past_recurrent_names ("Unknown
+# value"), 0.16.0 runs the tiny Qwen3.5 and Qwen3-Next exports (their greedy tokens equal 0.18's).
+GENAI_KEY_SINCE = {"past_conv_names": "0.14.0", "past_recurrent_names": "0.16.0"}
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -69,7 +89,7 @@ def version_key(version: str) -> tuple[int, ...]:
 def _node_features(op: str, used_inputs: list[bool], attributes) -> list[str]:
     names = INPUT_NAMES.get(op, ())
     inputs = [f"input:{names[i]}" for i, used in enumerate(used_inputs) if used and i < len(names)]
-    return inputs + [f"attr:{a}" for a in attributes]
+    return ["op", *inputs, *(f"attr:{a}" for a in attributes)]
 
 
 def onnx_nodes(graph) -> list[tuple[str, str, list[bool], list[str], dict]]:
@@ -87,9 +107,10 @@ def ir_nodes(graph) -> list[tuple[str, str, list[bool], list[str], dict]]:
     return out
 
 
-def requirements(nodes, ep: str, genai_type: str) -> dict:
+def requirements(nodes, ep: str, genai_type: str, genai_keys=()) -> dict:
     """{"onnxruntime": "1.23", "onnxruntime-genai": "0.8.1", "because": [...]} for a graph's nodes (ir_nodes or
-    onnx_nodes) exported for `ep`; `because` names each feature that raised a minimum."""
+    onnx_nodes) exported for `ep` and the genai model type / genai_config decoder input keys it is described with;
+    `because` names each feature that raised a minimum."""
     needs: dict[str, str] = {}  # feature text -> version
     for domain, op, used, attributes, ints in nodes:
         if domain != "com.microsoft":
@@ -98,7 +119,7 @@ def requirements(nodes, ep: str, genai_type: str) -> dict:
         for feature in _node_features(op, used, attributes) + (["cpu"] if ep == "cpu" else []):
             if feature in table:
                 kind, _, name = feature.partition(":")
-                what = {"cpu": "CPU kernel", "input": f"input {name}", "attr": f"attribute {name}"}[kind]
+                what = {"op": "op", "cpu": "CPU kernel", "input": f"input {name}", "attr": f"attribute {name}"}[kind]
                 text = f"{op} {what}"
                 needs[text] = table[feature]
         for (value_op, attr, value), version in CPU_VALUE_SINCE.items():
@@ -107,11 +128,15 @@ def requirements(nodes, ep: str, genai_type: str) -> dict:
         if op == "QMoE" and ep == "cuda" and ints.get("weights_prepacked", 1) != 0:
             needs["QMoE experts in the CUDA prepacked layout"] = CUDA_PREPACKED_QMOE
     ort = max([ORT_BASE, *needs.values()], key=version_key)
-    genai = GENAI_SINCE.get(genai_type, GENAI_SINCE["decoder"])
     because = [f"{text} (onnxruntime {version})" for text, version in
                sorted(needs.items(), key=lambda kv: (version_key(kv[1]), kv[0]), reverse=True)]
-    if genai_type in GENAI_SINCE and genai != GENAI_SINCE["decoder"]:
-        because.append(f"model type {genai_type} (onnxruntime-genai {genai})")
+    genai_needs = {f"genai_config decoder input {key}": GENAI_KEY_SINCE[key] for key in genai_keys
+                   if key in GENAI_KEY_SINCE}
+    if genai_type in GENAI_SINCE and GENAI_SINCE[genai_type] != GENAI_SINCE["decoder"]:
+        genai_needs[f"model type {genai_type}"] = GENAI_SINCE[genai_type]
+    genai = max([GENAI_SINCE["decoder"], *genai_needs.values()], key=version_key)
+    because += [f"{text} (onnxruntime-genai {version})" for text, version in
+                sorted(genai_needs.items(), key=lambda kv: (version_key(kv[1]), kv[0]), reverse=True)]
     return {"onnxruntime": ort, "onnxruntime-genai": genai, "because": because}
 
 

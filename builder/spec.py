@@ -33,6 +33,7 @@ orientation [out_features, in_features]:
     layers.{i}.mlp.{gate,up,down}.weight / .bias   (no gate when MlpSpec.gated is False)
     layers.{i}.mlp.gate_up.weight      [2 * intermediate, hidden] gate then up, stored fused (Phi-3): replaces gate/up
     layers.{i}.moe.router.weight / .bias      [num_experts, hidden]
+    layers.{i}.moe.router.correction_bias     [num_experts] added to the scores for selection only (RoutingSpec)
     layers.{i}.moe.fc1.weight / .bias         [E, 2*I, hidden] in the layout its consumer reads: gate/up rows
                                               interleaved (g0, u0, g1, u1, ...) for the fused MoE op (MoeSpec),
                                               [gate; up] per expert for per-expert MatMuls (DenseMoeSpec)
@@ -177,6 +178,33 @@ class MlpSpec:
 
 
 @dataclass(frozen=True)
+class RoutingSpec:
+    """How a token picks its experts and what weight each picked expert's output gets.
+
+        scores    = scoring(router logits)       "softmax" over all experts | "sigmoid" per expert
+        selection = scores + correction_bias     (canonical weight layers.{i}.moe.router.correction_bias [E]),
+                                                 used to choose experts only, never as a weight
+        groups    : experts split into n_group equal groups, each ranked by the sum of its top-2 selection
+                    scores; only the best topk_group groups compete (DeepSeek-V3 / GLM-4.5 noaux_tc)
+        experts   = top-k of the selection
+        weights   = scores at the chosen experts, renormalised to sum to one when normalize_topk,
+                    times scaling_factor (routed_scaling_factor)
+        weight_on_input: the weight multiplies the expert's input instead of its output (Llama 4, top-1)
+    scoring "sparsemixer" (PhiMoE, top-2): experts are the top-2 logits; expert j's weight is the softmax at j over
+    the logits l_i with (l_j - l_i) / max(|l_i|, l_j) <= 2 * sparsemixer_eps, the first pick left out for the second.
+    """
+
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sparsemixer"
+    normalize_topk: bool = True  # Mixtral, Qwen3-MoE norm_topk_prob, GPT-OSS; False: Qwen2-MoE
+    correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scaling_factor: float = 1.0
+    weight_on_input: bool = False
+    sparsemixer_eps: float = 0.0  # PhiMoE router_jitter_noise
+
+
+@dataclass(frozen=True)
 class MoeSpec:
     num_experts: int
     top_k: int
@@ -189,8 +217,7 @@ class MoeSpec:
     swiglu_beta: float = 0.0
     expert_bias: bool = False
     router_bias: bool = False
-    # Renormalise the top-k routing weights to sum to one (Mixtral, Qwen3-MoE norm_topk_prob, GPT-OSS)
-    normalize_topk: bool = True
+    routing: RoutingSpec = RoutingSpec()
     shared_expert_size: int = 0  # Qwen2-MoE shared expert intermediate size, 0 when absent
     shared_expert_gated: bool = False  # sigmoid(shared_expert_gate(x)) scales the shared expert
 

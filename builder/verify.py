@@ -1,10 +1,11 @@
 """Parity of an exported model against transformers: what `ortbuild verify` measures and `ortbuild batch` records.
 
-For each prompt the reference (transformers, fp32 by default) decodes `steps` greedy tokens; the ONNX model then runs
-the prompt with an empty KV cache and feeds the same tokens one at a time through present -> past, so both sides see
-identical inputs and every position can be compared: max-abs logit error (prompt and decode positions apart, since a
-cache bug shows only in the second), top-1 agreement, and greedy agreement (the common prefix of greedy continuations,
-through onnxruntime and, when installed, onnxruntime-genai — the runtime users deploy with).
+For each prompt the reference (transformers, fp32 by default) decodes `steps` greedy tokens with its KV cache; the ONNX
+model then runs the prompt with an empty KV cache and feeds the same tokens one at a time through present -> past, so
+both sides see identical inputs, compute the same way, and every position can be compared: max-abs logit error
+(prompt and decode positions apart, since a cache bug shows only in the second), top-1 agreement, and greedy
+agreement (the common prefix of greedy continuations, through onnxruntime and, when installed, onnxruntime-genai —
+the runtime users deploy with).
 
 torch and transformers are an optional extra (`pip install ortbuild[verify]`); they are imported only when a
 reference is loaded, so exporting never needs them.
@@ -124,18 +125,25 @@ def _cache_argument(model) -> str:
 
 
 def reference_run(model, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    """(greedy continuation of `steps` tokens, fp32 logits [len(ids) + steps, V] of one full no-cache pass)."""
+    """(greedy continuation of `steps` tokens, fp32 logits [len(ids) + steps, V]) of transformers' cached decode: the
+    prompt pass, then one pass per token with its KV cache -- the computation the exported graph does.
+
+    For every model but one that equals a single cache-free pass over prompt + tokens (to float rounding). The
+    exception is longrope (Phi-3) across its switch length: a pass picks the short or long factors by its total
+    length, so after the crossing the cached keys keep their short-factor rotation while a cache-free pass rotates
+    every key with the long set; an exact export matches the former.
+    """
     torch, _ = _reference_stack()
     tokens: list[int] = []
     cache = _cache_argument(model)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        for step in range(steps):
+        rows = [out.logits[0]]
+        for _ in range(steps):
             tokens.append(int(out.logits[0, -1].argmax()))
-            if step + 1 < steps:
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache: getattr(out, cache)})
-        full = model(input_ids=torch.tensor([ids + tokens]), use_cache=False).logits[0]
-    return tokens, full.float().numpy()
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache: getattr(out, cache)})
+            rows.append(out.logits[0, -1:])
+    return tokens, torch.cat(rows).float().numpy()
 
 
 def encode_prompts(texts: list[str], *folders: str | Path) -> list[list[int]]:

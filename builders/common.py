@@ -15,7 +15,9 @@ from builder.spec import ModelSpec, RopeSpec
 from builder.weights import Stored, Weight, WeightMap, block_spans
 from builders.config import Config
 
-# Rope types the rotary layer computes, and the parameters each reads: name -> (kind, required)
+# Rope types the rotary layer computes (builder/layers/rotary.py), and the parameters each reads:
+# name -> (kind, required). Kinds: "float", "int", "bool", and "factors" (one number per rotated frequency pair,
+# rotary_dim / 2 of them). A required parameter that is missing exits 4 naming the field.
 ROPE_PARAMETERS: dict[str, dict[str, tuple[str, bool]]] = {
     "default": {},
     "dynamic": {},  # dynamic NTK changes frequencies only past the trained length, which the cache does not cover
@@ -25,7 +27,26 @@ ROPE_PARAMETERS: dict[str, dict[str, tuple[str, bool]]] = {
     "yarn": {"factor": ("float", True), "original_max_position_embeddings": ("int", False),
              "attention_factor": ("float", False), "mscale": ("float", False), "mscale_all_dim": ("float", False),
              "beta_fast": ("float", False), "beta_slow": ("float", False), "truncate": ("bool", False)},
+    # Phi-3: short / long factor sets switching at original_max_position_embeddings
+    "longrope": {"short_factor": ("factors", True), "long_factor": ("factors", True),
+                 "original_max_position_embeddings": ("int", True), "factor": ("float", False),
+                 "attention_factor": ("float", False)},
+    # Gemma 4 global layers: a partial_rotary_factor share of the pairs rotates, with exponents over the whole head
+    "proportional": {"partial_rotary_factor": ("float", False), "factor": ("float", False)},
+    # HunYuan: its "dynamic" rope with a fixed alpha is a static NTK stretch of the base (builders/hunyuan.py)
+    "ntk_alpha": {"alpha": ("float", True)},
 }
+# The rope types a family accepts unless it names its own: those transformers computes for any decoder
+GENERIC_ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "yarn")
+
+# mRoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): each frequency pair j of the rotary half is driven by one of three
+# position streams (temporal, height, width): pairs are grouped in `mrope_section` sizes, in order (t, h, w, t, ...
+# per section) or interleaved (mrope_interleaved: Qwen3-VL). For text tokens the three streams are equal (the
+# processor gives text position p as (p, p, p)), so every pair reads the same angle p * inv_freq[j] whatever its
+# stream: mRoPE is plain rope with the same inverse frequencies. A text-only export therefore uses a default rope
+# (the legacy type "mrope" reads as "default"); the section fields are only checked (they must cover the rotary
+# half, as transformers' split requires).
+MROPE_ALIASES = {"mrope": "default"}
 
 
 def head_dim(cfg: Config) -> int:
@@ -41,36 +62,100 @@ def kv_heads(cfg: Config) -> int:
     return kv
 
 
-def typed_params(params: Config, table: dict[str, tuple[str, bool]]) -> tuple[tuple[str, object], ...]:
+def typed_params(params: Config, table: dict[str, tuple[str, bool]], rotary_dim: int = 0
+                 ) -> tuple[tuple[str, object], ...]:
     """The (name, value) pairs of `table` read from `params` with their types, sorted (hashable RopeSpec params)."""
-    read = {"float": params.float, "int": params.int, "bool": params.bool}
+    def factors(name, default):
+        return params.list(name, default, of=float, length=rotary_dim // 2)
+
+    read = {"float": params.float, "int": params.int, "bool": params.bool, "factors": factors}
     values = {name: read[kind](name, None if not required else Config.REQUIRED) for name, (kind, required)
               in table.items()}
-    return tuple(sorted((k, v) for k, v in values.items() if v is not None))
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None))
+
+
+def rope_settings(cfg: Config, layer_type: str | None = None) -> Config:
+    """Where a config keeps its rope, as one Config (errors name the field the value came from): transformers-5
+    `rope_parameters` (its `layer_type` entry when keyed per layer type), else the older `rope_scaling`. Fields
+    absent there (rope_theta, partial_rotary_factor) fall back to the top level, as transformers reads them."""
+    params = cfg.sub("rope_parameters", None)
+    if params is not None and layer_type is not None and layer_type in params:
+        return params.sub(layer_type)
+    if params is not None and any(key in params for key in ("rope_type", "type", "rope_theta")):
+        return params
+    return cfg.sub("rope_scaling", None) or Config({}, cfg.architecture, cfg.where, f"{cfg.path}rope_scaling.")
+
+
+def rotary_width(cfg: Config, head_dim: int, *, layer_type: str | None = None, default: float = 1.0) -> int:
+    """int(head_dim * partial_rotary_factor), the factor read from the rope settings, else the top level, else
+    `default` (the config class's); pass the result to rope_spec(..., partial=True)."""
+    settings = rope_settings(cfg, layer_type)
+    where = settings if "partial_rotary_factor" in settings else cfg
+    factor = where.float("partial_rotary_factor", default)
+    if not 0 < factor <= 1:
+        raise where.bad("partial_rotary_factor", factor, "a number in (0, 1]")
+    width = int(head_dim * factor)
+    if width % 2 or not width:
+        raise where.unsupported("partial_rotary_factor", factor, f"a factor whose rotated width (head_dim * factor, "
+                                f"head_dim {head_dim}) is even" + ("" if width else " and not 0"))
+    return width
+
+
+def _check_mrope(settings: Config, rotary_dim: int) -> None:
+    """The mRoPE section fields, if any (MROPE_ALIASES says why they are only checked)."""
+    section = settings.list("mrope_section", None, of=int)
+    settings.bool("mrope_interleaved", False)
+    if section is not None and (len(section) != 3 or sum(section) != rotary_dim // 2 or min(section) < 0):
+        raise settings.bad("mrope_section", section, "3 non-negative sizes summing to rotary_dim / 2 = "
+                           f"{rotary_dim // 2}")
+
+
+def _check_whole_heads(cfg: Config, settings: Config, kind: str, partial: bool | tuple[str, ...],
+                       types: tuple[str, ...]) -> None:
+    if partial is True or kind in (partial or ()) or "partial_rotary_factor" in ROPE_PARAMETERS[kind]:
+        return
+    for where in (settings, cfg):
+        factor = where.float("partial_rotary_factor", 1.0)
+        if factor != 1.0:
+            readers = [t for t in types if "partial_rotary_factor" in ROPE_PARAMETERS.get(t, {})]
+            why = (f"only a {' or '.join(map(repr, readers))} rope rotates part of each head here" if readers
+                   else "this architecture rotates whole heads")
+            raise where.unsupported("partial_rotary_factor", factor, why=why)
 
 
 def rope_spec(cfg: Config, rotary_dim: int, *, layer_type: str | None = None, default_theta: float = 10000.0,
-              partial: bool = False) -> RopeSpec:
-    """RopeSpec from transformers-5 `rope_parameters` (optionally per layer type) or the older rope_theta/scaling.
+              partial: bool | tuple[str, ...] = False, types: tuple[str, ...] = GENERIC_ROPE_TYPES,
+              aliases: dict[str, str] | None = None, mrope: bool = False, overrides: dict | None = None,
+              max_positions: int | None = None) -> RopeSpec:
+    """The one rope parser: RopeSpec from a config's rope settings (rope_settings: per layer type, or the older
+    rope_theta / rope_scaling spelling), typed per rope type by ROPE_PARAMETERS.
 
-    A rope type not computed here is refused (exit 3, naming the field). partial_rotary_factor is refused too unless
-    `partial` says the caller has turned it into `rotary_dim` (Nemotron)."""
-    params = cfg.sub("rope_parameters", None)
-    if params is not None and layer_type is not None and layer_type in params:
-        params = params.sub(layer_type)
-    theta = cfg.float("rope_theta", default_theta)
-    if params is None or ("rope_type" not in params and "rope_theta" not in params):
-        params = cfg.sub("rope_scaling", None) or Config({}, cfg.architecture, cfg.where, f"{cfg.path}rope_scaling.")
-    rope_type = params.str("rope_type", None, choices=tuple(ROPE_PARAMETERS))
-    if rope_type is None:  # the legacy spelling of rope_scaling
-        rope_type = params.str("type", "default", choices=tuple(ROPE_PARAMETERS))
-    for where in (params, cfg):
-        factor = where.float("partial_rotary_factor", 1.0)
-        if factor != 1.0 and not partial:
-            raise where.unsupported("partial_rotary_factor", factor, why="this architecture rotates whole heads")
-    return RopeSpec(theta=params.float("rope_theta", theta), rotary_dim=rotary_dim, rope_type=rope_type,
-                    params=typed_params(params, ROPE_PARAMETERS[rope_type]),
-                    max_positions=cfg.int("max_position_embeddings", 4096, minimum=1))
+    types: the rope types the family accepts as spelled (anything else exits 3 naming the field);
+    aliases: spellings that mean another computed type (Phi-3's legacy "su" / "yarn" -> "longrope", HunYuan's
+      "dynamic" with alpha -> "ntk_alpha");
+    mrope: the model's rope is mRoPE, which text-only positions make a plain rope (MROPE_ALIASES; sections checked);
+    partial: partial_rotary_factor is refused (exit 3) unless the rope type reads it as a parameter, or `partial` says
+      the caller turned it into `rotary_dim` (rotary_width) -- True, or the rope types for which it did;
+    overrides: parameters the family resolved itself (Phi-3's top-level original_max_position_embeddings);
+    max_positions: the cache length when the family defaults max_position_embeddings itself (else the field, or 4096).
+    """
+    settings = rope_settings(cfg, layer_type)
+    key = "rope_type" if "rope_type" in settings else "type"  # "type": the legacy spelling of rope_scaling
+    spelled = settings.str(key, "default")
+    aliases = {**(MROPE_ALIASES if mrope else {}), **(aliases or {})}
+    if spelled not in types and spelled not in aliases:
+        raise settings.unsupported(key, spelled, ", ".join(map(repr, types)))
+    kind = aliases.get(spelled, spelled)
+    if mrope:
+        _check_mrope(settings, rotary_dim)
+    _check_whole_heads(cfg, settings, kind, partial, types)
+    theta = settings.float("rope_theta", None)
+    if theta is None:
+        theta = cfg.float("rope_theta", default_theta)
+    values = settings.updated(**overrides) if overrides else settings
+    return RopeSpec(theta=theta, rotary_dim=rotary_dim, rope_type=kind,
+                    params=typed_params(values, ROPE_PARAMETERS[kind], rotary_dim),
+                    max_positions=max_positions or cfg.int("max_position_embeddings", 4096, minimum=1))
 
 
 def projection_table(dst: str, src: str, projections: Iterable[str], *, bias: bool) -> dict[str, str]:
@@ -130,62 +215,6 @@ def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_l
                 weights.add(name, checkpoint_weight(ckpt, hf), hf)
             else:
                 weights.expect(name, hf)
-
-
-# -- typed helpers (builders.config.Config) shared by the Phi-3, SmolLM3, HunYuan and multimodal-text families -------
-
-def rope_settings(cfg: Config) -> Config:
-    """The rope settings as one Config: transformers-5 `rope_parameters`, else the older `rope_scaling` with the
-    top-level rope_theta (errors name whichever field the value came from)."""
-    params = cfg.dict("rope_parameters", None)
-    if params is not None and ("rope_type" in params or "rope_theta" in params or "type" in params):
-        return cfg.sub("rope_parameters")
-    merged = {**cfg.dict("rope_scaling", {})}
-    if "rope_theta" in cfg:
-        merged.setdefault("rope_theta", cfg.float("rope_theta"))
-    return Config(merged, cfg.architecture, cfg.where, "rope_scaling.")
-
-
-def rope_type(rope: Config, supported: tuple[str, ...], aliases: dict[str, str] | None = None) -> str:
-    """rope_type (or the legacy `type`) through `aliases`, refused with exit 3 unless in `supported`."""
-    key = "rope_type" if "rope_type" in rope else "type"
-    kind = rope.str(key, "default")
-    kind = (aliases or {}).get(kind, kind)
-    if kind not in supported:
-        raise rope.unsupported(key, kind, ", ".join(map(repr, supported)))
-    return kind
-
-
-# mRoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): each frequency pair j of the rotary half is driven by one of three
-# position streams (temporal, height, width): pairs are grouped in `mrope_section` sizes, in order (t, h, w, t, ...
-# per section) or interleaved (mrope_interleaved: Qwen3-VL). For text tokens the three streams are equal (the
-# processor gives text position p as (p, p, p)), so every pair reads the same angle p * inv_freq[j] whatever its
-# stream: mRoPE is plain rope with the same inverse frequencies. A text-only export therefore uses a default rope;
-# the section fields are only checked (they must cover the rotary half, as transformers' split requires).
-MROPE_FIELDS = ("mrope_section", "mrope_interleaved")
-
-
-def text_positions_mrope(rope: Config, rotary_dim: int) -> bool:
-    """Check the mRoPE fields of a rope (if any); returns whether the rope is an mRoPE. See MROPE_FIELDS."""
-    section = rope.list("mrope_section", None, of=int)
-    rope.bool("mrope_interleaved", False)
-    if section is None:
-        return False
-    if len(section) != 3 or sum(section) != rotary_dim // 2 or min(section) < 0:
-        raise rope.bad("mrope_section", section, f"3 non-negative sizes summing to rotary_dim / 2 = {rotary_dim // 2}")
-    return True
-
-
-def rope_from(rope: Config, kind: str, rotary_dim: int, max_positions: int, *, default_theta: float = 10000.0,
-              drop: tuple[str, ...] = (), overrides: dict | None = None) -> RopeSpec:
-    """RopeSpec of type `kind` from rope settings; `drop` names fields read elsewhere (e.g. MROPE_FIELDS),
-    `overrides` sets parameters the family resolved itself."""
-    theta = rope.float("rope_theta", default_theta)
-    skip = {"rope_type", "type", "rope_theta", "partial_rotary_factor", *drop}
-    params = {k: v for k, v in rope.data.items() if k not in skip and v is not None}
-    params.update(overrides or {})
-    hashable = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
-    return RopeSpec(theta=theta, rotary_dim=rotary_dim, rope_type=kind, params=hashable, max_positions=max_positions)
 
 
 def layer_windows(cfg: Config, default_types: list[str], window: int | None) -> list[int | None]:

@@ -17,7 +17,7 @@ import math
 from dataclasses import replace
 
 from builder.checkpoint import Checkpoint
-from builder.spec import AttentionSpec, LatentSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec
+from builder.spec import AttentionSpec, LatentSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, RoutingSpec
 from builder.weights import InterleavedGateUp, Stacked, WeightMap
 from builders import Family, register
 from builders.common import checkpoint_weight, map_table, rope_settings, rope_spec
@@ -93,23 +93,35 @@ def _check_routing(cfg: Config) -> None:
     cfg.reject({"moe_layer_freq": 1})  # transformers puts experts in every layer from first_k_dense_replace on
 
 
+def routing_spec(cfg: Config, experts: int, top_k: int) -> RoutingSpec:
+    scaling = cfg.float("routed_scaling_factor", 1.0)
+    if cfg.architecture == V2:
+        if cfg.bool("norm_topk_prob", False):  # transformers' V2 router never renormalises; the original code would
+            raise cfg.unsupported("norm_topk_prob", True, why="transformers' DeepseekV2 never renormalises the "
+                                                             "top-k weights, so the intended maths is ambiguous")
+        return RoutingSpec(scoring="softmax", normalize_topk=False, scaling_factor=scaling)
+    n_group, topk_group = cfg.int("n_group", 1, minimum=1), cfg.int("topk_group", 1, minimum=1)
+    if experts % n_group:
+        raise cfg.bad("n_group", n_group, f"a divisor of n_routed_experts={experts}")
+    if topk_group > n_group:
+        raise cfg.bad("topk_group", topk_group, f"at most n_group={n_group}")
+    if n_group > 1 and topk_group < n_group and top_k > topk_group * (experts // n_group):
+        raise cfg.bad("topk_group", topk_group, f"enough groups to hold num_experts_per_tok={top_k} experts")
+    if n_group > 1 and topk_group < n_group and experts // n_group < 2:  # groups are ranked by their top-2 scores
+        raise cfg.unsupported("n_group", n_group, why=f"groups of one expert (n_routed_experts={experts})")
+    return RoutingSpec(scoring="sigmoid", correction_bias=True, n_group=n_group, topk_group=topk_group,
+                       normalize_topk=cfg.bool("norm_topk_prob", True), scaling_factor=scaling)
+
+
 def moe_spec(cfg: Config) -> MoeSpec:
     experts = cfg.int("n_routed_experts", minimum=1)
     top_k = cfg.int("num_experts_per_tok", minimum=1)
     if top_k > experts:
         raise cfg.bad("num_experts_per_tok", top_k, f"at most n_routed_experts={experts}")
     inter = cfg.int("moe_intermediate_size", minimum=1)
-    shared = cfg.int("n_shared_experts", 0, minimum=0) * inter
-    if cfg.architecture == V2:
-        if cfg.bool("norm_topk_prob", False):  # transformers' V2 router never renormalises; the original code would
-            raise cfg.unsupported("norm_topk_prob", True, why="transformers' DeepseekV2 never renormalises the "
-                                                             "top-k weights, so the intended maths is ambiguous")
-        cfg.reject({"routed_scaling_factor": 1.0})
-        return MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter, normalize_topk=False,
-                       shared_expert_size=shared)
-    raise cfg.unsupported("first_k_dense_replace", cfg.int("first_k_dense_replace", 3),
-                          why="DeepSeek-V3 MoE layers route with sigmoid scores, a correction bias and expert "
-                              "groups, which the MoE layer does not compute yet")
+    return MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=inter,
+                   routing=routing_spec(cfg, experts, top_k),
+                   shared_expert_size=cfg.int("n_shared_experts", 0, minimum=0) * inter)
 
 
 def make_spec(cfg: Config) -> ModelSpec:

@@ -26,7 +26,7 @@ from builder.errors import CheckpointError, UnsupportedModelError
 from builder.spec import AttentionSpec, DenseMoeSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, RopeSpec
 from builder.weights import Constant, RowMap, Stored, Weight, WeightMap
 from builders import Family, register
-from builders.common import map_table
+from builders.common import map_table, rope_spec
 from builders.config import Config
 from builders.gemma import NON_TEXT, activation, attention_table, bidirectional, map_common, mlp_table, norm_table, \
     text_prefix
@@ -89,23 +89,9 @@ def kv_sources(cfg: Config, types: list[str]) -> list[int | None]:
 
 
 def rope_for(cfg: Config, kind: str, dim: int) -> RopeSpec:
-    params = cfg.sub("rope_parameters", None)
-    params = params.sub(kind, None) if params is not None else None
-    params = params or Config({}, cfg.architecture, cfg.where, f"{cfg.path}rope_parameters.{kind}.")
-    rope_type = params.str("rope_type", "default", choices=ROPE_TYPES)
-    theta = params.float("rope_theta", DEFAULT_THETA[kind])
-    partial = params.float("partial_rotary_factor", 1.0)
-    if rope_type == "linear" and partial != 1.0:
-        raise params.unsupported("partial_rotary_factor", partial, why="only proportional rope may be partial")
-    values = {}
-    if rope_type == "proportional":
-        values = {"partial_rotary_factor": partial, "factor": params.float("factor", None)}
-    elif rope_type == "linear":
-        values = {"factor": params.float("factor")}
-    # transformers' default rope rotates the whole head and ignores the other fields
-    hashable = tuple(sorted((k, v) for k, v in values.items() if v is not None))
-    return RopeSpec(theta=theta, rotary_dim=dim, rope_type=rope_type, params=hashable,
-                    max_positions=cfg.int("max_position_embeddings", 4096, minimum=1))
+    # Gemma 4's default rope rotates the whole head whatever partial_rotary_factor says (as transformers computes it)
+    return rope_spec(cfg, dim, layer_type=kind, default_theta=DEFAULT_THETA[kind], types=ROPE_TYPES,
+                     partial=("default",))
 
 
 def make_spec(cfg: Config) -> ModelSpec:

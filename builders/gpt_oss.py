@@ -17,7 +17,7 @@ from dataclasses import replace
 from builder.checkpoint import Checkpoint
 from builder.errors import CheckpointError, UnsupportedModelError
 from builder.mxfp4 import Mxfp4Experts
-from builder.spec import LayerSpec, ModelSpec, MoeSpec
+from builder.spec import LayerSpec, ModelSpec, MoeSpec, RoutingSpec
 from builder.weights import Stored, Weight, WeightMap, to_expert_major
 from builders import Family, register
 from builders.common import map_table
@@ -67,7 +67,7 @@ def make_spec(cfg: Config) -> ModelSpec:
     moe = MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=cfg.int("intermediate_size", minimum=1),
                   activation="gpt_oss", swiglu_limit=cfg.float("swiglu_limit", 7.0),
                   swiglu_alpha=cfg.float("swiglu_alpha", 1.702), swiglu_beta=1.0,
-                  expert_bias=True, router_bias=True, normalize_topk=True)
+                  expert_bias=True, router_bias=True, routing=RoutingSpec(normalize_topk=True))
     attentions = attention_specs(cfg, qk_norm=False, fixed_bias=None)
     layers = tuple(LayerSpec(attention=replace(a, sinks=True), ffn=moe) for a in attentions)
     return model_spec(cfg, layers)

@@ -15,7 +15,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import map_table, rope_from, rope_settings, rope_type
+from builders.common import map_table, rope_settings, rope_spec
 from builders.config import Config
 from builders.llama import MLP_TABLE
 
@@ -33,12 +33,9 @@ TABLE = {
 }
 
 
-def _rope(cfg: Config, head_dim: int, context: int):
-    settings = rope_settings(cfg)
-    kind = rope_type(settings, ("default", "linear", "llama3", "yarn", "dynamic"))
-    if kind == "dynamic" and settings.float("alpha", None):
-        return rope_from(settings, "ntk_alpha", head_dim, context)
-    return rope_from(settings, kind, head_dim, context)
+def _rope(cfg: Config, head_dim: int):
+    ntk_alpha = {"dynamic": "ntk_alpha"} if rope_settings(cfg).float("alpha", None) else {}
+    return rope_spec(cfg, head_dim, aliases=ntk_alpha)
 
 
 def make_spec(cfg: Config) -> ModelSpec:
@@ -51,7 +48,7 @@ def make_spec(cfg: Config) -> ModelSpec:
     context = cfg.int("max_position_embeddings", minimum=1)
     bias = cfg.bool("attention_bias", False)
     attn = AttentionSpec(num_heads=heads, num_kv_heads=cfg.int("num_key_value_heads", None) or heads,
-                         head_dim=head_dim, rope=_rope(cfg, head_dim, context), qkv_bias=bias, o_bias=bias,
+                         head_dim=head_dim, rope=_rope(cfg, head_dim), qkv_bias=bias, o_bias=bias,
                          qk_norm=True, qk_norm_after_rope=True)
     mlp = MlpSpec(intermediate_size=cfg.int("intermediate_size", minimum=1))
     layers = tuple(LayerSpec(attention=attn, ffn=mlp) for _ in range(cfg.int("num_hidden_layers", minimum=1)))

@@ -10,7 +10,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import map_table, projection_table, rope_spec
+from builders.common import map_table, projection_table, rope_spec, rotary_width
 from builders.config import Config
 
 ARCH = "NemotronForCausalLM"
@@ -21,27 +21,12 @@ NORMS = {f"{dst}.{kind}": f"{src}.{kind}" for dst, src in (
 DEFAULT_PARTIAL_ROTARY = 0.5  # transformers' NemotronConfig default
 
 
-def _rotary_dim(cfg: Config, head_dim: int) -> int:
-    """int(head_dim * partial_rotary_factor) (a width GroupQueryAttention cannot rotate itself is rotated before it:
-    builder/layers/rotary_graph.py)."""
-    params = cfg.sub("rope_parameters", None)
-    where = params if params is not None and "partial_rotary_factor" in params else cfg
-    factor = where.float("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY)
-    if not 0 < factor <= 1:
-        raise where.bad("partial_rotary_factor", factor, "a number in (0, 1]")
-    rotary = int(head_dim * factor)
-    if rotary % 2:
-        raise where.unsupported("partial_rotary_factor", factor, f"a factor whose rotated width (head_dim * factor, "
-                                f"head_dim {head_dim}) is even")
-    return rotary
-
-
 def make_spec(cfg: Config) -> ModelSpec:
     cfg.str("hidden_act", "relu2", choices=("relu2",))
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     dim = cfg.int("head_dim", None) or hidden // heads
     bias = cfg.bool("attention_bias", False)
-    rope = rope_spec(cfg, _rotary_dim(cfg, dim), partial=True)
+    rope = rope_spec(cfg, rotary_width(cfg, dim, default=DEFAULT_PARTIAL_ROTARY), partial=True)
     attention = AttentionSpec(num_heads=heads, num_kv_heads=cfg.int("num_key_value_heads", None) or heads,
                               head_dim=dim, rope=rope, qkv_bias=bias, o_bias=bias)
     mlp = MlpSpec(cfg.int("intermediate_size", minimum=1), "relu2", bias=cfg.bool("mlp_bias", False), gated=False)

@@ -16,7 +16,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import map_table, rope_from, rope_settings, rope_type
+from builders.common import map_table, rope_spec, rotary_width
 from builders.config import Config
 
 ARCH = "Phi3ForCausalLM"
@@ -34,21 +34,11 @@ TABLE = {
 PHI3_DEFAULT_ORIGINAL_CONTEXT = 4096  # Phi3Config.original_max_position_embeddings when config.json lacks it
 
 
-def _rope(cfg: Config, head_dim: int, max_positions: int):
-    rope = rope_settings(cfg)
-    kind = rope_type(rope, ("default", "longrope"), aliases={"su": "longrope", "yarn": "longrope"})
-    partial = rope.float("partial_rotary_factor", None) or cfg.float("partial_rotary_factor", 1.0)
-    if not 0 < partial <= 1:
-        raise cfg.bad("partial_rotary_factor", partial, "a number in (0, 1]")
-    rotary_dim = int(head_dim * partial)
-    if kind == "default":
-        return rope_from(rope, kind, rotary_dim, max_positions, drop=("original_max_position_embeddings",))
+def _rope(cfg: Config, head_dim: int):
     original = cfg.int("original_max_position_embeddings", PHI3_DEFAULT_ORIGINAL_CONTEXT, minimum=1)
-    for key in ("short_factor", "long_factor"):
-        rope.list(key, of=float, length=rotary_dim // 2)
-    for key in ("factor", "attention_factor"):  # optional numbers (rotary.py derives them when absent)
-        rope.float(key, None)
-    return rope_from(rope, kind, rotary_dim, max_positions, overrides={"original_max_position_embeddings": original})
+    return rope_spec(cfg, rotary_width(cfg, head_dim), partial=True, types=("default", "longrope"),
+                     aliases={"su": "longrope", "yarn": "longrope"},
+                     overrides={"original_max_position_embeddings": original})
 
 
 def make_spec(cfg: Config) -> ModelSpec:
@@ -57,7 +47,7 @@ def make_spec(cfg: Config) -> ModelSpec:
     kv_heads = cfg.int("num_key_value_heads", None, minimum=1) or heads
     head_dim = cfg.int("head_dim", None, minimum=1) or hidden // heads
     context = cfg.int("max_position_embeddings", minimum=1)
-    attn = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope=_rope(cfg, head_dim, context),
+    attn = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope=_rope(cfg, head_dim),
                          sliding_window=cfg.int("sliding_window", None, minimum=1))
     mlp = MlpSpec(intermediate_size=cfg.int("intermediate_size", minimum=1))
     layers = tuple(LayerSpec(attention=attn, ffn=mlp) for _ in range(cfg.int("num_hidden_layers", minimum=1)))

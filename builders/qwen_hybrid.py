@@ -24,12 +24,15 @@ import numpy as np
 
 from builder.checkpoint import Checkpoint
 from builder.errors import CheckpointError
-from builder.spec import AttentionSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec, MoeSpec, RopeSpec
+from builder.spec import (AttentionSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec, MoeSpec, RopeSpec,
+                          RoutingSpec)
 from builder.weights import InterleavedGateUp, Stacked, Stored, Weight, WeightMap
 from builders import Family, register
+from builders.common import rope_spec, rotary_width
 from builders.config import Config
 
 LAYER_TYPES = ("linear_attention", "full_attention")
+DEFAULT_PARTIAL_ROTARY = 0.25  # Qwen3.5 / Qwen3-Next config default
 TEXT_PREFIXES = ("model.language_model.", "model.")
 # Checkpoint parts deliberately left out of the text decoder (Family.ignored: named in the progress output)
 IGNORED = (("the vision tower (model.visual.*)", ("model.visual.",)),
@@ -69,16 +72,8 @@ def layer_types(cfg: Config, num_layers: int) -> list[str]:
 
 
 def _rope(cfg: Config, head_dim: int, max_positions: int) -> RopeSpec:
-    params = cfg.sub("rope_parameters", None)
-    source = params if params is not None else cfg  # transformers 5 rope_parameters, else older top-level fields
-    source.str("rope_type", "default", choices=("default",))
-    theta = source.float("rope_theta", 10000.0)
-    partial = source.float("partial_rotary_factor", cfg.float("partial_rotary_factor", 0.25))
-    rotary_dim = int(head_dim * partial)
-    if not 0 < partial <= 1 or rotary_dim % 2:
-        raise source.bad("partial_rotary_factor", partial, f"a factor giving an even rotary width <= head_dim "
-                         f"{head_dim}")
-    return RopeSpec(theta=theta, rotary_dim=rotary_dim, max_positions=max_positions)
+    return rope_spec(cfg, rotary_width(cfg, head_dim, default=DEFAULT_PARTIAL_ROTARY), partial=True,
+                     types=("default",), mrope=True, max_positions=max_positions)
 
 
 def _linear_attention(cfg: Config) -> LinearAttentionSpec:
@@ -100,7 +95,8 @@ def _linear_attention(cfg: Config) -> LinearAttentionSpec:
 def _moe(cfg: Config, variant: Variant) -> MoeSpec:
     return MoeSpec(num_experts=cfg.int("num_experts", minimum=1), top_k=cfg.int("num_experts_per_tok", minimum=1),
                    intermediate_size=cfg.int("moe_intermediate_size", minimum=1),
-                   normalize_topk=cfg.bool("norm_topk_prob", True) if variant.moe == "sparse_step" else True,
+                   routing=RoutingSpec(normalize_topk=cfg.bool("norm_topk_prob", True)
+                                       if variant.moe == "sparse_step" else True),
                    shared_expert_size=cfg.int("shared_expert_intermediate_size", minimum=1),
                    shared_expert_gated=True)
 

@@ -7,7 +7,7 @@ routing and shared experts are data on the MoeSpec, the graph is the shared MoE 
 from __future__ import annotations
 
 from builder.checkpoint import Checkpoint
-from builder.spec import LayerSpec, MlpSpec, ModelSpec, MoeSpec
+from builder.spec import LayerSpec, MlpSpec, ModelSpec, MoeSpec, RoutingSpec
 from builder.weights import InterleavedGateUp, Stacked, Stored, WeightMap
 from builders import Family, register
 from builders.common import map_table
@@ -41,7 +41,8 @@ def moe_spec(cfg: Config) -> MoeSpec:
                    intermediate_size=cfg.int("moe_intermediate_size", None, minimum=1) or cfg.int("intermediate_size",
                                                                                                   minimum=1),
                    activation="silu", swiglu_alpha=1.0, swiglu_beta=0.0,
-                   normalize_topk=cfg.bool("norm_topk_prob", cfg.architecture == "MixtralForCausalLM"),
+                   routing=RoutingSpec(normalize_topk=cfg.bool("norm_topk_prob",
+                                                               cfg.architecture == "MixtralForCausalLM")),
                    shared_expert_size=shared, shared_expert_gated=bool(shared))
 
 

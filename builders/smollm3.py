@@ -12,14 +12,13 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import layer_windows, map_table, rope_from, rope_settings, rope_type
+from builders.common import layer_windows, map_table, rope_spec
 from builders.config import Config
 from builders.llama import BASE_TABLE
 
 ARCH = "SmolLM3ForCausalLM"
 MLP_TABLE = {f"layers.{{i}}.mlp.{p}.{kind}": f"model.layers.{{i}}.mlp.{p}_proj.{kind}"
              for p in ("gate", "up", "down") for kind in ("weight", "bias")}
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 def rope_layers(cfg: Config, num_layers: int) -> list[bool]:
@@ -38,8 +37,7 @@ def make_spec(cfg: Config) -> ModelSpec:
     hidden, heads = cfg.int("hidden_size", minimum=1), cfg.int("num_attention_heads", minimum=1)
     head_dim = cfg.int("head_dim", None, minimum=1) or hidden // heads
     num_layers, context = cfg.int("num_hidden_layers", minimum=1), cfg.int("max_position_embeddings", minimum=1)
-    settings = rope_settings(cfg)
-    rope = rope_from(settings, rope_type(settings, ROPE_TYPES), head_dim, context, default_theta=2_000_000.0)
+    rope = rope_spec(cfg, head_dim, default_theta=2_000_000.0)
     bias = cfg.bool("attention_bias", False)
     uses_rope = rope_layers(cfg, num_layers)
     # transformers: layer_types defaults to sliding NoPE layers when use_sliding_window and sliding_window are set;

@@ -4,7 +4,7 @@ Each wrapper holds a Llama-layout decoder: Mistral 3 a Mistral (text_config.mode
 ("ministral3": YaRN, and queries scaled by 1 + beta * ln(1 + floor(position / original context)), the
 query_position_scale variant), Qwen2.5-VL a Qwen2 (q/k/v biases), Qwen3-VL a Qwen3 (per-head q/k norm). The export
 is the text decoder alone, fed token ids:
-- positions are text-only, so Qwen's mRoPE is plain rope (builders/common.py, MROPE_FIELDS, says why); its section
+- positions are text-only, so Qwen's mRoPE is plain rope (builders/common.py, MROPE_ALIASES, says why); its section
   fields are checked, not used;
 - the decoder's tensors are found under whichever prefix the checkpoint uses (transformers 5 "model.language_model.",
   llava-style "language_model.model.", Qwen2.5-VL's flat "model."); the vision tower and projector tensors are
@@ -19,8 +19,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import (MROPE_FIELDS, layer_windows, map_table, rope_from, rope_settings, rope_type,
-                             text_decoder_prefix, text_positions_mrope)
+from builders.common import layer_windows, map_table, rope_settings, rope_spec, text_decoder_prefix
 from builders.config import Config
 
 # The text decoder's prefix, most specific first (each is tried for "<prefix>embed_tokens.weight").
@@ -32,16 +31,15 @@ SKIPPED = {  # tensors of the other modalities, per wrapper
     "Qwen3VLForConditionalGeneration": ("visual.", "model.visual."),
 }
 # text model types each wrapper may hold; bias: "qkv" (fixed q/k/v biases), "config" (attention_bias, all four) or
-# None; theta: the text config class's default rope_theta
+# None; theta: the text config class's default rope_theta; mrope: the rope is mRoPE (read for text positions)
 VARIANTS = {
     "Mistral3ForConditionalGeneration": dict(text_types=("mistral", "ministral3"), qk_norm=False, bias=None,
-                                             theta=10_000.0),
+                                             theta=10_000.0, mrope=False),
     "Qwen2_5_VLForConditionalGeneration": dict(text_types=("qwen2_5_vl_text", "qwen2_5_vl"), qk_norm=False,
-                                               bias="qkv", theta=1_000_000.0),
+                                               bias="qkv", theta=1_000_000.0, mrope=True),
     "Qwen3VLForConditionalGeneration": dict(text_types=("qwen3_vl_text", "qwen3_vl"), qk_norm=True, bias="config",
-                                            theta=500_000.0),
+                                            theta=500_000.0, mrope=True),
 }
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 def _windows(cfg: Config, arch: str, num_layers: int) -> list[int | None]:
@@ -66,11 +64,8 @@ def make_spec(cfg: Config) -> ModelSpec:
     if variant["bias"] == "qkv" and head_dim * heads != hidden:  # Qwen2.5-VL's attention uses hidden / heads
         raise cfg.bad("head_dim", head_dim, f"hidden_size / num_attention_heads = {hidden // heads}")
     num_layers, context = cfg.int("num_hidden_layers", minimum=1), cfg.int("max_position_embeddings", minimum=1)
+    rope = rope_spec(cfg, head_dim, default_theta=variant["theta"], mrope=variant["mrope"])
     settings = rope_settings(cfg)
-    kind = rope_type(settings, ROPE_TYPES, aliases={"mrope": "default"})
-    text_positions_mrope(settings, head_dim)
-    rope = rope_from(settings, kind, head_dim, context, default_theta=variant["theta"],
-                     drop=(*MROPE_FIELDS, "llama_4_scaling_beta"))
     query_scale = None
     if text_type == "ministral3":  # transformers requires the beta; 0 leaves queries unscaled
         beta = settings.float("llama_4_scaling_beta")

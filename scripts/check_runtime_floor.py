@@ -40,6 +40,8 @@ CASES = {
     "qwen3_moe-int4-per-channel": ("qwen3_moe", {}, "int4", ["qmoe_block_size=0"]),  # QMoE without block_size
     "qwen3_moe-int8-per-channel": ("qwen3_moe", {}, "int8", ["qmoe_block_size=0"]),  # 8-bit QMoE
     "qwen2_moe-int4": ("qwen2_moe", {}, "int4", []),  # QMoE router_weights
+    "qwen3_5-fp32": ("qwen3_5", {}, "fp32", []),  # linear attention: CausalConvWithState ... GatedRMSNorm activation
+    "nemotron-fp32": ("nemotron", {}, "fp32", []),  # SkipLayerNormalization, RotaryEmbedding (partial rotary)
 }
 
 RUNNER = r"""
@@ -58,6 +60,8 @@ try:
             feed[i.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
         elif i.name.startswith("past_key_values."):
             feed[i.name] = np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
+        elif i.name.startswith("past."):  # linear-attention conv / recurrent state: fixed size, float32
+            feed[i.name] = np.zeros([1, *i.shape[1:]], np.float32)
     logits = session.run(["logits"], feed)[0]
     np.save(out, logits.astype(np.float32))
     print(json.dumps({"ok": True, "version": ort.__version__}))

@@ -76,11 +76,14 @@ CONFIGS = [
     ("deepseek_v3-fp16-576", "deepseek_v3", {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
                                              "v_head_dim": 128}, {}, "fp16", []),
     ("deepseek_v2-fp16", "deepseek_v2", MOE64, {}, "fp16", []),
+    ("deepseek_v3_moe-fp16", "deepseek_v3_moe", MOE64, {}, "fp16", []),
+    ("deepseek_v3_moe-int4", "deepseek_v3_moe", MOE64, {}, "int4", []),
 ]
 DECODE_STEPS = 4
 # Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.
 BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64},
-                   "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "deepseek_v2": MOE64}
+                   "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "deepseek_v2": MOE64,
+                   "deepseek_v3_moe": MOE64}
 BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})})
                  for case, (arch, overrides) in batching.FAMILIES.items()]
 BATCH_DECODE_STEPS = 6

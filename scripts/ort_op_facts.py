@@ -20,10 +20,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-# The ops ortbuild's graphs use (domain, op).
-OPS = [("com.microsoft", op) for op in ("GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "QMoE", "MoE",
-                                         "SkipSimplifiedLayerNormalization", "RotaryEmbedding")] + \
-      [("", "SimplifiedLayerNormalization")]
+# Every contrib op an ortbuild graph can contain (domain, op): tests/test_runtime_requirements.py builds every factory
+# recipe for every precision, EP and op-changing option and fails on an op missing here.
+OPS = [("com.microsoft", op) for op in (
+    "GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "QMoE", "MoE", "SkipSimplifiedLayerNormalization",
+    "SkipLayerNormalization", "RotaryEmbedding", "CausalConvWithState", "LinearAttention", "LinearAttentionGate",
+    "GatedRMSNorm")] + [("", "SimplifiedLayerNormalization")]
 
 
 def facts() -> dict:

@@ -64,6 +64,7 @@ FAMILIES = {
     "qwen3_next": ("qwen3_next", {}),
     # latent attention (one kv head of [rope key | latent] rows)
     "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v3_moe": ("deepseek_v3_moe", {"seed": 1}),  # sigmoid + correction bias + groups; seed 0 hits eos early
     "deepseek_v2": ("deepseek_v2", {}),  # plain q projection, greedy softmax experts
 }
 

@@ -12,6 +12,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import factory  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (CI must not turn red on a new random draw); a developer
+# exploring can still run with `--hypothesis-profile explore`.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("ci")
 
 
 def pytest_configure(config):

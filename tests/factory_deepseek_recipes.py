@@ -1,4 +1,4 @@
-"""Tiny DeepSeek-V2 / V3 recipes for tests/factory.py (plain data: factory.py wraps them in its ArchRecipe).
+"""Tiny DeepSeek-V2 / V3 recipes (tests/factory.py merges this module's ARCHS into its own).
 
 Latent attention with every size distinct so a swapped dimension fails: 4 heads, q_lora_rank 24, kv_lora_rank 32,
 qk_nope_head_dim 16, qk_rope_head_dim 16 (rotated inside GroupQueryAttention: half-width 8), v_head_dim 24 (not the
@@ -7,6 +7,8 @@ mscale differ from 1; max_position_embeddings 256 over an original 64.
 """
 
 from __future__ import annotations
+
+from factory_recipes import ArchRecipe
 
 _BASE = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
              intermediate_size=128, max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
@@ -26,8 +28,8 @@ DEEPSEEK_V2_LITE = dict(_BASE, q_lora_rank=None, first_k_dense_replace=1, n_rout
                         topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
-# name -> (model_type, architecture, config, on-disk layout)
-RECIPES = {
-    "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_DENSE, ("deepseek_mtp",)),
-    "deepseek_v2": ("deepseek_v2", "DeepseekV2ForCausalLM", DEEPSEEK_V2_LITE, ()),
+ARCHS = {
+    "deepseek_v3": ArchRecipe("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_DENSE, layout=("deepseek_mtp",)),
+    "deepseek_v3_moe": ArchRecipe("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_MOE, layout=("deepseek_mtp",)),
+    "deepseek_v2": ArchRecipe("deepseek_v2", "DeepseekV2ForCausalLM", DEEPSEEK_V2_LITE),
 }

@@ -41,8 +41,12 @@ CASES = {
     "v3_rope_outside": ("deepseek_v3", {"qk_rope_head_dim": 8}),  # half-width 4: GroupQueryAttention refuses it
     "v3_bias_halves": ("deepseek_v3", {"attention_bias": True, "rope_interleave": False}),
     "v2": ("deepseek_v2", {}),
+    # MoE layers 1-2: sigmoid + correction bias, 4 groups of 2 (best 2 compete), top-2 renormalised, x 2.5, shared
+    "v3_moe": ("deepseek_v3_moe", {}),
+    "v3_moe_no_q_lora": ("deepseek_v3_moe", {"q_lora_rank": None, "norm_topk_prob": False}),
+    "v2_scaled": ("deepseek_v2", {"routed_scaling_factor": 16.0}),  # DeepSeek-V2's own factor
 }
-GENAI = ["v3", "v3_no_q_lora", "v2"]
+GENAI = ["v3", "v3_no_q_lora", "v2", "v3_moe", "v3_moe_no_q_lora"]
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +247,30 @@ def test_the_hub_spelling_of_the_config_exports_the_same_model(checkpoint, expor
     for name in ("model.onnx", "model.onnx.data"):
         assert (ours / name).read_bytes() == (exported("v3") / name).read_bytes(), name
     assert parity.genai_config(ours)["model"]["type"] == "decoder"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("topk_group", 4),  # every group competes: the group limit changes which experts run
+    ("norm_topk_prob", False),
+    ("routed_scaling_factor", 1.0),
+    ("e_score_correction_bias", 0.0),  # the correction bias (a tensor) zeroed: it changes the selection
+])
+def test_each_routing_field_matters(field, value, checkpoint, tmp_path):
+    """An export of the MoE checkpoint with one routing field changed is far from transformers' original."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("v3_moe"), folder)
+    if field == "e_score_correction_bias":
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors = {k: v * value if k.endswith(field) else v for k, v in tensors.items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        config[field] = value
+        (folder / "config.json").write_text(json.dumps(config))
+    changed = parity.export(folder, tmp_path / "out")
+    prompt_err, _, _, _ = parity.compare_with_hf(changed, checkpoint("v3_moe"), decode_steps=0)
+    assert prompt_err > 100 * TOL, f"{field}={value}: max-abs {prompt_err:.3g}, the field changes nothing"

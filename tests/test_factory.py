@@ -71,7 +71,7 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
     # Nemotron: half rotary needs a rotated width of 16; hybrids: 0.25 of a 64-wide head rotates 16 dims; DeepSeek:
     # latent attention has a key per query head, and head_dim is the rope width (transformers sets it so)
     shape = {"phi4_mini": (128, 2, 1, 64), "nemotron": (64, 4, 2, 32),
-             **{name: (64, 4, 4, 16) for name in factory.DEEPSEEK_RECIPES}}.get(
+             **{name: (64, 4, 4, 16) for name in factory.ARCHS if name.startswith("deepseek")}}.get(
         arch, (64, 4, 2, 64 if arch in HYBRID else 16))
     assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"],
             text["vocab_size"], text["max_position_embeddings"]) == (*shape, 512, 256)
@@ -223,6 +223,28 @@ def test_bad_arguments_say_what_to_do(tmp_path):
         factory.make_checkpoint("llama", tmp_path, mxfp4=True)
     with pytest.raises(ValueError, match="dtype='int8' not supported"):
         factory.make_checkpoint("llama", tmp_path, dtype="int8")
+
+
+def test_recipe_modules_beside_the_factory_are_merged_into_archs(tmp_path, monkeypatch):
+    """ARCHS = tests/factory_recipes.py + every tests/factory_<topic>_recipes.py present; a name defined twice is an
+    error naming both files."""
+    import factory_recipes
+
+    assert factory._recipe_modules()[0] == "factory_recipes"
+    assert set(factory.ARCHS) >= set(factory_recipes.ARCHS)
+    (tmp_path / "factory_extra_recipes.py").write_text(
+        "from factory_recipes import ArchRecipe, cfg\n"
+        "ARCHS = {'llama_extra': ArchRecipe('llama', 'LlamaForCausalLM', cfg(num_hidden_layers=1))}\n")
+    (tmp_path / "factory_clash_recipes.py").write_text(
+        "from factory_recipes import ArchRecipe, cfg\nARCHS = {'llama': ArchRecipe('llama', 'LlamaForCausalLM', cfg())}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(factory, "_recipe_modules", lambda: ["factory_recipes", "factory_extra_recipes"])
+    merged = factory._merged_recipes()
+    assert merged["llama_extra"].config["num_hidden_layers"] == 1 and merged["llama"] == factory_recipes.ARCHS["llama"]
+    monkeypatch.setattr(factory, "_recipe_modules", lambda: ["factory_recipes", "factory_clash_recipes"])
+    with pytest.raises(ValueError, match=r"test architecture 'llama' is defined twice: tests/factory_recipes.py and "
+                                         r"tests/factory_clash_recipes.py"):
+        factory._merged_recipes()
 
 
 def test_hub_cache_resolves_offline(tiny_checkpoint, tmp_path, monkeypatch):

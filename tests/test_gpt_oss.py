@@ -134,7 +134,7 @@ def test_released_20b_config_maps_to_the_expected_spec():
     assert attn.sinks and attn.qkv_bias and attn.o_bias and not attn.qk_norm and not attn.rope.interleaved
     assert (moe.num_experts, moe.top_k, moe.intermediate_size) == (32, 4, 2880)
     assert (moe.activation, moe.swiglu_limit, moe.swiglu_alpha, moe.swiglu_beta) == ("gpt_oss", 7.0, 1.702, 1.0)
-    assert moe.expert_bias and moe.router_bias and moe.normalize_topk
+    assert moe.expert_bias and moe.router_bias and moe.routing.normalize_topk
 
     hf_config = GptOssConfig(**{k: v for k, v in RELEASED_20B_CONFIG.items() if k != "quantization_config"})
     inv_freq, factor = inverse_frequencies(attn.rope)

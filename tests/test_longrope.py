@@ -10,6 +10,8 @@ length. What is proved here:
 - a sequence that grows across the switch: every decode step equals transformers' forward *with its KV cache* (which
   keeps keys cached under the short set, as the export does); past the switch that differs from a cache-free pass
   (measured, not hidden), and re-prefilling at the crossing, as transformers' generate does, gives those exactly;
+  `ortbuild verify` compares against that cached decode, so it passes the export across the switch and still fails
+  one with wrong long factors;
 - onnxruntime-genai's model type "phi3" rewinds (re-prefills) at length 4097, the switch of the released Phi-3 /
   Phi-3.5 / Phi-4-mini checkpoints (original 4096): with that switch, greedy generation crossing it matches
   transformers 16/16, while the same model as a generic "decoder" (no rewind) does not;
@@ -92,6 +94,26 @@ def test_across_the_switch_the_graph_is_transformers_cached_forward(tiny_checkpo
     reference = parity.hf_logits(model, ids + continuation)  # every pass from here on is past the switch
     assert parity.max_abs(again.prompt_logits, reference[:len(seq)]) <= TOL
     assert max(parity.max_abs(s, reference[len(seq) + k]) for k, s in enumerate(again.step_logits)) <= TOL
+
+
+def test_verify_across_the_switch_passes_and_still_catches_a_wrong_rope(tiny_checkpoint, exported, tmp_path):
+    """`ortbuild verify` takes its decode references from transformers' cached decode (the computation the graph
+    does; a cache-free pass differs past the switch, see above): a 28-token prompt decoding 8 tokens across the switch
+    passes. An export whose long factors are wrong (made from a config with the short set twice, verified against
+    the real checkpoint) matches on the prompt, below the switch, and fails on the decode positions past it."""
+    from builder.verify import verify
+
+    reference = str(tiny_checkpoint("phi3"))
+    ids = [int(i) for i in np.random.RandomState(0).randint(4, 500, SWITCH - 4)]
+    good = verify(exported("phi3"), reference, prompt_ids=[ids], steps=8, use_genai=False)
+    assert good.passed, good.failures()
+    assert good.max_abs_error <= TOL and good.greedy("onnxruntime") == (8, 8)
+
+    short = {**factory.PHI3_LONGROPE, "long_factor": factory.PHI3_LONGROPE["short_factor"]}
+    wrong = parity.export(tiny_checkpoint("phi3", rope_parameters=short), tmp_path / "wrong-rope")
+    bad = verify(wrong, reference, prompt_ids=[ids], steps=8, use_genai=False)
+    assert not bad.passed and "max-abs logit error" in bad.failures()[0]
+    assert bad.prompts[0].prompt_error <= TOL and bad.prompts[0].decode_error > 0.1
 
 
 @pytest.mark.genai

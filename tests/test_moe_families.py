@@ -146,8 +146,9 @@ def test_float_export_has_one_moe_per_sparse_layer(case, exported):
         assert attrs(node) == {"k": TOP_K, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
                                "activation_beta": 0.0, "normalize_routing_weights": int(CASES[case][3])}
         assert list(node.input) == [node.input[0], node.input[1], f"layers.{i}.moe.fc1", "", f"layers.{i}.moe.fc2", ""]
-        router = producer(model, node.input[1])
-        assert router.op_type == "MatMul" and router.input[0] == node.input[0]
+        flat = producer(model, node.input[1])  # the 3-D logits made 2-D, the hidden states go in 3-D as they are
+        router = producer(model, flat.input[0])
+        assert flat.op_type == "Reshape" and router.op_type == "MatMul" and router.input[0] == node.input[0]
         assert shapes[router.input[1]] == [HIDDEN, EXPERTS]
         assert shapes[f"layers.{i}.moe.fc1"] == [EXPERTS, 2 * MOE_INTER, HIDDEN]
         assert shapes[f"layers.{i}.moe.fc2"] == [EXPERTS, HIDDEN, MOE_INTER]

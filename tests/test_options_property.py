@@ -14,6 +14,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from builder import options as opts
+from builder.output import TOKENIZER_FILES
 from builder.cli import normalize_extra_options
 from builder.errors import UsageError
 from builder.options import BY_NAME, OPTIONS, Option, parse_extra_options
@@ -34,7 +35,7 @@ def _valid_values(option: Option) -> st.SearchStrategy:
             lambda targets: ",".join(f"{t}:int8" for t in targets))
     if option.name == "filename":
         return st.text(string.ascii_letters + string.digits + "_-.", min_size=1, max_size=20).filter(
-            lambda name: not name.startswith(".") and name not in ("genai_config.json", "config.json"))
+            lambda name: not name.startswith(".") and name not in ("genai_config.json", *TOKENIZER_FILES))
     raise AssertionError(f"no strategy for option {option.name}: add one when adding the option")
 
 

@@ -24,7 +24,7 @@ from builder.layers import LayerContext
 from builder.layers.linear import linear
 from builder.layers.mlp import GATED, activation, gated_mlp
 from builder.layers.norm import rms_norm, weightless_rms_norm
-from builder.spec import DenseMoeSpec, MoeSpec
+from builder.spec import DenseMoeSpec, MoeSpec, RoutingSpec
 from builder.weights import Weight, WholeMap
 
 
@@ -59,7 +59,7 @@ def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec
                     ctx.settings.plan.format_for("moe.router", index), bias)
     probs = g.op("Softmax", [logits], axis=-1)
     top_w, top_i = g.op("TopK", [probs, g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
-    if moe.normalize_topk:
+    if moe.routing.normalize_topk:
         top_w = g.op("Div", [top_w, g.op("ReduceSum", [top_w, g.ints("const.axis_last", [-1])], keepdims=1)])
     return top_w, top_i
 
@@ -91,6 +91,9 @@ def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_
 
 def routed_experts(ctx: LayerContext, x: ir.Value, router_input: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
     """Mixture of experts over x [B, S, H], routed on router_input [B, S, H]; returns [B, S, H]."""
+    if moe.routing != RoutingSpec(normalize_topk=moe.routing.normalize_topk):
+        raise UnsupportedModelError(f"layers.{index}.moe: per-expert experts route by softmax top-k only; the spec "
+                                    f"asks for {moe.routing}.")
     if moe.expert_bias or moe.shared_expert_size or moe.swiglu_limit is not None or moe.activation not in GATED:
         raise UnsupportedModelError(f"layers.{index}.moe: per-expert experts compute {', '.join(GATED)} gated MLPs "
                                     "without biases, shared experts or clamping; this spec asks for more (activation "

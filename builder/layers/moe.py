@@ -4,9 +4,8 @@ Shared by every MoE family. Canonical weights (see builder/spec.py): router [E, 
 gate/up rows interleaved (swiglu_fusion=1), fc2 [E, H, I], optional expert biases, optional shared expert. The
 QuantPlan decides the experts' storage (float -> MoE; bits and block/per-channel scales -> QMoE) and the router's;
 the op computes SwiGLU only, so any other MoeSpec.activation is refused while the graph is built.
-Routing is the op's: softmax over all experts, top-k, renormalise. Families without renormalisation
-(Qwen2-MoE norm_topk_prob=False) feed softmax probabilities as `router_weights`, because QMoE ignores
-normalize_routing_weights=0 (see shared/reference/ort-ops.md).
+Routing (MoeSpec.routing) becomes the op's router inputs in builder/layers/routing.py; a routing scaling factor is
+folded into fc2.
 """
 
 from __future__ import annotations
@@ -14,14 +13,16 @@ from __future__ import annotations
 from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import onnx_ir as ir
 
 from builder.layers import LayerContext
 from builder.layers.linear import QuantizedWeight, linear
 from builder.layers.mlp import gated_mlp
+from builder.layers.routing import router_feed
 from builder.quant.plan import WeightFormat
 from builder.spec import MlpSpec, MoeSpec
-from builder.weights import Weight
+from builder.weights import RowMap, Weight
 
 FUSED_ACTIVATIONS = ("silu", "gpt_oss")  # MoeSpec.activation values the op computes (see swiglu_attributes)
 
@@ -84,14 +85,14 @@ def swiglu_attributes(moe: MoeSpec, index: int) -> dict:
                 activation_alpha=float(moe.swiglu_alpha), activation_beta=float(moe.swiglu_beta))
 
 
-def _shared_expert(ctx: LayerContext, flat: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+def _shared_expert(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
     g, w = ctx.g, ctx.weights
     prefix = f"layers.{index}.moe"
     with g.scope("shared_expert"):
-        out = gated_mlp(ctx, flat, f"{prefix}.shared", MlpSpec(moe.shared_expert_size), index, role="moe.shared")
+        out = gated_mlp(ctx, x, f"{prefix}.shared", MlpSpec(moe.shared_expert_size), index, role="moe.shared")
     if moe.shared_expert_gated:
         with g.scope("shared_expert_gate"):
-            gate = linear(ctx, flat, f"{prefix}.shared_gate", w.get(f"{prefix}.shared_gate.weight",
+            gate = linear(ctx, x, f"{prefix}.shared_gate", w.get(f"{prefix}.shared_gate.weight",
                                                                      (1, ctx.spec.hidden_size)),
                           ctx.settings.plan.format_for("moe.shared_gate", index))
             out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
@@ -109,33 +110,40 @@ def _check_cuda_sizes(ctx: LayerContext, index: int, moe: MoeSpec) -> None:
             "use -p fp16/bf16 for cuda.")
 
 
+def _scaled(weight: Weight, factor: float) -> Weight:
+    """fc2 (or its bias) times the routing scaling factor: the op's output is linear in fc2, so this multiplies
+    the routed output by the factor without a node."""
+    if factor == 1.0:
+        return weight
+    return RowMap(weight, lambda rows: rows * np.float32(factor), weight.shape)
+
+
 def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+    """x [B, S, H] -> [B, S, H]: routed experts (one MoE/QMoE node) plus the shared expert. The op takes the 3-D
+    hidden states as they are; only the router's [B, S, E] tensors are made 2-D (builder/layers/routing.py)."""
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{index}.moe"
     e, inter = moe.num_experts, moe.intermediate_size
-    attrs = dict(k=moe.top_k, **swiglu_attributes(moe, index), normalize_routing_weights=int(moe.normalize_topk))
     plan = ctx.settings.plan
     fmt = plan.format_for("moe.experts", index)
-    flat = g.op("Reshape", [x, g.ints("shape.flat_hidden", [-1, hidden])])
-    with g.scope("router"):
-        router_bias = w.get(f"{prefix}.router.bias", (e,)) if moe.router_bias else None
-        logits = linear(ctx, flat, f"{prefix}.router", w.get(f"{prefix}.router.weight", (e, hidden)),
-                        plan.format_for("moe.router", index), router_bias)
+    feed = router_feed(ctx, x, index, moe, quantized=not fmt.is_float)
+    attrs = dict(k=moe.top_k, **swiglu_attributes(moe, index), normalize_routing_weights=int(feed.normalize))
+    scale = moe.routing.scaling_factor
     fc1_w, fc1_s = _expert_weights(ctx, f"{prefix}.fc1", w.get(f"{prefix}.fc1.weight", (e, 2 * inter, hidden)), fmt)
-    fc2_w, fc2_s = _expert_weights(ctx, f"{prefix}.fc2", w.get(f"{prefix}.fc2.weight", (e, hidden, inter)), fmt)
+    fc2_w, fc2_s = _expert_weights(ctx, f"{prefix}.fc2", _scaled(w.get(f"{prefix}.fc2.weight", (e, hidden, inter)),
+                                                                 scale), fmt)
     fc1_b = fc2_b = None
     if moe.expert_bias:
         fc1_b = ctx.float_initializer(f"{prefix}.fc1.bias", w.get(f"{prefix}.fc1.bias", (e, 2 * inter)))
-        fc2_b = ctx.float_initializer(f"{prefix}.fc2.bias", w.get(f"{prefix}.fc2.bias", (e, hidden)))
+        fc2_b = ctx.float_initializer(f"{prefix}.fc2.bias", _scaled(w.get(f"{prefix}.fc2.bias", (e, hidden)), scale))
     settings = ctx.settings
     if fmt.is_float:
-        out = g.ms("MoE", [flat, logits, fc1_w, fc1_b, fc2_w, fc2_b], **attrs)
+        if feed.weights is not None:
+            raise ValueError(f"layers.{index}.moe: the MoE op has no router_weights input")
+        out = g.ms("MoE", [feed.expert_input, feed.probs, fc1_w, fc1_b, fc2_w, fc2_b], **attrs)
     else:
-        router_weights = None
-        if not moe.normalize_topk:
-            router_weights = g.op("Softmax", [logits], axis=-1)
-        inputs = [flat, logits, fc1_w, fc1_s, fc1_b, fc2_w, fc2_s, fc2_b, None, None, None, None, None, None,
-                  router_weights]
+        inputs = [feed.expert_input, feed.probs, fc1_w, fc1_s, fc1_b, fc2_w, fc2_s, fc2_b, None, None, None, None,
+                  None, None, feed.weights]
         while inputs[-1] is None:
             inputs.pop()
         layout = settings.qmoe_layout
@@ -144,6 +152,8 @@ def moe_block(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Va
             _check_cuda_sizes(ctx, index, moe)
         out = g.ms("QMoE", inputs, expert_weight_bits=fmt.bits, block_size=fmt.block_size or None,
                    weights_prepacked=prepacked, **attrs)
+    if feed.output_scale is not None:
+        out = g.op("Mul", [out, feed.output_scale])
     if moe.shared_expert_size:
-        out = g.op("Add", [out, _shared_expert(ctx, flat, index, moe)])
-    return g.op("Reshape", [out, g.op("Shape", [x])])
+        out = g.op("Add", [out, _shared_expert(ctx, x, index, moe)])
+    return out

@@ -1,0 +1,220 @@
+"""Routing as data: a RoutingSpec turned into the router inputs of com.microsoft MoE / QMoE, so the experts of every
+MoE family still run in one fused op.
+
+What the ops do with their router inputs (measured on the CPU EP of onnxruntime 1.31.1 and 1.32.0 by
+tests/test_routing_op.py; scripts/moe_routing_check.py checks the same on CUDA):
+  MoE   router_probs [T, E] -> softmax over all experts -> top-k -> weights = those probabilities, renormalised over
+        the k when normalize_routing_weights=1. It has no router_weights input.
+  QMoE  router_probs selects the top-k only; with router_weights [T, E] the weights are router_weights gathered at the
+        selected experts, renormalised over the k when normalize_routing_weights=1 and used as they are when 0.
+        Without router_weights the weights are the softmax of the k selected router_probs (always renormalised).
+Both take a 3-D input [B, S, H] and return [B, S, H], but router_probs / router_weights must be 2-D, so the graph
+keeps the hidden states 3-D and reshapes only the [B, S, E] router tensors (a Reshape to a constant shape).
+
+So the router computes in [B, S, E] (elementwise, any rank) and hands the op:
+  QMoE:  selection scores as router_probs, the scores to weight with as router_weights, normalize = normalize_topk.
+  MoE:   one tensor for both: log-weights at the k selected experts and the lowest float elsewhere; its softmax over
+         the selection is w_i / sum_k w_j, exactly the renormalised weights. Without renormalisation the op's output is
+         multiplied by sum_k w_j afterwards (`output_scale`).
+The scaling factor (routed_scaling_factor) is folded into the experts' fc2 by the MoE layer (the output is linear in
+fc2), so it costs no node. A top-1 router whose weight multiplies the expert input (Llama 4) scales the op's input by
+it and lets the op weight the single expert by exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from builder.errors import UnsupportedModelError
+from builder.layers import LayerContext
+from builder.layers.linear import linear
+from builder.spec import MoeSpec, RoutingSpec
+
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+
+
+@dataclass
+class RouterFeed:
+    """What the fused op is given: its input, router_probs (2-D), router_weights (2-D, QMoE only), the
+    normalize_routing_weights attribute, and a [B, S, 1] factor for the op's output (None: none)."""
+
+    expert_input: ir.Value
+    probs: ir.Value
+    weights: ir.Value | None
+    normalize: bool
+    output_scale: ir.Value | None = None
+
+
+def check_routing(moe: MoeSpec, index: int) -> None:
+    """Refuse a RoutingSpec the graph cannot compute exactly (names the layer and the field)."""
+    r = moe.routing
+
+    def refuse(why: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"layers.{index}.moe.routing: {why}")
+
+    if r.scoring not in SCORINGS:
+        raise refuse(f"scoring {r.scoring!r} is not computed (supported: {', '.join(SCORINGS)}).")
+    if r.n_group < 1 or moe.num_experts % r.n_group or not 1 <= r.topk_group <= r.n_group:
+        raise refuse(f"n_group={r.n_group}, topk_group={r.topk_group} do not split {moe.num_experts} experts into "
+                     "equal groups with 1 <= topk_group <= n_group.")
+    if _grouped(r) and moe.num_experts // r.n_group < 2:
+        raise refuse(f"groups of {moe.num_experts // r.n_group} expert cannot be ranked by their top-2 scores.")
+    if _grouped(r) and moe.top_k > r.topk_group * (moe.num_experts // r.n_group):
+        raise refuse(f"top_k={moe.top_k} is more than the {r.topk_group} groups kept hold.")
+    if r.weight_on_input and (moe.top_k != 1 or r.correction_bias or _grouped(r) or r.scoring != "sigmoid"):
+        raise refuse("a weight on the expert input is computed for top-1 sigmoid routing without correction bias or "
+                     f"groups (Llama 4); this spec has top_k={moe.top_k}, scoring {r.scoring!r}.")
+    if r.scoring == "sparsemixer" and (moe.top_k != 2 or r.correction_bias or _grouped(r)):
+        raise refuse(f"sparsemixer routing is top-2 without correction bias or groups; this spec has "
+                     f"top_k={moe.top_k}.")
+
+
+def _grouped(r: RoutingSpec) -> bool:
+    return r.n_group > 1 and r.topk_group < r.n_group
+
+
+def router_feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, quantized: bool) -> RouterFeed:
+    """The router of layer `index` on x [B, S, H], in the form the fused op reads (QMoE when `quantized`)."""
+    check_routing(moe, index)
+    g, r = ctx.g, moe.routing
+    with g.scope("router"):
+        logits = _logits(ctx, x, index, moe)
+        if r.weight_on_input:
+            top = g.op("ReduceMax", [logits, g.ints("const.axis_last", [-1])], keepdims=1)
+            return RouterFeed(g.op("Mul", [x, g.op("Sigmoid", [top])]), _flat(ctx, logits, moe), None, True)
+        if r.scoring == "sparsemixer":
+            return _sparsemixer(ctx, x, logits, moe, quantized)
+        if not r.correction_bias and not _grouped(r):
+            return _monotone(ctx, x, logits, moe, quantized)
+        scores = g.op("Softmax" if r.scoring == "softmax" else "Sigmoid", [logits], **_axis(r))
+        selection = scores
+        if r.correction_bias:
+            bias = ctx.float_initializer(f"layers.{index}.moe.router.correction_bias", ctx.weights.get(
+                f"layers.{index}.moe.router.correction_bias", (moe.num_experts,)))
+            selection = g.op("Add", [scores, bias])
+        if _grouped(r):
+            selection = _group_limited(ctx, selection, moe)
+        if quantized:
+            return RouterFeed(x, _flat(ctx, selection, moe), _flat(ctx, scores, moe), r.normalize_topk)
+        log_weights = logits if r.scoring == "softmax" else g.op("Log", [scores])
+        return _one_input(ctx, x, selection, log_weights, scores, moe)
+
+
+def _axis(r: RoutingSpec) -> dict:
+    return dict(axis=-1) if r.scoring == "softmax" else {}
+
+
+def _logits(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+    w, prefix, e = ctx.weights, f"layers.{index}.moe.router", moe.num_experts
+    bias = w.get(f"{prefix}.bias", (e,)) if moe.router_bias else None
+    return linear(ctx, x, prefix, w.get(f"{prefix}.weight", (e, ctx.spec.hidden_size)),
+                  ctx.settings.plan.format_for("moe.router", index), bias)
+
+
+def _flat(ctx: LayerContext, value: ir.Value, moe: MoeSpec) -> ir.Value:
+    """[B, S, E] -> [B * S, E]: the ops' router inputs are 2-D."""
+    return ctx.g.op("Reshape", [value, ctx.g.ints(f"shape.router.{moe.num_experts}", [-1, moe.num_experts])])
+
+
+def _lowest(ctx: LayerContext) -> ir.Value:
+    """The lowest finite value of the model dtype: a score no expert is selected with and whose exp is 0."""
+    lowest = float(np.finfo(ctx.settings.numpy_dtype).min)
+    return ctx.scalar("const.lowest", lowest)
+
+
+def _monotone(ctx: LayerContext, x: ir.Value, logits: ir.Value, moe: MoeSpec, quantized: bool) -> RouterFeed:
+    """Selection by the weights themselves (softmax or sigmoid of the logits, no bias, no groups): the logits select
+    the same top-k, so no mask is needed."""
+    g, r = ctx.g, moe.routing
+    flat = _flat(ctx, logits, moe)
+    if r.scoring == "softmax":
+        if r.normalize_topk or (not quantized and not _raw_softmax_broken(ctx)):
+            return RouterFeed(x, flat, None, r.normalize_topk)  # both ops weight by the softmax
+        if quantized:  # QMoE renormalises its own softmax whatever the attribute says
+            return RouterFeed(x, flat, g.op("Softmax", [flat], axis=-1), False)
+        top, _ = g.op("TopK", [g.op("Softmax", [logits], axis=-1), g.ints(f"const.topk.{moe.top_k}", [moe.top_k])],
+                      axis=-1, outputs=2)
+        return RouterFeed(x, flat, None, True, g.op("ReduceSum", [top, g.ints("const.axis_last", [-1])], keepdims=1))
+    if quantized:
+        return RouterFeed(x, flat, g.op("Sigmoid", [flat]), r.normalize_topk)
+    scores = g.op("Sigmoid", [logits])
+    log_sigmoid = g.op("Log", [scores])  # monotone in the logits: the same top-k
+    if r.normalize_topk:
+        return RouterFeed(x, _flat(ctx, log_sigmoid, moe), None, True)
+    return _one_input(ctx, x, logits, log_sigmoid, scores, moe)
+
+
+def _raw_softmax_broken(ctx: LayerContext) -> bool:
+    """MoE with normalize_routing_weights=0 returns zeros for float16 on the CPU EP of onnxruntime 1.31.1 (1.32.0 is
+    right; tests/test_routing_op.py): there the top-k softmax is renormalised by the op and scaled back after."""
+    return ctx.settings.ep == "cpu" and ctx.settings.numpy_dtype == np.float16
+
+
+def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int) -> ir.Value:
+    """bool [..., E]: the k largest selection scores of each row (ties measure zero for float scores)."""
+    g = ctx.g
+    values, _ = g.op("TopK", [selection, g.ints(f"const.topk.{k}", [k])], axis=-1, outputs=2)
+    kth = g.op("ReduceMin", [values, g.ints("const.axis_last", [-1])], keepdims=1)
+    return g.op("GreaterOrEqual", [selection, kth])
+
+
+def _one_input(ctx: LayerContext, x: ir.Value, selection: ir.Value, log_weights: ir.Value, weights: ir.Value,
+               moe: MoeSpec) -> RouterFeed:
+    """MoE (float experts) has one router input for selection and weights: log-weights on the selected experts, the
+    lowest float elsewhere; the op's softmax + top-k then picks the same experts with weights w_i / sum_k w_j."""
+    g, r = ctx.g, moe.routing
+    mask = _top_k_mask(ctx, selection, moe.top_k)
+    probs = g.op("Where", [mask, log_weights, _lowest(ctx)])
+    scale = None
+    if not r.normalize_topk:
+        scale = g.op("ReduceSum", [g.op("Where", [mask, weights, ctx.scalar("const.zero", 0.0)]),
+                                   g.ints("const.axis_last", [-1])], keepdims=1)
+    return RouterFeed(x, _flat(ctx, probs, moe), None, True, scale)
+
+
+def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec) -> ir.Value:
+    """Selection scores outside the topk_group best groups set to the lowest float. A group's rank is the sum of its
+    two best selection scores (transformers' DeepSeek-V3 / GLM-4.5 noaux_tc rule)."""
+    g, r, e = ctx.g, moe.routing, moe.num_experts
+    size = e // r.n_group
+    with g.scope("group_limit"):
+        grouped = g.op("Reshape", [selection, g.ints(f"shape.groups.{r.n_group}.{size}", [0, 0, r.n_group, size])])
+        best2, _ = g.op("TopK", [grouped, g.ints("const.topk.2", [2])], axis=-1, outputs=2)
+        group_scores = g.op("ReduceSum", [best2, g.ints("const.axis_last", [-1])], keepdims=0)
+        kept = _top_k_mask(ctx, group_scores, r.topk_group)
+        kept = g.op("Unsqueeze", [kept, g.ints("const.axis_last", [-1])])
+        masked = g.op("Where", [kept, grouped, _lowest(ctx)])
+        return g.op("Reshape", [masked, g.ints(f"shape.ungroup.{e}", [0, 0, e])])
+
+
+def _sparsemixer(ctx: LayerContext, x: ir.Value, logits: ir.Value, moe: MoeSpec, quantized: bool) -> RouterFeed:
+    """PhiMoE's sparsemixer at inference (transformers' `sparsemixer`, not training): the top-2 logits select;
+    each pick's weight is the softmax at the pick over the logits within a relative distance 2 * eps of it, the
+    first pick masked out for the second. Both weights go to the op as router_weights (QMoE), or as log-weights
+    with the output scaled by their sum (MoE)."""
+    g = ctx.g
+    axis = g.ints("const.axis_last", [-1])
+    eps2 = ctx.scalar(f"const.sparsemixer.{moe.routing.sparsemixer_eps:g}", 2.0 * moe.routing.sparsemixer_eps)
+    lowest = _lowest(ctx)
+    magnitude = g.op("Abs", [logits])
+
+    def pick_weight(scores: ir.Value, top: ir.Value) -> ir.Value:
+        far = g.op("Greater", [g.op("Div", [g.op("Sub", [top, logits]), g.op("Max", [magnitude, top])]), eps2])
+        return g.op("ReduceMax", [g.op("Softmax", [g.op("Where", [far, lowest, scores])], axis=-1), axis], keepdims=1)
+
+    with g.scope("sparsemixer"):
+        top1 = g.op("ReduceMax", [logits, axis], keepdims=1)
+        w1 = pick_weight(logits, top1)
+        first = g.op("Equal", [logits, top1])
+        rest = g.op("Where", [first, lowest, logits])
+        top2 = g.op("ReduceMax", [rest, axis], keepdims=1)
+        w2 = pick_weight(rest, top2)
+        weights = g.op("Where", [first, w1, w2])  # each selected expert's weight (others are never read)
+        if quantized:
+            return RouterFeed(x, _flat(ctx, logits, moe), _flat(ctx, weights, moe), False)
+        chosen = g.op("GreaterOrEqual", [logits, top2])
+        probs = g.op("Where", [chosen, g.op("Log", [weights]), lowest])
+        return RouterFeed(x, _flat(ctx, probs, moe), None, True, g.op("Add", [w1, w2]))
