@@ -68,8 +68,8 @@ class Fp8BlockWeight:
         w, s = self.weight, self.scales
         both = f"{w.name} ({w.dtype} {list(w.shape)}) and its scales {s.name} ({s.dtype} {list(s.shape)})"
         if w.dtype != "F8_E4M3":
-            raise UnsupportedModelError(f"{w.path.name}: FP8 tensor {both}: only float8_e4m3fn weights are read (the fmt "
-                                  "'e4m3' of DeepSeek-V3 / Kimi-K2 checkpoints).")
+            raise UnsupportedModelError(f"{w.path.name}: FP8 tensor {both}: only float8_e4m3fn weights are read "
+                                        "(the fmt 'e4m3' of DeepSeek-V3 / Kimi-K2 checkpoints).")
         if len(w.shape) != 2:
             raise CheckpointError(f"{w.path.name}: FP8 tensor {both}: expected a 2-D [out, in] linear weight.")
         if s.dtype not in SCALE_DTYPES or tuple(s.shape) != scale_shape(w.shape, self.block):
