@@ -264,14 +264,18 @@ def extrapolate_deepseek(small: Run, big: Run, shape_small: ProbeShape, shape_bi
     dense_share = (param_count(replace(shape_big, layers=1, dense_layers=1)) - param_count(
         replace(shape_big, layers=0, dense_layers=0))) / moe_params
     layers = (moe_target - moe_big) + (target.dense_layers - shape_big.dense_layers) * dense_share
+    noise = spread > 0 and abs(diff) <= spread
+    linear = (big.peak_rss_mb + layers * rss) / 1024
+    peak = (f"~{big.peak_rss_mb / 1024:.2f} GB (no growth measured; linear bound {linear:.2f} GB)" if noise
+            else f"~{linear:.2f} GB (the measured growth taken as linear; flat: {big.peak_rss_mb / 1024:.2f} GB)")
     return "\n".join([
         f"per MoE layer (real shape, {moe_params / 1e9:.2f}B params): wall {wall:.1f} s, CPU {cpu:.1f} s, output "
         f"{out_mb:.0f} MB, peak RSS {diff:+.0f} MB ({small.peak_rss_mb:.0f} -> {big.peak_rss_mb:.0f} MB"
-        + (f", within the run-to-run spread of {spread:.0f} MB)" if spread and abs(diff) <= spread else ")"),
+        + (f", within the run-to-run spread of {spread:.0f} MB)" if noise else f"; run-to-run spread {spread:.0f} MB)"),
         f"DeepSeek-V3 ({param_count(target) / 1e9:.0f}B params, {target.dense_layers} dense + {moe_target} MoE layers;"
         f" a dense layer counts {dense_share:.2f} of a MoE layer): wall ~{(big.wall_s + layers * wall) / 3600:.1f} h, "
         f"CPU ~{(big.cpu_s + layers * cpu) / 3600:.1f} h, output ~{(big.output_mb + layers * out_mb) / 1024:.0f} GB, "
-        f"peak RSS ~{(big.peak_rss_mb + layers * rss) / 1024:.2f} GB"])
+        f"peak RSS {peak}"])
 
 
 def main(argv=None) -> None:
