@@ -73,6 +73,7 @@ def deepseek_dtype(name: str, fp8: bool) -> str:
 
 def deepseek_config(s) -> dict:
     lat = s.latent
+    groups = 8 if s.experts >= 16 else max(1, s.experts // 2)  # DeepSeek-V3: 8 groups, 4 compete
     quant = {"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}} if s.fp8 else {}
     return {**quant, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": s.hidden,
@@ -82,7 +83,7 @@ def deepseek_config(s) -> dict:
             "v_head_dim": lat.v_head_dim, "intermediate_size": s.dense_intermediate,
             "moe_intermediate_size": s.intermediate, "n_routed_experts": s.experts, "num_experts_per_tok": s.top_k,
             "n_shared_experts": s.shared_intermediate // s.intermediate, "first_k_dense_replace": s.dense_layers,
-            "n_group": 8, "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+            "n_group": groups, "topk_group": max(1, groups // 2), "norm_topk_prob": True, "routed_scaling_factor": 2.5,
             "scoring_func": "sigmoid", "topk_method": "noaux_tc", "num_nextn_predict_layers": 0,
             "vocab_size": s.vocab, "max_position_embeddings": s.max_positions or 163840, "rms_norm_eps": 1e-6,
             "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 1,
