@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -121,7 +122,7 @@ def _flat(ctx: LayerContext, value: ir.Value, moe: MoeSpec) -> ir.Value:
 
 def _lowest(ctx: LayerContext) -> ir.Value:
     """The lowest finite value of the model dtype: a score no expert is selected with and whose exp is 0."""
-    lowest = float(np.finfo(ctx.settings.numpy_dtype).min)
+    lowest = float(ml_dtypes.finfo(ctx.settings.numpy_dtype).min)  # numpy's finfo does not know bfloat16
     return ctx.scalar("const.lowest", lowest)
 
 
