@@ -15,15 +15,14 @@ import onnx_ir as ir
 import builder
 from builder.graph import FLOAT_DTYPES, GraphBuilder
 from builder.layers import LayerContext, StepInputs
-from builder.layers.attention import attention
+from builder.layers.attention import attention, kv_sharing_layers
 from builder.layers.dense_moe import dense_moe_block
 from builder.layers.embedding import embedding
 from builder.layers.linear_attention import linear_attention
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
-from builder.layers.norm import skip_stream_norm
 from builder.layers.padding import restore_order, step_inputs
-from builder.layers.residual import sublayer_input, sublayer_output
+from builder.layers.residual import add_to_stream, settled, sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
 from builder.spec import DenseMoeSpec, LayerSpec, LinearAttentionSpec, MlpSpec, ModelSpec
@@ -67,7 +66,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     states = spec.state
     state_dtypes = {"io": dtype, "linear_attn": FLOAT_DTYPES[settings.linear_attn_dtype][0]}
     pasts = {(t.layer, t.kind): g.input(t.past_name, state_dtypes[t.dtype], list(t.past_shape)) for t in states}
-    kv_sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
+    sharing = kv_sharing_layers(spec)
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
     # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
     input_ids, step, rank = step_inputs(g, input_ids, attention_mask)
@@ -79,12 +78,14 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     for i, layer in enumerate(spec.layers):
         with g.scope(f"layers.{i}"):
             x, residual = sublayer_input(ctx, pending, residual, i, "attn", layer)
-            shares = i in kv_sources or getattr(layer.attention, "kv_source", None) is not None
+            shares = i in sharing
             attn_out, present = _token_mixer(ctx, x, i, layer, step, pasts, kv_store if shares else None)
             presents.update(present)
             attn_out = sublayer_output(ctx, attn_out, i, "attn", layer)
             x, residual = sublayer_input(ctx, attn_out, residual, i, "ffn", layer)
             pending = sublayer_output(ctx, _ffn(ctx, x, residual, i, layer), i, "ffn", layer)
+            if per_layer is not None or layer.output_scale:
+                pending = settled(ctx, pending)
             if per_layer is not None:
                 with g.scope("per_layer"):
                     residual = g.op("Add", [pending, residual])
@@ -96,7 +97,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                                                   ctx.weights.get(f"layers.{i}.layer_scalar", (1,)))
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
-        x, _ = skip_stream_norm(ctx, pending, residual, "final_norm")
+        x, _ = add_to_stream(ctx, pending, residual, "final_norm")
     logits = lm_head(ctx, restore_order(g, x, rank))
 
     g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])

@@ -8,6 +8,7 @@ from pathlib import Path
 import builder
 from builder.checkpoint import Checkpoint
 from builder.decoder import build_decoder
+from builder.layers.attention import fit_chunked_attention
 from builder.genai_config import GENAI_TYPES, genai_config
 from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
 from builder.progress import Progress
@@ -34,7 +35,8 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
         source = str(Path(source).resolve())  # so `verify` finds the reference from any working directory
     made = {"producer": "ortbuild", "version": builder.__version__, "source": source,
             "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
-            "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra)}
+            "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra),
+            "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled)}
     if graph is not None:
         made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"),
                                         genai_names(spec.state)[0])
@@ -63,8 +65,11 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     ignore_declared(checkpoint, family.ignored)
     weights = family.map_weights(spec, checkpoint)
     spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
+    spec, ep_notes = fit_chunked_attention(spec, settings.ep)
     settings = settings.with_plan(spec)
-    notes = (*family_notes, *settings.plan.notes, *tie_notes, *skip_notes(checkpoint))
+    capture_note = settings.graph_capture.note(settings.ep)
+    notes = (*family_notes, *settings.plan.notes, *tie_notes, *ep_notes, *skip_notes(checkpoint),
+             *([capture_note] if capture_note else []))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 
 
@@ -76,7 +81,8 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
     settings = ExportSettings.resolve(precision, ep, extra_options)  # usage errors before any work
     check_destination(output, overwrite)
     progress.stage(f"reading checkpoint {input_dir or model}")
-    prepared = prepare(model, precision, ep, settings.extra, input_dir=input_dir, cache_dir=cache_dir)
+    given = {key: settings.extra[key] for key in settings.given}  # defaults stay defaults (no "changes nothing" notes)
+    prepared = prepare(model, precision, ep, given, input_dir=input_dir, cache_dir=cache_dir)
     spec, settings = prepared.spec, prepared.settings
     for note in prepared.notes:
         progress.note(note)

@@ -43,7 +43,10 @@ def genai_config(spec: ModelSpec, settings: ExportSettings, config: dict, genera
                                   (attn.value_head_dim, attn.num_value_heads, attn.num_key_heads))
     states = spec.state
     past_names, present_names = genai_names(states)
-    provider_options = [{"cuda": {}}] if settings.ep == "cuda" else []
+    provider_options = []
+    if settings.ep == "cuda":  # onnxruntime-genai 0.18 reads enable_cuda_graph here (builder/capture.py)
+        capture = settings.graph_capture is not None and settings.graph_capture.enabled
+        provider_options = [{"cuda": {"enable_cuda_graph": "1" if capture else "0"}}]
     search = {key: (generation or {}).get(key, default) for key, default in SEARCH_KEYS.items()}
     search.update({"max_length": spec.context_length, "min_length": 0, "early_stopping": True,
                    "past_present_share_buffer": True})

@@ -135,12 +135,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("matmul_mixed_precision", "str", "",
            "Other tools' spelling of the INT8 placement flags: comma list of last_matmul:int8, mixed_layers:int8, "
            "linear_attn:int8.", check=_mixed_precision_check),
-    Option("quantize_embeddings", "bool", False,
+    Option("quantize_embeddings", "bool", None,
            "With -p int4/int8, store the token embedding block-quantized (GatherBlockQuantized). A tied lm_head then "
-           "reads the same bytes (stored once), so both take the lm_head's format."),
+           "reads the same bytes (stored once), so both take the lm_head's format. Default: on for -p int4 when the "
+           "embedding is tied to a 4-bit lm_head (one shared table, as the reference builder does), else off."),
     Option("fuse_qk_norm_gqa", "bool", None,
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
            "CUDA only; default true on cuda, false on cpu."),
+    Option("enable_cuda_graph", "bool", None,
+           "-e cuda: let onnxruntime-genai capture each decode step in a CUDA graph (genai_config's CUDA provider "
+           "option). Default: on, except for models with a longrope length switch (an If node, which ONNX Runtime "
+           "cannot capture) and hybrid linear-attention models (not measured captured); the export notes why. "
+           "false turns it off; true is refused where ONNX Runtime would refuse the graph."),
     Option("linear_attn_fp32", "bool", True,
            "Hybrid (linear-attention) models with fp16/bf16 activations: run the linear-attention core (causal conv, "
            "decay gate, gated delta rule, gated norm) and keep its conv and recurrent state in float32, as "

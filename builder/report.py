@@ -9,7 +9,7 @@ dtype.
 
 from __future__ import annotations
 
-from builder.spec import DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
+from builder.spec import AttentionSpec, DenseMoeSpec, LinearAttentionSpec, MlpSpec, MoeSpec
 
 ALWAYS_MODEL_DTYPE = "norms, biases, attention sinks, layer scalars, rotary caches"
 # Quantized contrib ops: (bits attribute, its default, inputs holding the packed weights).
@@ -106,6 +106,60 @@ def rope_rows(spec) -> list[str]:
     return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
 
 
+def qk_norm_rows(spec, settings) -> list[str]:
+    """Where each attention layer's q/k norm runs (fused into GroupQueryAttention or as nodes, and why), by layer."""
+    from builder.layers.attention import kv_sharing_layers, qk_norm_placement
+
+    sharing = kv_sharing_layers(spec)
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer.attention, LinearAttentionSpec):
+            continue  # its q/k L2 normalisation is part of the linear-attention layer
+        where = qk_norm_placement(layer.attention, settings.fuse_qk_norm, i in sharing)
+        text = ("none" if where is None else "fused into GroupQueryAttention" if where == "fused"
+                else f"RMSNorm nodes ({where})")
+        groups.setdefault(text, []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
+def moe_rows(spec) -> list[str]:
+    """How each fused-MoE layer routes, by layer (builder/layers/routing.py)."""
+    from builder.layers.routing import describe as describe_routing
+
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer.ffn, MoeSpec):
+            groups.setdefault(describe_routing(layer.ffn), []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
+def _latent_text(lat) -> str:
+    q = f"q_a {lat.q_lora_rank} -> norm -> q_b" if lat.q_lora_rank is not None else "one q projection"
+    return (f"latent (MLA): {q}, kv latent {lat.kv_lora_rank}, heads of nope {lat.qk_nope_head_dim} + rope "
+            f"{lat.qk_rope_head_dim} (v {lat.v_head_dim}); cached per token: key and value rows of {lat.cache_width}")
+
+
+def attention_rows(spec) -> list[str]:
+    """Attention variants that change which keys a query sees or how it is scaled (chunks, windows, temperature), and
+    latent attention (its ranks and what it caches)."""
+    groups: dict[str, list[int]] = {}
+    for i, layer in enumerate(spec.layers):
+        attn = layer.attention
+        if not isinstance(attn, AttentionSpec):
+            continue
+        parts = [_latent_text(attn.latent)] if attn.latent is not None else []
+        if attn.attention_chunk:
+            parts.append(f"chunks of {attn.attention_chunk} (attention_bias)")
+        if attn.sliding_window:
+            parts.append(f"sliding window {attn.sliding_window}")
+        if attn.query_position_scale:
+            beta, period = attn.query_position_scale
+            parts.append(f"q x (1 + {beta:g} ln(1 + floor((pos + {attn.query_position_offset}) / {period})))")
+        if parts:
+            groups.setdefault(", ".join(parts), []).append(i)
+    return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
+
+
 def _format_name(bits: int | None) -> str:
     return "float" if bits is None else f"int{bits}"
 
@@ -125,18 +179,12 @@ def describe(prepared, notes: bool = True) -> str:
         f"architecture: {spec.architecture} (model_type {spec.model_type})",
         f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, {heads}, "
         f"context {spec.context_length}",
-        f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}, "
-        f"fused q/k norm: {settings.fuse_qk_norm}",
+        f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}",
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
-    latent = [i for i, layer in enumerate(spec.layers) if getattr(layer.attention, "latent", None) is not None]
-    if latent:
-        attn = spec.layers[latent[0]].attention
-        lat = attn.latent
-        q = f"q_a {lat.q_lora_rank} -> norm -> q_b" if lat.q_lora_rank is not None else "one q projection"
-        lines.append(f"latent attention (MLA): {_layer_ranges(latent)}; {q}, kv latent {lat.kv_lora_rank}, "
-                     f"{attn.num_heads} heads of nope {lat.qk_nope_head_dim} + rope {lat.qk_rope_head_dim} (v "
-                     f"{lat.v_head_dim}); cached per token and layer: key and value rows of {lat.cache_width}")
+    lines += [f"q/k norm: {row}" for row in qk_norm_rows(spec, settings)]
+    lines += [f"attention: {row}" for row in attention_rows(spec)]
+    lines += [f"moe: {row}" for row in moe_rows(spec)]
     linear = spec.linear_attention_layers
     if linear:
         mixer = spec.layers[linear[0]].attention

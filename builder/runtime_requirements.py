@@ -9,7 +9,9 @@ Facts, not guesses:
   recorded minimum on, and fails or differs one release below it (scripts/results/runtime_floor.json).
 - onnxruntime-genai: the first release tag of microsoft/onnxruntime-genai whose runtime sources list the model type;
   for genai_config keys newer than the model types (linear-attention state), the first release wheel whose library
-  reads the key, checked by running the tiny hybrid exports on it and on the release before.
+  reads the key. `scripts/check_genai_floor.py` ran tiny exports of the newer types on the 0.14.0..0.18.0 wheels
+  (scripts/results/genai_floor.json): transformers' greedy tokens from the recorded minimum on, not below it (which
+  moved Qwen3.5's types to 0.18.0).
 Everything the graphs use that is not in the tables existed in 1.20 (ai.onnx opset 21, IR version 10).
 """
 
@@ -34,7 +36,8 @@ ORT_SINCE = {
              "attr:activation_alpha": "1.23", "attr:activation_beta": "1.23", "attr:block_size": "1.23",
              "input:fc1_zero_points": "1.24", "input:fc2_zero_points": "1.24", "input:router_weights": "1.25",
              "attr:weights_prepacked": "1.28"},
-    "MatMulNBits": {},
+    "MatMulNBits": {},  # its bias input (index 5) runs on the 1.20.1 CPU kernel too (checked)
+    "FusedMatMul": {},  # the float lm_head (transB=1)
     "SkipSimplifiedLayerNormalization": {},
     "SkipLayerNormalization": {},
     "RotaryEmbedding": {},
@@ -62,14 +65,17 @@ CPU_VALUE_SINCE = {("MatMulNBits", "bits", 8): "1.22", ("QMoE", "expert_weight_b
 CUDA_PREPACKED_QMOE = "1.31"
 
 # genai model type -> first onnxruntime-genai release that runs it ("decoder" is the generic type). Every type
-# builder/genai_config.py writes has an entry (a test checks it).
+# builder/genai_config.py writes has an entry (a test checks it). qwen3_5_text / qwen3_5_moe_text are listed since
+# 0.14.0 / 0.15.0, but 0.16.0-0.17.1 run ortbuild's Qwen3.5 exports under those types to other tokens than
+# transformers from the first generated token on (0.18.0 matches it; the same graph as type "decoder" matches on
+# 0.16.0), so they need 0.18.0.
 GENAI_SINCE = {"decoder": "0.1.0", "llama": "0.1.0", "mistral": "0.1.0", "gemma": "0.1.0", "phi3": "0.2.0",
                "qwen2": "0.4.0", "gemma2": "0.4.0", "nemotron": "0.5.0", "granite": "0.6.0", "gemma3_text": "0.7.1",
                "qwen3": "0.8.1", "ernie4_5": "0.9.0", "gptoss": "0.9.1", "smollm3": "0.9.1", "gemma4_text": "0.14.0",
-               "hunyuandensev1": "0.14.0", "qwen3_5_text": "0.14.0", "qwen3_5_moe_text": "0.15.0"}
+               "hunyuandensev1": "0.14.0", "qwen3_5_text": "0.18.0", "qwen3_5_moe_text": "0.18.0"}
 # genai_config decoder input key -> first onnxruntime-genai release that reads it: the strings in each release's
 # libonnxruntime-genai.so (0.14.0 .. 0.18.0 wheels); 0.15.2 refuses a config with past_recurrent_names ("Unknown
-# value"), 0.16.0 runs the tiny Qwen3.5 and Qwen3-Next exports (their greedy tokens equal 0.18's).
+# value"), 0.16.0 runs the tiny Qwen3-Next export (type "decoder") to 0.18.0's and transformers' greedy tokens.
 GENAI_KEY_SINCE = {"past_conv_names": "0.14.0", "past_recurrent_names": "0.16.0"}
 
 

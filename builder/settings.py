@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import onnx_ir as ir
 
 from builder import options as opts
+from builder.capture import GraphCapture, decide as decide_capture
 from builder.errors import UsageError
 from builder.graph import FLOAT_DTYPES
 from builder.quant.plan import QuantPlan
@@ -40,6 +41,7 @@ class ExportSettings:
     extra: Mapping[str, Any] = field(default_factory=dict)
     given: frozenset[str] = frozenset()  # the extra options the user set (the others are defaults)
     plan: QuantPlan | None = None  # set once the model is known (see with_plan)
+    graph_capture: GraphCapture | None = None  # CUDA-graph capture under onnxruntime-genai (see with_plan)
 
     @property
     def ir_dtype(self) -> ir.DataType:
@@ -77,6 +79,10 @@ class ExportSettings:
                              "or export with -e cuda.")
         if fuse is None:
             fuse = ep == "cuda"
+        if ep != "cuda" and extra["enable_cuda_graph"]:
+            raise UsageError("enable_cuda_graph=true needs -e cuda: CUDA graphs are a CUDA execution provider "
+                             "feature (a cpu export's genai_config has no CUDA options). Drop the option or export "
+                             "with -e cuda.")
         if ep != "cuda" and "qmoe_weights_prepacked" in given and given["qmoe_weights_prepacked"] != -1:
             raise UsageError("qmoe_weights_prepacked applies to -e cuda only (the CPU QMoE kernel has a single layout "
                              "and the attribute would be ignored). Drop the option or export with -e cuda.")
@@ -89,7 +95,8 @@ class ExportSettings:
                    extra=MappingProxyType(extra), given=frozenset(given))
 
     def with_plan(self, spec: ModelSpec) -> "ExportSettings":
-        """Attach the QuantPlan, told the facts of the model that decide formats (layers, tying, experts)."""
+        """Attach the QuantPlan, told the facts of the model that decide formats (layers, tying, experts), and the
+        CUDA-graph capture decision (builder/capture.py)."""
         from dataclasses import replace
 
         fused = [i for i, layer in enumerate(spec.layers) if isinstance(layer.ffn, MoeSpec)]
@@ -100,4 +107,5 @@ class ExportSettings:
                                       linear_attn_layers=spec.linear_attention_layers, fused_expert_layers=fused,
                                       per_expert_layers=per_expert, expert_k=expert_k, given=self.given,
                                       model=spec.architecture)
-        return replace(self, plan=plan)
+        capture = decide_capture(spec, self.ep, self.extra.get("enable_cuda_graph"))
+        return replace(self, plan=plan, graph_capture=capture)

@@ -107,8 +107,13 @@ class AttentionSpec:
     # "head": one RMSNorm per head over head_dim; "projection": one RMSNorm over the whole q / k projection (OLMo 2)
     qk_norm_scope: str = "head"
     qk_norm_after_rope: bool = False  # the q/k norm comes after rotary instead (HunYuan): rotary runs outside GQA
-    # (beta, period): q *= 1 + beta * ln(1 + floor(position / period)) (Ministral 3's llama_4_scaling_beta)
+    # (beta, period): q *= 1 + beta * ln(1 + floor((position + query_position_offset) / period)) (Ministral 3's
+    # llama_4_scaling_beta; Llama 4's attention temperature tuning on NoPE layers counts from 1: offset 1)
     query_position_scale: tuple[float, int] | None = None
+    query_position_offset: int = 0
+    qk_norm_weightless: bool = False  # the q/k norm has no weight: x / rms(x) per head (Llama 4's L2Norm)
+    # keys only from the query's own chunk of this many positions (position // chunk equal; Llama 4 chunked attention)
+    attention_chunk: int | None = None
     scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
     softcap: float = 0.0  # attention logit softcapping (Gemma 2)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (HF semantics)
@@ -220,6 +225,7 @@ class MoeSpec:
     routing: RoutingSpec = RoutingSpec()
     shared_expert_size: int = 0  # Qwen2-MoE shared expert intermediate size, 0 when absent
     shared_expert_gated: bool = False  # sigmoid(shared_expert_gate(x)) scales the shared expert
+    shared_expert_bias: bool = False  # the shared expert's projections have biases (ERNIE-4.5-MoE use_bias)
 
 
 @dataclass(frozen=True)

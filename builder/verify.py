@@ -97,6 +97,12 @@ def _reference_stack():
     return torch, transformers
 
 
+# Wrappers whose transformers class cannot run text alone (5.24's Llama4ForConditionalGeneration.forward reads
+# image_outputs from its text model's output and fails on any input): their text decoder is loaded through
+# AutoModelForCausalLM instead (Llama4ForCausalLM, from the same checkpoint).
+TEXT_DECODER_REFERENCE = {"Llama4ForConditionalGeneration"}
+
+
 def load_reference(reference: str, dtype: str = "float32", cache_dir: str | None = None):
     """The transformers model for a folder or Hub id, on CPU in `dtype`; MXFP4 experts are dequantized."""
     torch, transformers = _reference_stack()
@@ -107,7 +113,7 @@ def load_reference(reference: str, dtype: str = "float32", cache_dir: str | None
         if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
             kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
         arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = getattr(transformers, arch, None) if arch and arch not in TEXT_DECODER_REFERENCE else None
         model = (cls or transformers.AutoModelForCausalLM).from_pretrained(reference, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load the reference {reference} with transformers ({type(exc).__name__}: "

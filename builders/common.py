@@ -308,3 +308,18 @@ def skip_notes(ckpt: Checkpoint) -> list[str]:
     """One progress note per reason for the tensors left out on purpose."""
     return [f"not exported: {reason} ({len(names)} tensor{'s' if len(names) != 1 else ''}: {_listed(names, 3)})."
             for reason, names in ckpt.skipped().items()]
+
+
+def partial_rotary_dim(cfg: Config, head_dim: int, *, default: float = 1.0) -> int:
+    """int(head_dim * partial_rotary_factor), the factor read from rope_parameters or the top level (`default` when
+    neither sets it: the config class's own default). An odd width cannot be rotated in pairs: refused (exit 3)."""
+    params = cfg.sub("rope_parameters", None)
+    where = params if params is not None and "partial_rotary_factor" in params else cfg
+    factor = where.float("partial_rotary_factor", default)
+    if not 0 < factor <= 1:
+        raise where.bad("partial_rotary_factor", factor, "a number in (0, 1]")
+    rotary = int(head_dim * factor)
+    if rotary % 2:
+        raise where.unsupported("partial_rotary_factor", factor, why=f"the rotated width head_dim * factor "
+                                f"({head_dim} * {factor}) must be even")
+    return rotary

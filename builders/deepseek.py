@@ -18,11 +18,12 @@ from dataclasses import replace
 
 from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LatentSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, RoutingSpec
-from builder.weights import InterleavedGateUp, Stacked, WeightMap
+from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import checkpoint_weight, map_table, rope_settings, rope_spec
+from builders.common import map_table, rope_settings, rope_spec
 from builders.config import Config
 from builders.llama import model_spec
+from builders.moe_common import map_experts, map_shared_expert, noaux_tc_routing
 
 V3, V2 = "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"
 # Per-architecture routing data: the topk_method / scoring_func values transformers computes for it.
@@ -50,7 +51,7 @@ TABLE = {
     "layers.{i}.attn.o.weight": f"{SRC}.self_attn.o_proj.weight",
     "layers.{i}.attn.o.bias": f"{SRC}.self_attn.o_proj.bias",
 }
-MLP = {part: f"{{block}}.{part}_proj.weight" for part in ("gate", "up", "down")}  # dense MLP and shared experts
+MLP = {part: f"{{block}}.{part}_proj.weight" for part in ("gate", "up", "down")}  # the dense layers' MLP
 
 
 def _mscale(factor: float, mscale: float) -> float:
@@ -94,23 +95,14 @@ def _check_routing(cfg: Config) -> None:
 
 
 def routing_spec(cfg: Config, experts: int, top_k: int) -> RoutingSpec:
-    scaling = cfg.float("routed_scaling_factor", 1.0)
+    """V3: the noaux_tc router (builders/moe_common.py); V2: greedy softmax, never renormalised, then scaled."""
     if cfg.architecture == V2:
         if cfg.bool("norm_topk_prob", False):  # transformers' V2 router never renormalises; the original code would
             raise cfg.unsupported("norm_topk_prob", True, why="transformers' DeepseekV2 never renormalises the "
                                                              "top-k weights, so the intended maths is ambiguous")
-        return RoutingSpec(scoring="softmax", normalize_topk=False, scaling_factor=scaling)
-    n_group, topk_group = cfg.int("n_group", 1, minimum=1), cfg.int("topk_group", 1, minimum=1)
-    if experts % n_group:
-        raise cfg.bad("n_group", n_group, f"a divisor of n_routed_experts={experts}")
-    if topk_group > n_group:
-        raise cfg.bad("topk_group", topk_group, f"at most n_group={n_group}")
-    if n_group > 1 and topk_group < n_group and top_k > topk_group * (experts // n_group):
-        raise cfg.bad("topk_group", topk_group, f"enough groups to hold num_experts_per_tok={top_k} experts")
-    if n_group > 1 and topk_group < n_group and experts // n_group < 2:  # groups are ranked by their top-2 scores
-        raise cfg.unsupported("n_group", n_group, why=f"groups of one expert (n_routed_experts={experts})")
-    return RoutingSpec(scoring="sigmoid", correction_bias=True, n_group=n_group, topk_group=topk_group,
-                       normalize_topk=cfg.bool("norm_topk_prob", True), scaling_factor=scaling)
+        return RoutingSpec(scoring="softmax", normalize_topk=False,
+                           scaling_factor=cfg.float("routed_scaling_factor", 1.0))
+    return noaux_tc_routing(cfg, experts, top_k)
 
 
 def moe_spec(cfg: Config) -> MoeSpec:
@@ -141,22 +133,13 @@ def _map_mlp(ckpt: Checkpoint, weights: WeightMap, dst: str, block: str) -> None
     map_table(ckpt, weights, table, 0)
 
 
-def _stack(ckpt: Checkpoint, template: str, count: int) -> Stacked:
-    return Stacked(tuple(checkpoint_weight(ckpt, template.format(e=e)) for e in range(count)))
-
-
 def _map_moe(ckpt: Checkpoint, weights: WeightMap, i: int, moe: MoeSpec) -> None:
     block = f"model.layers.{i}.mlp"
     map_table(ckpt, weights, {f"layers.{i}.moe.router.weight": f"{block}.gate.weight",
                               f"layers.{i}.moe.router.correction_bias": f"{block}.gate.e_score_correction_bias"}, 0)
-    expert = f"{block}.experts.{{e}}.{{name}}_proj.weight"
-    gate, up = (_stack(ckpt, expert.replace("{name}", part), moe.num_experts) for part in ("gate", "up"))
-    weights.add(f"layers.{i}.moe.fc1.weight", InterleavedGateUp.from_gate_up(gate, up),
-                expert.replace("{name}", "{gate,up}"))
-    weights.add(f"layers.{i}.moe.fc2.weight", _stack(ckpt, expert.replace("{name}", "down"), moe.num_experts),
-                expert.replace("{name}", "down"))
+    map_experts(ckpt, weights, i, f"{block}.experts", moe.num_experts)
     if moe.shared_expert_size:
-        _map_mlp(ckpt, weights, f"layers.{i}.moe.shared", f"{block}.shared_experts")
+        map_shared_expert(ckpt, weights, i, f"{block}.shared_experts")
 
 
 def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:

@@ -62,8 +62,9 @@ def generate(args) -> None:
 
 
 def _padding_graph(hidden_size: int, reorder: bool):
-    """The step inputs exactly as the decoder emits them, hidden states as an input; without `reorder`, only the
-    seqlens_k / total_sequence_length part every export had before the reorder (the baseline)."""
+    """The step inputs exactly as the decoder emits them for a model without recurrent layers (which alone add the
+    token mask), hidden states as an input; without `reorder`, only the seqlens_k / total_sequence_length part every
+    export had before the reorder (the baseline)."""
     import onnx_ir as ir
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -79,7 +80,6 @@ def _padding_graph(hidden_size: int, reorder: bool):
     g.output(step.total_sequence_length, "total", ir.DataType.INT32, [])
     if reorder:
         g.output(aligned, "aligned_ids", ir.DataType.INT64, ["batch", "seq"])
-        g.output(step.token_mask, "token_mask", ir.DataType.BOOL, ["batch", "seq"])
         g.output(restore_order(g, hidden, rank), "restored", ir.DataType.FLOAT, ["batch", "seq", hidden_size])
     else:
         g.output(g.op("Identity", [hidden]), "restored", ir.DataType.FLOAT, ["batch", "seq", hidden_size])

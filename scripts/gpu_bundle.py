@@ -68,6 +68,20 @@ CONFIGS = [
         **factory.ARCHS["mistral3"].config["text_config"], "model_type": "ministral3", "sliding_window": None,
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
                             "llama_4_scaling_beta": 0.5}}}, {}, "fp16", []),
+    # routed MoE (builder/layers/routing.py): MoE gets masked log-weights, QMoE router_weights; -lowest masks on CUDA
+    ("glm4_moe-fp16", "glm4_moe", MOE64, {}, "fp16", []),  # sigmoid + correction bias + groups, scale in fc2
+    ("glm4_moe-bf16", "glm4_moe", MOE64, {}, "bf16", []),
+    ("glm4_moe-int4", "glm4_moe", MOE64, {}, "int4", []),
+    ("glm4_moe-int8", "glm4_moe", MOE64, {}, "int8", []),
+    ("glm4_moe_raw-fp16", "glm4_moe", {**MOE64, "norm_topk_prob": False}, {}, "fp16", []),  # output scale
+    ("ernie4_5_moe-fp16", "ernie4_5_moe", MOE64, {}, "fp16", []),
+    ("ernie4_5_moe-int4", "ernie4_5_moe", MOE64, {}, "int4", []),
+    ("phimoe-fp16", "phimoe", {"intermediate_size": 64}, {}, "fp16", []),  # sparsemixer weights in the graph
+    ("phimoe-int4", "phimoe", {"intermediate_size": 64}, {}, "int4", []),
+    # Llama 4 on CUDA: no attention_bias (the kernel rejects it), context capped at the chunk: chunks of 64 here,
+    # so the 12 + 4 tokens stay in the first chunk, where causal attention is chunked attention exactly
+    ("llama4_text-fp16", "llama4_text", {"attention_chunk_size": 64}, {}, "fp16", []),
+    ("llama4_text-int4", "llama4_text", {"attention_chunk_size": 64}, {}, "int4", []),
     # latent attention: GroupQueryAttention with one kv head of [rope key | latent] rows (48 wide here; 576 with
     # DeepSeek-V3's real kv_lora_rank / head sizes, past flash attention's 256: the op's memory-efficient fallback)
     ("deepseek_v3-fp16", "deepseek_v3", {}, {}, "fp16", []),
@@ -82,8 +96,9 @@ CONFIGS = [
 DECODE_STEPS = 4
 # Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.
 BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64},
-                   "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "deepseek_v2": MOE64,
-                   "deepseek_v3_moe": MOE64}
+                   "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "glm4_moe": MOE64, "ernie4_5_moe": MOE64,
+                   "phimoe": {"intermediate_size": 64}, "llama4_text": {"attention_chunk_size": 64},
+                   "deepseek_v2": MOE64, "deepseek_v3_moe": MOE64}
 BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})})
                  for case, (arch, overrides) in batching.FAMILIES.items()]
 BATCH_DECODE_STEPS = 6

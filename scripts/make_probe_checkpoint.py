@@ -13,6 +13,7 @@ config.json, generation_config.json, a small tokenizer and `shards` safetensors 
     python scripts/make_probe_checkpoint.py qwen3-0.6b /tmp/probe-dense
     python scripts/make_probe_checkpoint.py gpt-oss-2g /tmp/probe-moe          # bf16 experts
     python scripts/make_probe_checkpoint.py gpt-oss-2g-mxfp4 /tmp/probe-mxfp4  # MXFP4 experts (original format)
+    python scripts/make_probe_checkpoint.py gpt-oss-20b-mxfp4 /tmp/probe-20b   # GPT-OSS-20B's shape, MXFP4, 24 layers
     python scripts/make_probe_checkpoint.py qwen3.5-35b-a3b /tmp/probe-hybrid --layers 2  # hybrid, real layer shapes
     python scripts/make_probe_checkpoint.py deepseek-v3-probe /tmp/probe-ds3  # FP8, real layer shapes, 3 layers
 """
@@ -45,7 +46,7 @@ class ProbeShape:
     intermediate: int  # dense MLP width, or each expert's width for gpt_oss
     vocab: int
     tie: bool = False  # tie_word_embeddings in config.json
-    lm_head_copy: bool = False  # store lm_head.weight even when tied (Qwen/Qwen3-0.6B's files do)
+    lm_head_copy: bool = False  # store lm_head.weight, a copy of the embedding, although tied (as Qwen3-0.6B does)
     experts: int = 0
     top_k: int = 0
     shards: int = 1
@@ -94,6 +95,10 @@ PRESETS = {
     # The real models, for extrapolation (param_count / largest tensors only; far too big to generate here).
     "gpt-oss-20b": ProbeShape("gpt_oss", hidden=2880, layers=24, heads=64, kv_heads=8, head_dim=64,
                               intermediate=2880, vocab=201088, experts=32, top_k=4, shards=3),
+    # GPT-OSS-20B's real shape with its experts in MXFP4 as openai/gpt-oss-20b ships them (~12.8 GiB at 24 layers):
+    # the full-depth probe of scripts/gpu_speed_driver.py (both exporters read it).
+    "gpt-oss-20b-mxfp4": ProbeShape("gpt_oss", hidden=2880, layers=24, heads=64, kv_heads=8, head_dim=64,
+                                    intermediate=2880, vocab=201088, experts=32, top_k=4, shards=3, mxfp4=True),
     "gpt-oss-120b": ProbeShape("gpt_oss", hidden=2880, layers=36, heads=64, kv_heads=8, head_dim=64,
                                intermediate=2880, vocab=201088, experts=128, top_k=4, shards=15),
     "deepseek-v3": ProbeShape("deepseek_v3", hidden=7168, layers=61, heads=128, kv_heads=128, head_dim=192,
@@ -254,10 +259,10 @@ def config_json(s: ProbeShape) -> dict:
                                 "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False}}
 
 
-def _random_chunks(name: str, shape: tuple[int, ...], seed: int, dtype: str = "BF16"):
-    """Chunks of bf16 bit patterns (uint16), MXFP4 bytes, e4m3 bytes or float32 scales: seeded per name, so files are
-    byte-identical run to run."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+def _random_chunks(name: str, shape: tuple[int, ...], seed: int, dtype: str = "BF16", seed_name: str | None = None):
+    """Chunks of bf16 bit patterns (uint16), MXFP4 bytes, e4m3 bytes or float32 scales: seeded per name (or
+    `seed_name`), so files are byte-identical run to run."""
+    rng = np.random.default_rng([seed, zlib.crc32((seed_name or name).encode())])
     is_norm = name.endswith(("layernorm.weight", "norm.weight", "A_log", "dt_bias"))
     total = int(np.prod(shape))
     for start in range(0, total, CHUNK_ITEMS):
@@ -297,7 +302,7 @@ def _split_shards(specs, shards: int, s: ProbeShape) -> list[list[tuple[str, tup
     return [g for g in groups if g]
 
 
-def _write_safetensors(path: Path, specs, seed: int, s: ProbeShape) -> int:
+def _write_safetensors(path: Path, specs, seed: int, s: ProbeShape, seed_names: dict[str, str]) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in specs:
         dtype = _dtype(name, s)
@@ -310,7 +315,7 @@ def _write_safetensors(path: Path, specs, seed: int, s: ProbeShape) -> int:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name, shape in specs:
-            for chunk in _random_chunks(name, shape, seed, _dtype(name, s)):
+            for chunk in _random_chunks(name, shape, seed, _dtype(name, s), seed_names.get(name)):
                 f.write(chunk.tobytes())
     return offset
 
@@ -322,11 +327,13 @@ def write_checkpoint(s: ProbeShape, folder: Path, seed: int = 0, tokenizer: bool
     for stale in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
         stale.unlink()
     specs = tensor_specs(s)
+    # a tied checkpoint that stores lm_head.weight stores a copy of the embedding (as Qwen/Qwen3-0.6B's files do)
+    seed_names = {"lm_head.weight": "model.embed_tokens.weight"} if s.tie and s.lm_head_copy else {}
     groups = _split_shards(specs, max(1, s.shards), s)
     weight_map, total = {}, 0
     for i, group in enumerate(groups, start=1):
         fname = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        total += _write_safetensors(folder / fname, group, seed, s)
+        total += _write_safetensors(folder / fname, group, seed, s, seed_names)
         weight_map.update({name: fname for name, _ in group})
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

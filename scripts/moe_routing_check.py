@@ -126,8 +126,10 @@ CASES = ("moe/softmax-norm", "moe/softmax-raw", "moe/masked-log", "moe/top1", "m
          "qmoe/rw-raw", "qmoe/rw-norm", "qmoe/rw-masked-sel", "qmoe/no-rw-raw", "qmoe/top1", "qmoe/3d-input")
 
 
-def build(op: str, *, k: int, normalize: int, dtype: str, bits: int, w1, w2, rw: bool, three_d: bool) -> bytes:
-    """A one-node MoE / QMoE model; QMoE experts are int `bits` per-channel in the raw layout (weights_prepacked=0)."""
+def build(op: str, *, k: int, normalize: int, dtype: str, bits: int, w1, w2, rw: bool, three_d: bool,
+          cuda: bool = False) -> bytes:
+    """A one-node MoE / QMoE model; QMoE experts are int `bits` per-channel in the raw layout (CUDA reads it with
+    weights_prepacked=0; the CPU kernel has one layout and onnxruntime < 1.28 does not know the attribute)."""
     np_dtype = np.dtype(dtype)
     attrs = dict(activation_type="swiglu", k=k, normalize_routing_weights=normalize, swiglu_fusion=1,
                  activation_alpha=1.0, activation_beta=0.0)
@@ -136,7 +138,7 @@ def build(op: str, *, k: int, normalize: int, dtype: str, bits: int, w1, w2, rw:
         inits = [numpy_helper.from_array(w1.astype(np_dtype), "w1"), numpy_helper.from_array(w2.astype(np_dtype), "w2")]
     else:
         q1, q2 = w1, w2
-        attrs.update(expert_weight_bits=bits, weights_prepacked=0)
+        attrs.update(expert_weight_bits=bits, **({"weights_prepacked": 0} if cuda else {}))
         inputs = ["x", "probs", "w1", "s1", "", "w2", "s2", "", "", "", "", "", "", "", "rw" if rw else ""]
         while not inputs[-1]:
             inputs.pop()
@@ -169,7 +171,7 @@ def run_case(name: str, *, dtype: str, bits: int, tokens: int, provider: str, se
         q1 = quantize_experts(w1.astype(np.float32), bits=bits, block_size=0, name="fc1")
         q2 = quantize_experts(w2.astype(np.float32), bits=bits, block_size=0, name="fc2")
         model = build(op, k=k, normalize=normalize, dtype=dtype, bits=bits, w1=q1, w2=q2, rw=rw is not None,
-                      three_d=three_d)
+                      three_d=three_d, cuda=provider == "CUDAExecutionProvider")
         # the model carries scales in `dtype`: the reference dequantizes with the same scales
         d1 = dequantize_experts(type(q1)(q1.packed, q1.scales.astype(dtype).astype(np.float32), bits, 0))
         d2 = dequantize_experts(type(q2)(q2.packed, q2.scales.astype(dtype).astype(np.float32), bits, 0))

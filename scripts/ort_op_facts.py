@@ -25,7 +25,7 @@ from pathlib import Path
 OPS = [("com.microsoft", op) for op in (
     "GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "QMoE", "MoE", "SkipSimplifiedLayerNormalization",
     "SkipLayerNormalization", "RotaryEmbedding", "CausalConvWithState", "LinearAttention", "LinearAttentionGate",
-    "GatedRMSNorm")] + [("", "SimplifiedLayerNormalization")]
+    "GatedRMSNorm", "FusedMatMul")] + [("", "SimplifiedLayerNormalization")]
 
 
 def facts() -> dict:

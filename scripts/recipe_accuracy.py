@@ -52,7 +52,9 @@ def recipes() -> list[tuple[str, str, list[str]]]:
             ("int8 sym, accuracy_level 0", "int8", ["int4_accuracy_level=0"]),
             ("int8 asym", "int8", ["int4_is_symmetric=false"]),
             ("int8 sym +quantize_embeddings", "int8", ["quantize_embeddings=true"])]
-    return out
+    # rows without "+quantize_embeddings" keep a float embedding table (the default before int4 shared a tied one)
+    return [(label, precision, extra if "quantize_embeddings=true" in extra or precision == "fp32" else
+             [*extra, "quantize_embeddings=false"]) for label, precision, extra in out]
 
 
 def reference(checkpoint: Path) -> tuple[list[int], np.ndarray]:

@@ -62,6 +62,12 @@ FAMILIES = {
     "qwen3_5": ("qwen3_5", {}),
     "qwen3_5_moe": ("qwen3_5_moe_vlm", {}),  # fused experts, shared expert
     "qwen3_next": ("qwen3_next", {}),
+    # routed MoE (builder/layers/routing.py): groups + correction bias, softmax + selection bias, sparsemixer, and
+    # Llama 4's chunked attention (attention_bias), NoPE temperature tuning and top-1 weight on the expert input
+    "glm4_moe": ("glm4_moe", {}),
+    "ernie4_5_moe": ("ernie4_5_moe", {}),
+    "phimoe": ("phimoe", {}),
+    "llama4_text": ("llama4_text", {}),
     # latent attention (one kv head of [rope key | latent] rows)
     "deepseek_v3": ("deepseek_v3", {}),
     "deepseek_v3_moe": ("deepseek_v3_moe", {"seed": 1}),  # sigmoid + correction bias + groups; seed 0 hits eos early

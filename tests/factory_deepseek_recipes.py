@@ -29,7 +29,8 @@ DEEPSEEK_V2_LITE = dict(_BASE, q_lora_rank=None, first_k_dense_replace=1, n_rout
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 ARCHS = {
-    "deepseek_v3": ArchRecipe("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_DENSE, layout=("deepseek_mtp",)),
-    "deepseek_v3_moe": ArchRecipe("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_MOE, layout=("deepseek_mtp",)),
+    "deepseek_v3": ArchRecipe("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_DENSE, layout=("mtp_layer",)),
+    "deepseek_v3_moe": ArchRecipe("deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_V3_MOE,
+                                   layout=("mtp_layer", "correction_bias")),
     "deepseek_v2": ArchRecipe("deepseek_v2", "DeepseekV2ForCausalLM", DEEPSEEK_V2_LITE),
 }

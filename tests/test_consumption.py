@@ -119,7 +119,7 @@ def test_identical_copy_of_a_tied_head_is_left_out_and_changes_nothing(tiny_chec
 
 @pytest.fixture(scope="module")
 def distinct_head(tiny_checkpoint, tmp_path_factory) -> Path:
-    """Tied config, stored lm_head that differs from the embedding (what make_probe_checkpoint's qwen3 writes)."""
+    """Tied config, stored lm_head that differs from the embedding (a fine-tune that trained its head apart)."""
     src = tiny_checkpoint("qwen3")
     head = np.random.default_rng(5).standard_normal((512, 64)).astype(np.float32) * 0.5
     return copy_with(src, tmp_path_factory.mktemp("tied") / "ckpt", **{HEAD: head})

@@ -262,16 +262,21 @@ def test_mrope_with_text_positions_is_plain_rope(arch, checkpoint):
 
 def dequantized_reference(folder: Path):
     """transformers fp32 with every decoder Linear and the lm_head replaced by its int4 round trip (block 32,
-    symmetric: the default plan); the embedding stays float (a tied head gets its own quantized copy)."""
+    symmetric: the default plan); an untied embedding stays float, a tied one reads the head's int4 table (the
+    default shares it)."""
     from quant_reference import Fmt, round_trip
 
     model = parity.load_hf(folder)
     head = model.lm_head
+    embed = model.get_input_embeddings()
+    tied = embed.weight is head.weight
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and (".layers." in name and "vis" not in name or module is head):
                 back = round_trip(module.weight.detach().numpy().copy(), Fmt(bits=4))
                 module.weight = torch.nn.Parameter(torch.from_numpy(back), requires_grad=False)
+        if tied:
+            embed.weight = head.weight
     return model
 
 

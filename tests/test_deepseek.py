@@ -199,12 +199,12 @@ def test_int4_export_runs(case, exported):
 def test_inspect_describes_the_latent_attention(checkpoint, capsys):
     code, out, err = run_cli(capsys, "inspect", "-m", str(checkpoint("v3")), "-p", "int4")
     assert code == 0, err
-    assert ("latent attention (MLA): layers 0-1; q_a 24 -> norm -> q_b, kv latent 32, 4 heads of nope 16 + rope 16 "
-            "(v 24); cached per token and layer: key and value rows of 48") in out.splitlines()
+    assert ("attention: layers 0-1: latent (MLA): q_a 24 -> norm -> q_b, kv latent 32, heads of nope 16 + rope 16 "
+            "(v 24); cached per token: key and value rows of 48") in out.splitlines()
     assert "  layers.0.attn.kv_b_key    float (per-head MatMul)" in out.splitlines()
-    assert ("note: not exported: the multi-token-prediction layers (speculative decoding only) (5 tensors: "
-            "model.layers.2.eh_proj.weight, model.layers.2.enorm.weight, model.layers.2.hnorm.weight and 2 more).") \
-        in out.splitlines()
+    assert ("note: not exported: the multi-token-prediction layers (speculative decoding only) (13 tensors: "
+            "model.layers.2.eh_proj.weight, model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight "
+            "and 10 more).") in out.splitlines()
 
 
 @pytest.mark.parametrize("case, field, value, fragment", [

@@ -271,7 +271,7 @@ def test_genai_config_reads_generation_config(checkpoint, tmp_path):
 
 def test_genai_config_cuda_provider_options(exported):
     cfg = parity.genai_config(exported("qwen3", "fp16", "cuda"))
-    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]
     ids = factory.special_token_ids()
     assert (cfg["model"]["bos_token_id"], cfg["model"]["eos_token_id"], cfg["model"]["pad_token_id"]) == \
         (ids["<s>"], ids["</s>"], ids["<pad>"])

@@ -272,7 +272,7 @@ def test_cuda_exports_build(precision, dtype, exported):
     assert inits["layers.0.attn.sinks"].data_type == dtype
     assert inits["layers.0.moe.fc1.bias"].data_type == dtype
     assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
-        "provider_options"] == [{"cuda": {}}]
+        "provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]  # capture (builder/capture.py)
 
 
 # ------------------------------------------------------------------------------------- quantized exports

@@ -52,6 +52,11 @@ CASES = {
     "qwen3_5_moe": ("qwen3_5_moe", {}, "int4", ["moe_quant_bits=8", "qmoe_block_size=16"]),
     "qwen3_5_moe_vlm": ("qwen3_5_moe_vlm", {}, "int8", ["qmoe_block_size=0"]),
     "qwen3_next": ("qwen3_next", {}, "int4", ["int8_linear_attn=true", "int4_is_symmetric=false"]),
+    "glm4_moe": ("glm4_moe", {}, "int4", ["moe_quant_bits=8"]),
+    "ernie4_5_moe": ("ernie4_5_moe", {}, "int8", ["qmoe_block_size=0"]),
+    "llama4_text": ("llama4_text", {}, "int4", []),
+    "llama4_vlm": ("llama4_vlm", {}, "int4", ["qmoe_block_size=16"]),
+    "phimoe": ("phimoe", {}, "int4", ["last_matmul_weight_int8=true"]),
     "deepseek_v3": ("deepseek_v3", {}, "int4", ["int8_mixed_layers=true"]),
     "deepseek_v3_no_q_lora": ("deepseek_v3", {"q_lora_rank": None}, "int8", []),
     "deepseek_v2": ("deepseek_v2", {}, "int4", ["moe_quant_bits=8"]),
@@ -97,7 +102,7 @@ def model_formats(model) -> dict[str, tuple | None]:
     found: dict[str, tuple | None] = {}
     for node in model.graph.node:
         ins = list(node.input)
-        if "/lm_head/" in node.name and node.op_type in ("MatMulNBits", "Gemm", "MatMul"):
+        if "/lm_head/" in node.name and node.op_type in ("MatMulNBits", "FusedMatMul", "MatMul"):
             key = "lm_head"
         elif node.op_type in ("MatMulNBits", "MatMul", "Gemm"):
             key = prefix(reshaped.get(ins[1], ins[1]))
@@ -108,7 +113,7 @@ def model_formats(model) -> dict[str, tuple | None]:
             if ins[1] in dims:
                 assert dims[ins[1]] == [a["N"], blocks, a["block_size"] * a["bits"] // 8], node.name
             found[key] = (a["bits"], a["block_size"], len(ins) < 4 or not ins[3])
-        elif node.op_type in ("MatMul", "Gemm") and ins[1] in inits:
+        elif node.op_type in ("MatMul", "FusedMatMul", "Gemm") and ins[1] in inits:
             found[key] = None
         elif node.op_type == "GatherBlockQuantized":
             a = attrs(node)
@@ -195,3 +200,59 @@ def test_expert_options_without_a_target_are_notes(arch, precision, extra, note,
                              "--extra_options", *extra)
     assert code == 0, err
     assert f"note: {note}" in out.splitlines()
+
+
+# ------------------------------------------------------------------------------------------- q/k norm placement
+
+QK_EXTRA = {"gemma4_all": ("gemma4", GEMMA4_ALL),  # KV-sharing sources and consumers
+            # 0.125 of a 64-wide head rotates 8 dims: a half of 4 is not a multiple of 8, so rotary runs before the op
+            "qwen3_5_rotary_outside": ("qwen3_5", {"rope_parameters": {
+                "rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.125, "mrope_section": [1, 2, 1],
+                "mrope_interleaved": True}})}
+
+
+def _by_layer(rows: list[str]) -> dict[int, str]:
+    """'layers 0-2: text' / 'layers 0,3: text' / 'layer 1: text' rows -> {layer: text}."""
+    out = {}
+    for row in rows:
+        where, text = row.split(": ", 1)
+        for part in where.split(" ", 1)[1].split(","):
+            first, _, last = part.partition("-")
+            out.update({i: text for i in range(int(first), int(last or first) + 1)})
+    return out
+
+
+@pytest.mark.parametrize("ep, precision", [("cpu", "fp32"), ("cuda", "fp16")])
+def test_inspect_qk_norm_rows_are_what_the_graph_does(ep, precision, tiny_checkpoint):
+    """Per layer, `inspect` says "fused into GroupQueryAttention" exactly when the layer's GroupQueryAttention gets
+    q_norm_weight / k_norm_weight, "RMSNorm nodes (why)" exactly when the layer has q/k norm nodes, and "none"
+    otherwise (graphs built without writing weights, every recipe)."""
+    from builder.decoder import build_decoder
+    from builder.export import prepare
+    from builder.report import qk_norm_rows
+
+    pinned = {"qwen3": "fused into GroupQueryAttention", "olmo2": "RMSNorm nodes (over the whole q / k projection)",
+              "hunyuan": "RMSNorm nodes (after rotary)", "llama": "none",
+              "qwen3_5_rotary_outside": "RMSNorm nodes (rotary runs before the op)"}
+    seen = set()
+    for case, (arch, overrides) in {**{a: (a, {}) for a in factory.ARCHS}, **QK_EXTRA}.items():
+        prepared = prepare(str(tiny_checkpoint(arch, **overrides)), precision, ep)
+        graph = build_decoder(prepared.spec, prepared.settings, prepared.weights).graph
+        fused = {int(n.name.split("/")[2][len("layers."):]) for n in graph if n.op_type == "GroupQueryAttention"
+                 and len(n.inputs) > 14 and n.inputs[14] is not None}
+        nodes = {int(n.name.split("/")[2][len("layers."):]) for n in graph if "/attn/q_norm/" in n.name}
+        for layer, text in _by_layer(qk_norm_rows(prepared.spec, prepared.settings)).items():
+            kind = "fused" if layer in fused else "nodes" if layer in nodes else "none"
+            expected = {"fused": "fused into GroupQueryAttention", "nodes": "RMSNorm nodes (", "none": "none"}[kind]
+            assert text.startswith(expected), f"{case} -e {ep}: layer {layer} does {kind}, inspect says {text!r}"
+            seen.add(text)
+            if ep == "cuda" and case in pinned:
+                assert text == pinned[case], (case, layer, text)
+    if ep == "cuda":  # each reason a recipe can give appears
+        assert seen == {"none", "fused into GroupQueryAttention", "RMSNorm nodes (over the whole q / k projection)",
+                        "RMSNorm nodes (after rotary)", "RMSNorm nodes (rotary runs before the op)",
+                        "RMSNorm nodes (v has a norm too)",
+                        "RMSNorm nodes (q only: keys come normalised from the layer they are shared with)"}
+    else:
+        assert "fused into GroupQueryAttention" not in seen
+        assert "RMSNorm nodes (the fused form is CUDA-only, fuse_qk_norm_gqa)" in seen

@@ -183,9 +183,18 @@ def test_tied_quantized_embedding_shares_the_lm_head_format_and_says_why():
 
 
 def test_tied_float_embedding_does_not_share():
-    p = plan("int4", tied_embeddings=True)
+    p = plan("int4", "quantize_embeddings=false", tied_embeddings=True)
     assert not p.shares_embedding
     assert p.format_for("embed") == FLOAT and p.format_for("lm_head").bits == 4
+
+
+def test_int4_shares_a_tied_embedding_by_default():
+    """Default (auto): a tied embedding and a 4-bit lm_head read one int4 table; nothing else is quantized unasked."""
+    assert plan("int4", tied_embeddings=True).shares_embedding
+    assert plan("int4", tied_embeddings=True).format_for("embed") == WeightFormat(4, "default", 32, True, 4)
+    for p in (plan("int4", tied_embeddings=False), plan("int8", tied_embeddings=True),
+              plan("int4", "last_matmul_weight_int8=true", tied_embeddings=True)):
+        assert p.format_for("embed") == FLOAT and not p.shares_embedding and p.notes == ()
 
 
 # ------------------------------------------------------------------------------------------- property: oracle
@@ -198,6 +207,8 @@ def oracle(precision, method, symmetric, flags, quantize_embeddings, tied, role,
     int8 = (8, "rtn", symmetric)
     base = int8 if precision == "int8" else (4, method, symmetric and method != "k_quant")
     head = int8 if "last_matmul" in flags else base
+    if quantize_embeddings is None:  # auto: a tied 4-bit lm_head shares its table
+        quantize_embeddings = precision == "int4" and tied and "last_matmul" not in flags
     if role == "embed":
         return (head if tied else base) if quantize_embeddings else None
     if role == "lm_head":
@@ -213,12 +224,13 @@ def oracle(precision, method, symmetric, flags, quantize_embeddings, tied, role,
        method=st.sampled_from(["default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed",
                                "k_quant_linear"]),
        symmetric=st.booleans(), last=st.booleans(), mixed=st.booleans(),
-       via_mixed_precision=st.booleans(), quantize_embeddings=st.booleans(), tied=st.booleans(),
+       via_mixed_precision=st.booleans(), quantize_embeddings=st.sampled_from([True, False, None]),
+       tied=st.booleans(),
        layers=st.integers(1, 40), data=st.data())
 def test_every_decision_matches_the_documented_rules(precision, method, symmetric, last, mixed, via_mixed_precision,
                                                      quantize_embeddings, tied, layers, data):
-    items = [f"int4_algo_config={method}", f"int4_is_symmetric={symmetric}",
-             f"quantize_embeddings={quantize_embeddings}"]
+    items = [f"int4_algo_config={method}", f"int4_is_symmetric={symmetric}"]
+    items += [] if quantize_embeddings is None else [f"quantize_embeddings={quantize_embeddings}"]
     if via_mixed_precision:
         chosen = [t for t, on in (("last_matmul", last), ("mixed_layers", mixed)) if on]
         items.append("matmul_mixed_precision=" + ",".join(f"{t}:int8" for t in chosen))

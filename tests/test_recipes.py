@@ -179,7 +179,9 @@ def mixed_k_quant(kind, layer):
 
 # (arch, precision, extra, formats written from the recipe's documented meaning)
 EXACT = {
-    "default": ("qwen3", "int4", (), lambda k, l: Fmt(None) if k == "embed" else Fmt(4)),
+    "default": ("qwen3", "int4", (), lambda k, l: Fmt(4)),  # tied: embedding and head share one int4 table
+    "float tied embed": ("qwen3", "int4", ("quantize_embeddings=false",),
+                         lambda k, l: Fmt(None) if k == "embed" else Fmt(4)),
     "k_quant_mixed": ("qwen3", "int4", ("int4_algo_config=k_quant_mixed",), mixed_k_quant),
     "rtn asym b16 untied": ("llama", "int4", ("int4_algo_config=rtn", "int4_is_symmetric=false", "int4_block_size=16"),
                             lambda k, l: Fmt(None) if k == "embed" else Fmt(4, "rtn", 16, False)),
@@ -265,8 +267,8 @@ def total_bytes(model_dir: Path) -> int:
 
 
 def test_tied_lm_head_reads_the_embedding_bytes_stored_once(build):
-    shared = build("qwen3", "int4", "quantize_embeddings=true")
-    plain = build("qwen3", "int4")
+    shared = build("qwen3", "int4")  # the default for a tied 4-bit head (same as quantize_embeddings=true)
+    plain = build("qwen3", "int4", "quantize_embeddings=false")
     g = graph(shared)
     producers = {out: n for n in g.node for out in n.output}
     (gather,) = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
@@ -341,7 +343,9 @@ def test_dry_run_reports_options_with_no_target_and_writes_nothing(capsys, tiny_
                                       "--extra_options", "int8_linear_attn=true"])
     assert code == 0, err
     assert "note: int8_linear_attn has no target: Qwen3ForCausalLM has no linear-attention layers" in out
-    assert set(plan_rows(out).values()) == {"float", "int4 default block 32 sym"}
+    assert set(plan_rows(out).values()) == {"int4 default block 32 sym (GatherBlockQuantized)",
+                                            "int4 default block 32 sym (reads the embed bytes)",
+                                            "int4 default block 32 sym"}
     code, out, err = run_cli(capsys, ["-m", str(ckpt), "-o", str(out_dir), "-p", "fp32", "--dry-run",
                                       "--extra_options", "quantize_embeddings=true"])
     assert code == 0, err

@@ -168,3 +168,13 @@ def test_float16_cpu_raw_softmax_avoids_normalize_zero():
     ref_experts, ref_weights = _transformers("softmax-raw", top_k, routing)
     np.testing.assert_array_equal(experts, ref_experts)
     np.testing.assert_allclose(weights, ref_weights, rtol=0, atol=2e-3)
+
+
+def test_sparsemixer_weights_are_not_softmax_weights():
+    """Control: on these logits sparsemixer's two weights differ from the renormalised softmax of the same two
+    experts (and from plain ones), so the sparsemixer case above would fail if the graph routed like Mixtral."""
+    top_k, routing = CASES["sparsemixer"]
+    _, weights = _transformers("sparsemixer", top_k, routing)
+    _, softmax_weights = _transformers("softmax-norm", 2, RoutingSpec())
+    assert np.abs(weights - softmax_weights).max() > 0.1
+    assert np.abs(weights - 1.0).max() > 0.1

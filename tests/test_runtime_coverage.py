@@ -34,7 +34,8 @@ SWEEP = [
                      "int8_linear_attn": True, "last_matmul_weight_int8": True}),
     ("cpu", "int4", {"moe_quant_bits": 8, "qmoe_block_size": 0}),
     ("cpu", "int8", {}), ("cpu", "int8", {"int4_is_symmetric": False, "quantize_embeddings": True}),
-    ("cuda", "fp32", {}), ("cuda", "fp16", {}), ("cuda", "fp16", {"fuse_qk_norm_gqa": False, "linear_attn_fp32": False}),
+    ("cuda", "fp32", {}), ("cuda", "fp16", {}),
+    ("cuda", "fp16", {"fuse_qk_norm_gqa": False, "linear_attn_fp32": False}),
     ("cuda", "bf16", {}), ("cuda", "int4", {}), ("cuda", "int4", {"qmoe_weights_prepacked": 0}),
     ("cuda", "int4", {"qmoe_weights_prepacked": 1, "int4_is_symmetric": False, "quantize_embeddings": True}),
     ("cuda", "int8", {}),
@@ -123,12 +124,14 @@ def test_every_genai_type_and_config_key_an_export_writes_has_a_first_release(sw
 def test_hybrid_exports_record_the_linear_attention_floors(swept):
     qwen35 = next(b for b in swept if b["case"] == "qwen3_5 -p fp32 -e cpu {}")
     assert qwen35["requires"] == {
-        "onnxruntime": "1.31", "onnxruntime-genai": "0.16.0",
+        "onnxruntime": "1.31", "onnxruntime-genai": "0.18.0",
         "because": ["GatedRMSNorm attribute activation (onnxruntime 1.31)",
                     "LinearAttentionGate CPU kernel (onnxruntime 1.30)", "GatedRMSNorm CPU kernel (onnxruntime 1.30)",
                     "LinearAttentionGate op (onnxruntime 1.29)", "GatedRMSNorm op (onnxruntime 1.29)",
                     "LinearAttention op (onnxruntime 1.25)", "LinearAttention CPU kernel (onnxruntime 1.25)",
                     "CausalConvWithState op (onnxruntime 1.25)", "CausalConvWithState CPU kernel (onnxruntime 1.25)",
+                    "model type qwen3_5_text (onnxruntime-genai 0.18.0)",
                     "genai_config decoder input past_recurrent_names (onnxruntime-genai 0.16.0)",
-                    "model type qwen3_5_text (onnxruntime-genai 0.14.0)",
                     "genai_config decoder input past_conv_names (onnxruntime-genai 0.14.0)"]}
+    qwen3_next = next(b for b in swept if b["case"] == "qwen3_next -p fp32 -e cpu {}")  # generic type "decoder"
+    assert qwen3_next["requires"]["onnxruntime-genai"] == "0.16.0"

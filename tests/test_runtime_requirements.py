@@ -13,11 +13,12 @@ import pytest
 
 from builder.cli import main
 from builder.export import export
-from builder.runtime_requirements import (CPU_VALUE_SINCE, ORT_BASE, ORT_SINCE, older_than_required, requirements,
-                                          version_key)
+from builder.runtime_requirements import (CPU_VALUE_SINCE, GENAI_KEY_SINCE, ORT_BASE, ORT_SINCE, older_than_required,
+                                          requirements, version_key)
 
 FACTS = Path(__file__).resolve().parent.parent / "scripts" / "results" / "ort_op_facts.json"
 FLOOR = Path(__file__).resolve().parent.parent / "scripts" / "results" / "runtime_floor.json"
+GENAI_FLOOR = Path(__file__).resolve().parent.parent / "scripts" / "results" / "genai_floor.json"
 IDS = ["--prompt-ids", "5,17,99,3", "--steps", "1", "--no-genai"]
 
 
@@ -82,6 +83,20 @@ def test_the_recorded_minimums_were_run_on_real_wheels():
         assert row["works"] == (version_key(row["onnxruntime"])[:2] >= version_key(row["requires"])[:2]), row
     needed = {r["requires"] for r in floor["runs"]}
     assert set(CPU_VALUE_SINCE.values()) <= needed  # the CPU-kernel limits were found, and are covered, by the run
+
+
+def test_the_recorded_genai_minimums_were_run_on_real_wheels():
+    """scripts/check_genai_floor.py's last run (onnxruntime-genai 0.14.0..0.18.0 wheels): every model gives
+    transformers' greedy tokens from its recorded minimum on and not below it, and those minimums are the tables'."""
+    floor = json.loads(GENAI_FLOOR.read_text())
+    assert floor["problems"] == []
+    versions = sorted({r["onnxruntime-genai"] for r in floor["runs"]}, key=version_key)
+    assert versions[0] == "0.14.0" and versions[-1] == "0.18.0"
+    for row in floor["runs"]:
+        assert row["works"] == (version_key(row["onnxruntime-genai"]) >= version_key(row["requires"])), row
+        hybrid = row["model"] in ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+        keys = list(GENAI_KEY_SINCE) if hybrid else []
+        assert requirements([], "cpu", row["type"], keys)["onnxruntime-genai"] == row["requires"], row
 
 
 def test_older_runtime_warnings():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -18,14 +19,30 @@ class StepInputs:
     """Per-step values every token mixer shares, computed once by the decoder (builder/layers/padding.py).
 
     Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
+    `token_mask` / `token_count` are built on first use (only layers with recurrent state read them), so a model
+    whose layers never ask pays no node for them in its decode step.
     """
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
-    token_mask: ir.Value  # bool [batch, sequence_length]: which new tokens are real (column < n)
-    token_count: ir.Value  # int64 [batch]: n, the real new tokens per row
+    make: Callable[[str], ir.Value] | None = None  # builds a lazy value ("token_mask", "token_count") on first use
     position_ids: ir.Value | None = None  # int64 [batch, sequence], made on first use (rotary outside the op)
     derived: dict = field(default_factory=dict)  # values a layer computes once from the above and shares
+
+    def _lazy(self, name: str) -> ir.Value:
+        if name not in self.derived:
+            self.derived[name] = self.make(name)
+        return self.derived[name]
+
+    @property
+    def token_mask(self) -> ir.Value:
+        """bool [batch, sequence_length]: which new tokens are real (column < n)."""
+        return self._lazy("token_mask")
+
+    @property
+    def token_count(self) -> ir.Value:
+        """int64 [batch]: n, the real new tokens per row."""
+        return self._lazy("token_count")
 
 
 @dataclass

@@ -6,7 +6,8 @@ of 8) are rotated before it (builder/layers/rotary_graph.py). Per-head q/k RMSNo
 (CUDA: q_norm_weight / k_norm_weight inputs) or emitted as separate SimplifiedLayerNormalization nodes before it
 (CPU rejects the inputs). Variants switched on by the AttentionSpec: sliding window, softcap, custom scale,
 attention sinks (head_sink), weightless v norm and values from the key projection (Gemma 4), a query scale by
-position (Ministral 3), an output gate (Qwen3.5 / Qwen3-Next: gate rows packed after q|k|v, the op's output
+position (Ministral 3, Llama 4), chunked attention through the op's attention_bias (Llama 4), weightless q/k norm
+(Llama 4), an output gate (Qwen3.5 / Qwen3-Next: gate rows packed after q|k|v, the op's output
 multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the
 source layer's new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and
 values while the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
@@ -16,7 +17,7 @@ Multi-head latent attention (AttentionSpec.latent, DeepSeek) is its own layer: b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -24,9 +25,36 @@ import onnx_ir as ir
 from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
+from builder.layers.residual import Biased
 from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
-from builder.spec import AttentionSpec
+from builder.spec import AttentionSpec, ModelSpec
 from builder.weights import Concatenated, Weight, WeightMap
+
+
+def kv_sharing_layers(spec) -> set[int]:
+    """Layers whose new keys/values another layer reads (KV-sharing sources) and the layers that read them."""
+    sources = {getattr(layer.attention, "kv_source", None) for layer in spec.layers} - {None}
+    return {i for i, layer in enumerate(spec.layers)
+            if i in sources or getattr(layer.attention, "kv_source", None) is not None}
+
+
+def qk_norm_placement(attn: AttentionSpec, fuse: bool, shares_kv: bool) -> str | None:
+    """How a layer's q/k norm runs: None without one; "fused" into GroupQueryAttention (its q_norm_weight /
+    k_norm_weight inputs, which only a weighted per-head norm right before the op's own rotary can use); else why it
+    runs as separate RMSNorm nodes. `fuse` is ExportSettings.fuse_qk_norm; `shares_kv`: the layer is in kv_sharing_layers."""
+    if not attn.qk_norm:
+        return None
+    if attn.kv_source is not None:
+        return "q only: keys come normalised from the layer they are shared with"
+    reasons = (("over the whole q / k projection", attn.qk_norm_scope != "head"),
+               ("after rotary", attn.qk_norm_after_rope),
+               ("without a weight", attn.qk_norm_weightless),
+               ("rotary runs before the op", rotary_outside(attn)),
+               ("v has a norm too", attn.v_norm),
+               ("keys shared with another layer", shares_kv),
+               ("queries scaled by position", attn.query_position_scale is not None),
+               ("the fused form is CUDA-only, fuse_qk_norm_gqa", not fuse))
+    return next((why for why, applies in reasons if applies), "fused")
 
 
 @dataclass
@@ -69,16 +97,58 @@ def _positions(ctx: LayerContext, step: StepInputs, like: ir.Value) -> ir.Value:
 
 
 def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: StepInputs) -> ir.Value:
-    """q * (1 + beta * ln(1 + floor(position / period))), from a table over the context (rotation commutes with it)."""
-    g, (beta, period) = ctx.g, attn.query_position_scale
-    name = f"query_position_scale.{beta:g}.{period}"
+    """q * (1 + beta * ln(1 + floor((position + offset) / period))), from a table over the context (rotation
+    commutes with it)."""
+    g, (beta, period), offset = ctx.g, attn.query_position_scale, attn.query_position_offset
+    name = f"query_position_scale.{beta:g}.{period}" + (f".{offset}" if offset else "")
     if not g.has_initializer(name):
         positions = np.arange(ctx.spec.context_length, dtype=np.float64)
-        table = 1 + beta * np.log1p(np.floor(positions / period))
+        table = 1 + beta * np.log1p(np.floor((positions + offset) / period))
         g.constant(name, table.astype(np.float32).astype(ctx.settings.numpy_dtype))
     with g.scope("query_scale"):
         scale = g.op("Gather", [g.initializer(name), _positions(ctx, step, q)], axis=0)
         return g.op("Mul", [q, g.op("Unsqueeze", [scale, g.ints("const.-1", [-1])])])
+
+
+def fit_chunked_attention(spec: ModelSpec, ep: str) -> tuple[ModelSpec, list[str]]:
+    """Chunked attention on CUDA: its GroupQueryAttention kernel rejects attention_bias ("attention_bias is not
+    supported in GroupQueryAttention cuda kernel", onnxruntime 1.31-1.32), so `chunk_bias` cannot run there. Plain
+    causal attention equals chunked attention exactly while every position lies in the first chunk, i.e. for
+    sequences of at most `attention_chunk` tokens, and differs past it. So a cuda export drops the chunk and caps the
+    context at the smallest chunk size (genai_config's max_length then refuses longer runs), and says so."""
+    chunks = {layer.attention.attention_chunk for layer in spec.layers
+              if isinstance(layer.attention, AttentionSpec) and layer.attention.attention_chunk}
+    if ep != "cuda" or not chunks:
+        return spec, []
+    limit = min(chunks)
+    layers = tuple(replace(layer, attention=replace(layer.attention, attention_chunk=None))
+                   if isinstance(layer.attention, AttentionSpec) else layer for layer in spec.layers)
+    note = (f"chunked attention (chunks of {limit}) on CUDA: GroupQueryAttention's CUDA kernel takes no attention_bias, "
+            f"and causal attention equals chunked attention only up to {limit} tokens, so the context is capped at "
+            f"{limit} (was {spec.context_length}); export -e cpu for longer contexts")
+    return replace(spec, layers=layers, context_length=min(limit, spec.context_length)), [note]
+
+
+def chunk_bias(ctx: LayerContext, step: StepInputs, like: ir.Value, chunk: int) -> ir.Value:
+    """GroupQueryAttention's attention_bias [B, 1, S, T] for chunked attention: 0 where key slot j and the query
+    share a chunk (position // chunk), the lowest float elsewhere; the op's causal and padding masks do the rest.
+    Exact at every length: key slot j holds position j (layers run real tokens first, padding.py) and a query's
+    position is GroupQueryAttention's own (rotary_graph.position_ids). Built once per chunk size."""
+    key = f"chunk_bias.{chunk}"
+    if key not in step.derived:
+        g = ctx.g
+        with g.scope(f"chunk_mask_{chunk}"):
+            size = g.ints(f"const.chunk.{chunk}", [chunk])
+            query_chunk = g.op("Div", [_positions(ctx, step, like), size])  # int64 [B, S]; positions are >= 0
+            total = g.op("Cast", [step.total_sequence_length], to=ir.DataType.INT64)
+            slots = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)), total,
+                                   g.shared_constant("const.one_i64", np.array(1, np.int64))])
+            same = g.op("Equal", [g.op("Unsqueeze", [query_chunk, g.ints("const.axis_last", [-1])]),
+                                  g.op("Div", [slots, size])])  # [B, S, T]
+            lowest = ctx.scalar("const.lowest", float(np.finfo(ctx.settings.numpy_dtype).min))
+            bias = g.op("Where", [same, ctx.scalar("const.zero", 0.0), lowest])
+            step.derived[key] = g.op("Unsqueeze", [bias, g.ints("const.axis1", [1])])
+    return step.derived[key]
 
 
 def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> ir.Value:
@@ -90,6 +160,8 @@ def _per_head_norm(ctx: LayerContext, x: ir.Value, name: str, head_dim: int) -> 
 
 def _qk_norm(ctx: LayerContext, x: ir.Value, name: str, attn: AttentionSpec, size: int) -> ir.Value:
     """q or k RMSNorm: per head, or over the whole projection of width `size` (qk_norm_scope="projection")."""
+    if attn.qk_norm_weightless and attn.qk_norm_scope == "head":
+        return _weightless_head_norm(ctx, x, attn.head_dim)
     if attn.qk_norm_scope == "projection":
         return rms_norm(ctx, x, name, size=size)
     if attn.qk_norm_scope != "head":
@@ -121,7 +193,7 @@ def _query_only(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec)
 def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: StepInputs,
               past_key: ir.Value | None, past_value: ir.Value | None, *, kv_store: dict | None = None,
               ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Returns (output [B, S, hidden], present_key, present_value).
+    """Returns (output [B, S, hidden], or `Biased` when o_proj has a bias, present_key, present_value).
 
     kv_store (layer -> SharedKV): a source layer records its keys/values there; a consumer (attn.kv_source) reads
     them and ignores past_key/past_value.
@@ -157,8 +229,7 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     # keys/values must exist as separate values when a later layer shares them, v gets its own norm, or q/k are
     # rotated or scaled before the op
     separate = attn.v_norm or kv_store is not None or outside or attn.query_position_scale is not None
-    # GroupQueryAttention's fused q/k norm is per head only
-    if attn.qk_norm and attn.qk_norm_scope == "head" and ctx.settings.fuse_qk_norm and not separate:
+    if qk_norm_placement(attn, ctx.settings.fuse_qk_norm, kv_store is not None) == "fused":
         q, k, v = qkv, None, None
         q_norm = norm_weight(ctx, f"{prefix}.q_norm.weight", attn.head_dim)
         k_norm = norm_weight(ctx, f"{prefix}.k_norm.weight", attn.head_dim)
@@ -198,8 +269,9 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     in_op = rotary_in_op(attn)
     cos, sin = cos_sin(ctx, attn.rope, step.seqlens_k) if in_op else (None, None)
     sinks = ctx.float_initializer(f"{prefix}.sinks", w.get(f"{prefix}.sinks", (attn.num_heads,))) if attn.sinks else None
+    bias = chunk_bias(ctx, step, q, attn.attention_chunk) if attn.attention_chunk else None
     inputs = [q, k, v, past_key, past_value, step.seqlens_k, step.total_sequence_length, cos, sin,
-              None, None, sinks, None, None, q_norm, k_norm]
+              None, bias, sinks, None, None, q_norm, k_norm]
     while inputs[-1] is None:
         inputs.pop()
     scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(attn.head_dim)
@@ -214,7 +286,8 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
         with g.scope("output_gate"):
             out = g.op("Mul", [out, g.op("Sigmoid", [gate])])
     with g.scope("o_proj"):
-        o_bias = w.get(f"{prefix}.o.bias", (hidden,)) if attn.o_bias else None
         out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, attn.q_size)),
-                     plan.format_for("attn.o", layer), o_bias)
+                     plan.format_for("attn.o", layer))
+    if attn.o_bias:  # added by the next residual norm when nothing comes between (builder/layers/residual.py)
+        out = Biased(out, ctx.float_initializer(f"{prefix}.o.bias", w.get(f"{prefix}.o.bias", (hidden,))))
     return out, present_key, present_value

@@ -101,10 +101,14 @@ def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: Weig
     return packed, scales, zero_points
 
 
-def matmul_nbits(ctx: LayerContext, x: ir.Value, quantized, n: int, k: int, fmt: WeightFormat) -> ir.Value:
-    """MatMulNBits over already registered (packed [N, blocks, bytes], scales, zero points or None) Values."""
+def matmul_nbits(ctx: LayerContext, x: ir.Value, quantized, n: int, k: int, fmt: WeightFormat,
+                 bias: ir.Value | None = None) -> ir.Value:
+    """MatMulNBits over already registered (packed [N, blocks, bytes], scales, zero points or None) Values; a bias
+    goes in the op's own bias input (one node instead of MatMulNBits + Add: ORT folds the pair on its CPU EP only)."""
     packed, scales, zero_points = quantized
-    inputs = [x, packed, scales] + ([zero_points] if zero_points is not None else [])
+    inputs = [x, packed, scales, zero_points, None, bias]
+    while inputs[-1] is None:
+        inputs.pop()
     return ctx.g.ms("MatMulNBits", inputs, K=k, N=n, bits=fmt.bits, block_size=fmt.block_size,
                     accuracy_level=fmt.accuracy_level)
 
@@ -114,11 +118,11 @@ def linear(ctx: LayerContext, x: ir.Value, name: str, weight: Weight, fmt: Weigh
     """y = x @ W.T (+ b) for a weight in HF orientation [N, K]."""
     g = ctx.g
     n, k = weight.shape
-    if fmt.is_float:
-        w = ctx.float_initializer(f"{name}.weight", weight, transpose=True)
-        y = g.op("MatMul", [x, w])
-    else:
-        y = matmul_nbits(ctx, x, add_quantized_weight(ctx, name, weight, fmt), n, k, fmt)
+    if not fmt.is_float:
+        quantized = add_quantized_weight(ctx, name, weight, fmt)
+        b = ctx.float_initializer(f"{name}.bias", bias) if bias is not None else None
+        return matmul_nbits(ctx, x, quantized, n, k, fmt, b)
+    y = g.op("MatMul", [x, ctx.float_initializer(f"{name}.weight", weight, transpose=True)])
     if bias is not None:
         y = g.op("Add", [y, ctx.float_initializer(f"{name}.bias", bias)])
     return y

@@ -1,8 +1,10 @@
 """Final projection to vocabulary logits (tied or own weight), with optional logit scaling (Granite divides by
 logits_scaling) and final logit softcapping.
 
-A float lm_head is a Gemm with transB=1 over the [vocab, hidden] weight as stored, so a tied head shares the
-embedding initializer and nothing is transposed in memory; a quantized head is MatMulNBits. When the plan says a
+A float lm_head is one com.microsoft FusedMatMul with transB=1 over the [vocab, hidden] weight as stored: a tied
+head shares the embedding initializer, nothing is transposed in memory, and the [batch, sequence, hidden] input needs
+no flattening (a Gemm would: Reshape in, then Shape/Slice/Concat/Reshape out, five more nodes every decode step).
+A quantized head is MatMulNBits, which takes the 3-D input as it is. When the plan says a
 tied head shares the quantized embedding (quantize_embeddings=true), its B input is the embedding's packed table
 reshaped to [V, blocks, block_size*bits/8] (same bytes, stored once; ORT folds the Reshape at load) and its scales
 and zero points are the embedding's own initializers.
@@ -17,13 +19,13 @@ from builder.layers.embedding import quantized_table
 from builder.layers.linear import linear, matmul_nbits, quantized_shapes
 
 
-def _shared_quantized_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
+def _shared_quantized_head(ctx: LayerContext, x: ir.Value, bias: ir.Value | None) -> ir.Value:
     g, spec = ctx.g, ctx.spec
     fmt = ctx.settings.plan.format_for("embed")
     packed, scales, zero_points = quantized_table(ctx, fmt)
     b_shape, _, _ = quantized_shapes(spec.vocab_size, spec.hidden_size, fmt)
     b = g.op("Reshape", [packed, g.ints("shape.lm_head.qweight", list(b_shape))])
-    return matmul_nbits(ctx, x, (b, scales, zero_points), spec.vocab_size, spec.hidden_size, fmt)
+    return matmul_nbits(ctx, x, (b, scales, zero_points), spec.vocab_size, spec.hidden_size, fmt, bias)
 
 
 def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
@@ -35,16 +37,12 @@ def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
     with g.scope("lm_head"):
         if fmt.is_float:
             table = ctx.float_initializer(f"{name}.weight", weight)
-            flat = g.op("Reshape", [x, g.ints("shape.flat_hidden", [-1, spec.hidden_size])])
-            inputs = [flat, table] + ([ctx.float_initializer("lm_head.bias", bias)] if bias is not None else [])
-            logits = g.op("Gemm", inputs, transB=1)
-            batch_seq = g.op("Slice", [g.op("Shape", [x]), g.ints("const.0", [0]), g.ints("const.2", [2])])
-            out_shape = g.op("Concat", [batch_seq, g.ints("shape.vocab", [spec.vocab_size])], axis=0)
-            logits = g.op("Reshape", [logits, out_shape])
-        elif plan.shares_embedding and spec.tie_embeddings:
-            logits = _shared_quantized_head(ctx, x)
+            logits = g.ms("FusedMatMul", [x, table], transB=1, alpha=1.0)
             if bias is not None:
                 logits = g.op("Add", [logits, ctx.float_initializer("lm_head.bias", bias)])
+        elif plan.shares_embedding and spec.tie_embeddings:
+            b = ctx.float_initializer("lm_head.bias", bias) if bias is not None else None
+            logits = _shared_quantized_head(ctx, x, b)
         else:
             logits = linear(ctx, x, "lm_head", weight, fmt, bias)
         if spec.logits_divisor != 1.0:

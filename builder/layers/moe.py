@@ -89,7 +89,8 @@ def _shared_expert(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> 
     g, w = ctx.g, ctx.weights
     prefix = f"layers.{index}.moe"
     with g.scope("shared_expert"):
-        out = gated_mlp(ctx, x, f"{prefix}.shared", MlpSpec(moe.shared_expert_size), index, role="moe.shared")
+        out = gated_mlp(ctx, x, f"{prefix}.shared", MlpSpec(moe.shared_expert_size, bias=moe.shared_expert_bias), index,
+                        role="moe.shared")
     if moe.shared_expert_gated:
         with g.scope("shared_expert_gate"):
             gate = linear(ctx, x, f"{prefix}.shared_gate", w.get(f"{prefix}.shared_gate.weight",

@@ -32,10 +32,12 @@ def weightless_rms_norm(ctx: LayerContext, x: ir.Value, size: int) -> ir.Value:
     return ctx.g.op("SimplifiedLayerNormalization", [x, ones], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
 
 
-def skip_rms_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, name: str) -> tuple[ir.Value, ir.Value]:
-    """(rms_norm(x + skip), x + skip)."""
-    out = ctx.g.ms("SkipSimplifiedLayerNormalization", [x, skip, norm_weight(ctx, name)], outputs=4,
-                   epsilon=ctx.spec.norm_eps)
+def skip_rms_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, name: str,
+                  bias: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """(rms_norm(x + skip + bias), x + skip + bias): the op's bias input takes a sublayer's output bias in the same
+    kernel (see residual.Biased)."""
+    inputs = [x, skip, norm_weight(ctx, name)] + ([bias] if bias is not None else [])
+    out = ctx.g.ms("SkipSimplifiedLayerNormalization", inputs, outputs=4, epsilon=ctx.spec.norm_eps)
     return out[0], out[3]
 
 
@@ -54,10 +56,12 @@ def stream_norm(ctx: LayerContext, x: ir.Value, prefix: str) -> ir.Value:
     return ctx.g.op("LayerNormalization", [x, weight, bias], axis=-1, epsilon=ctx.spec.norm_eps, stash_type=1)
 
 
-def skip_stream_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, prefix: str) -> tuple[ir.Value, ir.Value]:
-    """(stream_norm(x + skip), x + skip)."""
+def skip_stream_norm(ctx: LayerContext, x: ir.Value, skip: ir.Value, prefix: str,
+                     bias: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """(stream_norm(x + skip + bias), x + skip + bias); `bias` (optional) is a sublayer's output bias."""
     if ctx.spec.norm_kind == "rms":
-        return skip_rms_norm(ctx, x, skip, f"{prefix}.weight")
-    weight, bias = _layer_norm_params(ctx, prefix)
-    out = ctx.g.ms("SkipLayerNormalization", [x, skip, weight, bias], outputs=4, epsilon=ctx.spec.norm_eps)
+        return skip_rms_norm(ctx, x, skip, f"{prefix}.weight", bias)
+    weight, beta = _layer_norm_params(ctx, prefix)
+    inputs = [x, skip, weight, beta] + ([bias] if bias is not None else [])
+    out = ctx.g.ms("SkipLayerNormalization", inputs, outputs=4, epsilon=ctx.spec.norm_eps)
     return out[0], out[3]

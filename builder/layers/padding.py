@@ -13,7 +13,9 @@ columns no real token reads and are dropped by the final reorder. In a decode st
 unpadded batch the permutation is the identity.
 
 Layers that keep other state (recurrent mixers) read `token_mask`/`token_count` from the bundle to make the pad
-positions no-ops; in the aligned layout the pads are always a row's trailing columns.
+positions no-ops; in the aligned layout the pads are always a row's trailing columns. Those two are built only when a
+layer asks: every node of this bundle runs at every decode step (a CUDA graph cannot skip work with an If), so the
+bundle holds only what the model reads.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
     """(input_ids in the aligned layout, the bundle every layer reads, rank).
 
     rank int64 [B, S]: the aligned column of the caller's column s. With m the new tokens' mask (the last S columns
-    of attention_mask) and c = cumsum(m): rank = c - 1 for a real token and n + s - c for a pad (n = sum(m)), i.e.
-    real tokens keep their order at 0..n-1 and pads keep theirs at n..S-1 (a permutation for any mask).
-    A single new token counts as real whatever its mask column says: that is a decode step, and with the static
-    [B, max_length] mask of CUDA-graph decoding (ones up to the current length, then zeros) its column is not the
-    last one. (GroupQueryAttention, too, takes every new token of a step with a cache as real.)
+    of attention_mask): a real token goes to the number of real tokens before it, a pad to s plus the number of real
+    tokens after it, i.e. real tokens keep their order at 0..n-1 and pads keep theirs at n..S-1 (a permutation for
+    any mask). Both counts are one exclusive CumSum each (forward and reverse), so the bundle is a handful of ops,
+    all of which a decode step runs; in a decode step (S = 1) rank is 0 whatever the mask column says (both counts
+    are 0), which covers the static [B, max_length] mask of CUDA-graph decoding, whose column for the new token is
+    not the last one.
     """
     one = g.shared_constant("const.one_i64", np.array(1, np.int64))
     axis1 = g.ints("const.axis1", [1])
@@ -53,19 +56,27 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
         columns = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)),
                                  g.op("Squeeze", [new, g.ints("const.axis0", [0])]), one])  # [S]
         mask = g.op("Slice", [attention_mask, g.op("Neg", [new]), g.ints("const.int64_max", [INT64_MAX]), axis1])
-        last_column = g.op("ReduceMax", [columns], keepdims=1)  # [1]: S - 1
-        single = g.op("Cast", [g.op("Equal", [last_column, g.ints("const.0", [0])])], to=ir.DataType.INT64)
-        mask = g.op("Max", [mask, single])  # [B, S]: which new tokens are real
-        count = g.op("ReduceSum", [mask, axis1], keepdims=1)  # [B, 1] real new tokens per row
-        cumsum = g.op("CumSum", [mask, one])  # along axis 1
-        real_rank = g.op("Sub", [cumsum, one])
-        pad_rank = g.op("Sub", [g.op("Add", [count, columns]), cumsum])
-        rank = g.op("Where", [g.op("Cast", [mask], to=ir.DataType.BOOL), real_rank, pad_rank])
+        real_before = g.op("CumSum", [mask, one], exclusive=1)  # [B, S] real tokens left of each column
+        real_after = g.op("CumSum", [mask, one], exclusive=1, reverse=1)  # ... and right of it
+        rank = g.op("Where", [g.op("Cast", [mask], to=ir.DataType.BOOL), real_before,
+                              g.op("Add", [columns, real_after])])
         aligned_ids = g.op("ScatterElements", [input_ids, rank, input_ids], axis=1)
-        token_mask = g.op("Less", [columns, count])  # [B, S] bool, aligned layout: column < n
-        token_count = g.op("Squeeze", [count, axis1])
-    return aligned_ids, StepInputs(seqlens_k=seqlens, total_sequence_length=total_len, token_mask=token_mask,
-                                        token_count=token_count), rank
+
+    def token_state(name: str) -> ir.Value:
+        """token_count / token_mask for layers with recurrent state (built on first use, once)."""
+        with g.scope("padding"):
+            if "count" not in step.derived:
+                # a single new token counts as real whatever its mask column says (static CUDA-graph mask)
+                last_column = g.op("ReduceMax", [columns], keepdims=1)  # [1]: S - 1
+                single = g.op("Cast", [g.op("Equal", [last_column, g.ints("const.0", [0])])], to=ir.DataType.INT64)
+                step.derived["count"] = g.op("ReduceSum", [g.op("Max", [mask, single]), axis1], keepdims=1)  # [B, 1]
+            count = step.derived["count"]
+            if name == "token_count":
+                return g.op("Squeeze", [count, axis1])
+            return g.op("Less", [columns, count])  # [B, S] bool, aligned layout: column < n
+
+    step = StepInputs(seqlens_k=seqlens, total_sequence_length=total_len, make=token_state)
+    return aligned_ids, step, rank
 
 
 def restore_order(g: GraphBuilder, hidden: ir.Value, rank: ir.Value) -> ir.Value:

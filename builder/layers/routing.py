@@ -73,6 +73,27 @@ def check_routing(moe: MoeSpec, index: int) -> None:
                      f"top_k={moe.top_k}.")
 
 
+def describe(moe: MoeSpec) -> str:
+    """One line on how a MoE layer routes (for `inspect`)."""
+    r = moe.routing
+    parts = [f"{moe.num_experts} experts, top-{moe.top_k}", r.scoring]
+    if r.scoring == "sparsemixer":
+        parts[-1] += f" (eps {r.sparsemixer_eps:g})"
+    if r.correction_bias:
+        parts.append("selection + correction bias")
+    if _grouped(r):
+        parts.append(f"best {r.topk_group} of {r.n_group} groups")
+    if r.weight_on_input:
+        parts.append("weight on the expert input")
+    elif r.scoring != "sparsemixer":
+        parts.append("renormalised" if r.normalize_topk else "not renormalised")
+    if r.scaling_factor != 1.0:
+        parts.append(f"x{r.scaling_factor:g} (folded into fc2)")
+    if moe.shared_expert_size:
+        parts.append(f"shared expert {moe.shared_expert_size}" + (" gated" if moe.shared_expert_gated else ""))
+    return ", ".join(parts)
+
+
 def _grouped(r: RoutingSpec) -> bool:
     return r.n_group > 1 and r.topk_group < r.n_group
 
@@ -96,10 +117,11 @@ def router_feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, qua
             bias = ctx.float_initializer(f"layers.{index}.moe.router.correction_bias", ctx.weights.get(
                 f"layers.{index}.moe.router.correction_bias", (moe.num_experts,)))
             selection = g.op("Add", [scores, bias])
+        if quantized:  # the group limit's own reshape back makes the selection 2-D
+            selection = _group_limited(ctx, selection, moe, flat=True) if _grouped(r) else _flat(ctx, selection, moe)
+            return RouterFeed(x, selection, _flat(ctx, scores, moe), r.normalize_topk)
         if _grouped(r):
-            selection = _group_limited(ctx, selection, moe)
-        if quantized:
-            return RouterFeed(x, _flat(ctx, selection, moe), _flat(ctx, scores, moe), r.normalize_topk)
+            selection = _group_limited(ctx, selection, moe, flat=False)
         log_weights = logits if r.scoring == "softmax" else g.op("Log", [scores])
         return _one_input(ctx, x, selection, log_weights, scores, moe)
 
@@ -154,11 +176,11 @@ def _raw_softmax_broken(ctx: LayerContext) -> bool:
     return ctx.settings.ep == "cpu" and ctx.settings.numpy_dtype == np.float16
 
 
-def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int) -> ir.Value:
-    """bool [..., E]: the k largest selection scores of each row (ties measure zero for float scores)."""
+def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int, axis: int = -1) -> ir.Value:
+    """bool, the shape of `selection`: its k largest scores along `axis` (ties measure zero for float scores)."""
     g = ctx.g
-    values, _ = g.op("TopK", [selection, g.ints(f"const.topk.{k}", [k])], axis=-1, outputs=2)
-    kth = g.op("ReduceMin", [values, g.ints("const.axis_last", [-1])], keepdims=1)
+    values, _ = g.op("TopK", [selection, g.ints(f"const.topk.{k}", [k])], axis=axis, outputs=2)
+    kth = g.op("ReduceMin", [values, g.ints(f"const.axis.{axis}", [axis])], keepdims=1)
     return g.op("GreaterOrEqual", [selection, kth])
 
 
@@ -176,18 +198,20 @@ def _one_input(ctx: LayerContext, x: ir.Value, selection: ir.Value, log_weights:
     return RouterFeed(x, _flat(ctx, probs, moe), None, True, scale)
 
 
-def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec) -> ir.Value:
-    """Selection scores outside the topk_group best groups set to the lowest float. A group's rank is the sum of its
-    two best selection scores (transformers' DeepSeek-V3 / GLM-4.5 noaux_tc rule)."""
+def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec, *, flat: bool) -> ir.Value:
+    """Selection scores outside the topk_group best groups set to the lowest float, [B, S, E] (or [B * S, E] when
+    `flat`). A group's rank is the sum of its two best selection scores (transformers' DeepSeek-V3 / GLM-4.5 noaux_tc
+    rule)."""
     g, r, e = ctx.g, moe.routing, moe.num_experts
     size = e // r.n_group
     with g.scope("group_limit"):
         grouped = g.op("Reshape", [selection, g.ints(f"shape.groups.{r.n_group}.{size}", [0, 0, r.n_group, size])])
         best2, _ = g.op("TopK", [grouped, g.ints("const.topk.2", [2])], axis=-1, outputs=2)
-        group_scores = g.op("ReduceSum", [best2, g.ints("const.axis_last", [-1])], keepdims=0)
-        kept = _top_k_mask(ctx, group_scores, r.topk_group)
-        kept = g.op("Unsqueeze", [kept, g.ints("const.axis_last", [-1])])
+        group_scores = g.op("ReduceSum", [best2, g.ints("const.axis_last", [-1])], keepdims=1)  # [B, S, G, 1]
+        kept = _top_k_mask(ctx, group_scores, r.topk_group, axis=-2)
         masked = g.op("Where", [kept, grouped, _lowest(ctx)])
+        if flat:
+            return _flat(ctx, masked, moe)
         return g.op("Reshape", [masked, g.ints(f"shape.ungroup.{e}", [0, 0, e])])
 
 

@@ -179,7 +179,10 @@ class QuantPlan:
         level = extra["int4_accuracy_level"]
         if level is None:
             level = 4 if ep == "cpu" else 0
-        quantize_embeddings = bool(extra["quantize_embeddings"])
+        quantize_embeddings = extra["quantize_embeddings"]
+        if quantize_embeddings is None:  # auto: share a tied 4-bit table (quantization.md, "Embeddings")
+            quantize_embeddings = bits == 4 and tied_embeddings and "last_matmul" not in flags
+        quantize_embeddings = bool(quantize_embeddings)
         expert_block = max(0, extra["qmoe_block_size"])
         _check_expert_blocks(expert_block, expert_k, model, **experts)
         plan = cls(bits=bits, method=method, block_size=extra["int4_block_size"], symmetric=symmetric,

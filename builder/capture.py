@@ -1,0 +1,98 @@
+"""CUDA-graph capture of the decode step under onnxruntime-genai: decided once per export from the spec, written to
+genai_config.json.
+
+onnxruntime-genai 0.18 turns capture on when the decoder's CUDA provider options say `"enable_cuda_graph": "1"`
+(model.decoder.session_options.provider_options = [{"cuda": {...}}]). It then keeps input_ids, the logits and a static
+attention mask [batch, max_length] (ones up to the current length, zeros after) in fixed device buffers, runs the
+prompt uncaptured and every one-token step through ONNX Runtime's CUDA graph, and requires
+search.past_present_share_buffer (one [batch, kv_heads, max_length, head] buffer per cache: every export writes it).
+ONNX Runtime captures a session only without control-flow nodes (If/Loop/Scan) and without Memcpy nodes; the graph
+must give the same result for the static mask as for a growing one (builder/layers/padding.py: a single new token is
+real whatever its mask column says, and seqlens_k comes from the mask's sum).
+
+Measured on an H200 with onnxruntime-gpu 1.31.1 (shared/reference/ort-ops.md): a Qwen3-0.6B-shaped int4 and fp16
+export captured and replayed with greedy tokens identical to an uncaptured run, 569 -> 698 tok/s (int4).
+scripts/gpu_decode_bench.py measures every probe family of the driver again (modes "static mask + capture" and
+onnxruntime-genai with this config).
+
+Not captured (the export says why in a note and genai_config carries "enable_cuda_graph": "0"):
+- a rotary length switch (longrope: Phi-3/Phi-4 long-context checkpoints) is an If node, which ONNX Runtime refuses
+  to capture;
+- linear-attention layers (Qwen3.5, Qwen3-Next): genai 0.18 double-buffers their conv/recurrent state under capture
+  (distinct past/present buffers swapped per step, two captured graph variants) and the LinearAttention /
+  CausalConvWithState CUDA kernels have not been run captured with these graphs; not measured, so not promised.
+`--extra_options enable_cuda_graph=true/false` overrides the decision (true is refused where ONNX Runtime would refuse
+the graph; false always works).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from builder.errors import UsageError
+from builder.spec import AttentionSpec, LinearAttentionSpec, ModelSpec
+
+OPTION = "enable_cuda_graph"
+
+
+@dataclass(frozen=True)
+class GraphCapture:
+    enabled: bool
+    reason: str  # why, either way (recorded in ortbuild.json)
+
+    def note(self, ep: str) -> str | None:
+        """What the export says about capture: why it is off for a CUDA export, or why it is on unproven."""
+        if ep != "cuda":
+            return None
+        if not self.enabled:
+            return f"CUDA graph capture is off in genai_config.json: {self.reason}."
+        if self.reason.startswith(f"{OPTION}=true although"):
+            return f"CUDA graph capture is on in genai_config.json ({self.reason})."
+        return None
+
+
+def _rope_switch(spec: ModelSpec) -> bool:
+    from builder.layers.rotary import length_switch  # a pure function of the RopeSpec
+
+    return any(isinstance(layer.attention, AttentionSpec) and layer.attention.rope is not None
+               and length_switch(layer.attention.rope) is not None for layer in spec.layers)
+
+
+def refusal(spec: ModelSpec) -> str | None:
+    """Why ONNX Runtime would refuse to capture this model's graph, or None."""
+    if _rope_switch(spec):
+        return ("its rotary embedding switches frequency sets with the sequence length (longrope), an If node, and "
+                "ONNX Runtime cannot capture control flow")
+    return None
+
+
+def unproven(spec: ModelSpec) -> str | None:
+    """Why capture is not promised for this model although ONNX Runtime would accept the graph, or None."""
+    if any(isinstance(layer.attention, LinearAttentionSpec) for layer in spec.layers):
+        return ("its linear-attention layers keep conv/recurrent state that onnxruntime-genai 0.18 double-buffers "
+                "under capture; not yet measured on a GPU with these graphs")
+    unknown = {type(layer.attention).__name__ for layer in spec.layers
+               if not isinstance(layer.attention, (AttentionSpec, LinearAttentionSpec))}
+    if unknown:
+        return f"its {', '.join(sorted(unknown))} layers have not been measured under capture"
+    return None
+
+
+def decide(spec: ModelSpec, ep: str, requested: bool | None) -> GraphCapture:
+    """The capture decision for an export (`requested`: the enable_cuda_graph option, None when not given)."""
+    if ep != "cuda":
+        return GraphCapture(False, f"-e {ep}: CUDA graphs apply to the CUDA execution provider only")
+    refused = refusal(spec)
+    if requested is False:
+        return GraphCapture(False, f"{OPTION}=false")
+    if refused:
+        if requested:
+            raise UsageError(f"{OPTION}=true: {spec.architecture} cannot be captured: {refused}. Drop the option "
+                             "(capture stays off for this model).")
+        return GraphCapture(False, refused)
+    doubt = unproven(spec)
+    if doubt and not requested:
+        return GraphCapture(False, f"{doubt} (set {OPTION}=true to try it)")
+    if doubt:
+        return GraphCapture(True, f"{OPTION}=true although {doubt}")
+    return GraphCapture(True, "decode steps are captured (static mask, one shared KV buffer per cache)")
