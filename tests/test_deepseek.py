@@ -172,15 +172,15 @@ def test_the_cache_holds_one_latent_row_per_token(exported):
 # --------------------------------------------------------------------------------------------- quantized
 
 
-@pytest.mark.parametrize("case, flips", [("v3", 0), ("v3_moe", 2)])
-def test_int8_export_stays_close(case, flips, checkpoint, exported):
-    """Within a few per cent at every position, except where int8 noise flips a near tie of the group-limited
-    router (v3_moe: two positions whose kept-group margin is 0.044 and 0.006 in transformers)."""
+@pytest.mark.parametrize("case", ["v3", "v3_moe"])
+def test_int8_export_stays_close(case, checkpoint, exported):
+    """Within a few per cent at every position (a near tie of the group-limited router could flip under int8 noise;
+    none of the v3_moe prompt positions has one: the kept groups lead by 0.017 or more in transformers)."""
     run = parity.run_onnx(exported(case, "int8"), decode_steps=0)
     reference = parity.hf_logits(parity.load_hf(checkpoint(case)), parity.PROMPT_IDS)
     relative = np.linalg.norm(run.prompt_logits - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
-    assert np.sort(relative)[len(relative) - 1 - flips] < 0.08, relative
-    assert (run.prompt_logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
+    assert relative.max() < 0.08, relative
+    assert (run.prompt_logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
 
 
 @pytest.mark.parametrize("case", ["v3", "v2", "v3_moe"])
