@@ -36,6 +36,7 @@ import onnx_ir as ir
 from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import rms_norm
+from builder.layers.residual import Biased
 from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotate
 from builder.spec import AttentionSpec, LatentSpec
 from builder.weights import Concatenated, Constant, Weight
@@ -142,8 +143,9 @@ def _rotate_outside(ctx: LayerContext, step: StepInputs, attn: AttentionSpec, q_
 
 
 def latent_attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, step: StepInputs,
-                     past_key: ir.Value, past_value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Returns (output [B, S, hidden], present_key, present_value); both caches hold [rope key | latent] rows."""
+                     past_key: ir.Value, past_value: ir.Value) -> tuple:
+    """Returns (output [B, S, hidden], or `Biased` when o_proj has a bias, present_key, present_value); both caches
+    hold [rope key | latent] rows."""
     _check(attn, layer)
     g, w, lat, heads = ctx.g, ctx.weights, attn.latent, attn.num_heads
     prefix = f"layers.{layer}.attn"
@@ -177,9 +179,10 @@ def latent_attention(ctx: LayerContext, x: ir.Value, layer: int, attn: Attention
     with g.scope("v_absorb"):
         out = _per_head(ctx, out, _absorbed(ctx, layer, attn, "value"))
     out = g.op("Reshape", [out, g.ints("shape.merge_heads", [0, 0, -1])])
+    hidden = ctx.spec.hidden_size
     with g.scope("o_proj"):
-        o_bias = w.get(f"{prefix}.o.bias", (ctx.spec.hidden_size,)) if attn.o_bias else None
-        out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (ctx.spec.hidden_size,
-                                                                           heads * lat.v_head_dim)),
-                     ctx.settings.plan.format_for("attn.o", layer), o_bias)
+        out = linear(ctx, out, f"{prefix}.o", w.get(f"{prefix}.o.weight", (hidden, heads * lat.v_head_dim)),
+                     ctx.settings.plan.format_for("attn.o", layer))
+    if attn.o_bias:  # added by the next residual norm when nothing comes between (builder/layers/residual.py)
+        out = Biased(out, ctx.float_initializer(f"{prefix}.o.bias", w.get(f"{prefix}.o.bias", (hidden,))))
     return out, present_key, present_value
