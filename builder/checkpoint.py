@@ -15,7 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from builder.errors import CheckpointError, UnsupportedModelError
+from builder.errors import CheckpointError
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16,
@@ -30,7 +30,10 @@ _DTYPES = {
     "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn,
     "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E8M0": ml_dtypes.float8_e8m0fnu,  # power-of-two block scales (UE8M0)
 }
+# 8-bit float weights carry separate scales (builder/fp8.py): reading one as plain floats would drop them
+_SCALED_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 _MAX_HEADER = 100 * 1024 * 1024
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
@@ -84,6 +87,10 @@ class TensorRef:
 
     def read_float(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows as float32 (bf16/fp16 widen exactly; float32 data is returned as read, without a copy)."""
+        if self.dtype in _SCALED_DTYPES:
+            raise CheckpointError(f"{self.path.name}: tensor {self.name} is {self.dtype}, an 8-bit float weight "
+                                  "whose values need their scales; this architecture's mapping reads it as plain "
+                                  "floats. Export a bf16 copy of the checkpoint, or use a family that reads FP8.")
         return self.read(start, stop).astype(np.float32, copy=False)
 
 
@@ -184,10 +191,6 @@ class Checkpoint:
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: expected a JSON object of model settings, found a JSON "
                                   f"{type(config).__name__}. Re-download the checkpoint's config.json.")
-        if config.get("auto_map"):
-            raise UnsupportedModelError(
-                f"{path}: the config asks for custom code (auto_map: {sorted(config['auto_map'])}), i.e. "
-                "trust_remote_code. ortbuild never runs checkpoint code; only built-in architectures are supported.")
         return config
 
     def _index_tensors(self) -> dict[str, TensorRef]:
@@ -240,6 +243,13 @@ class Checkpoint:
                                   "model this is. Add the model class transformers saves there, e.g. "
                                   '"architectures": ["LlamaForCausalLM"].')
         return archs[0]
+
+    @property
+    def remote_code(self) -> list[str]:
+        """The auto_map entries of config.json: the checkpoint's own modelling code (trust_remote_code), which
+        ortbuild never imports; builders.checkpoint_family decides whether the architecture is exported anyway."""
+        auto_map = self.config.get("auto_map")
+        return sorted(auto_map) if isinstance(auto_map, dict) else ([str(auto_map)] if auto_map else [])
 
     def names(self) -> list[str]:
         return sorted(self._refs)

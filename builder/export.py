@@ -18,7 +18,7 @@ from builder.settings import ExportSettings
 from builder.spec import ModelSpec
 from builder.state import genai_names
 from builder.weights import WeightMap
-from builders import family_for, text_config
+from builders import checkpoint_family, text_config
 from builders.common import ignore_declared, reject_unconsumed, reject_unread, resolve_tied_head, skip_notes
 
 
@@ -59,7 +59,7 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
             cache_dir: str | None = None) -> Prepared:
     settings = ExportSettings.resolve(precision, ep, extra_options)
     checkpoint = Checkpoint.resolve(model, input_dir, cache_dir)
-    family = family_for(checkpoint.architecture)
+    family, family_notes = checkpoint_family(checkpoint)
     config = text_config(family, checkpoint.config, checkpoint.architecture)
     spec = family.make_spec(config)
     ignore_declared(checkpoint, family.ignored)
@@ -68,7 +68,7 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     spec, ep_notes = fit_chunked_attention(spec, settings.ep)
     settings = settings.with_plan(spec)
     capture_note = settings.graph_capture.note(settings.ep)
-    notes = (*settings.plan.notes, *tie_notes, *ep_notes, *skip_notes(checkpoint),
+    notes = (*family_notes, *settings.plan.notes, *tie_notes, *ep_notes, *skip_notes(checkpoint),
              *([capture_note] if capture_note else []))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 

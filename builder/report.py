@@ -28,6 +28,12 @@ def _layer_rows(plan, i: int, layer) -> list[tuple[str, str, int | None]]:
         rows = [_row(f"layers.{i}.linear_attn.in_proj", fmt("linear_attn.qkv")),
                 _row(f"layers.{i}.linear_attn.ab", fmt("linear_attn.ab")),
                 _row(f"layers.{i}.linear_attn.out", fmt("linear_attn.out"))]
+    elif attn.latent is not None:  # q_a (or q) + kv_a in one MatMul, q_b, the absorbed kv_b halves, then o
+        rows = [_row(f"layers.{i}.attn.qkv_a", fmt("attn.q"))]
+        rows += [_row(f"layers.{i}.attn.q_b", fmt("attn.q"))] if attn.latent.q_lora_rank is not None else []
+        rows += [_row(f"layers.{i}.attn.kv_b_{part}", fmt("attn.kv_b"), " (per-head MatMul)")
+                 for part in ("key", "value")]
+        rows.append(_row(f"layers.{i}.attn.o", fmt("attn.o")))
     else:
         rows = [_row(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
                 _row(f"layers.{i}.attn.o", fmt("attn.o"))]
@@ -127,14 +133,21 @@ def moe_rows(spec) -> list[str]:
     return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
 
 
+def _latent_text(lat) -> str:
+    q = f"q_a {lat.q_lora_rank} -> norm -> q_b" if lat.q_lora_rank is not None else "one q projection"
+    return (f"latent (MLA): {q}, kv latent {lat.kv_lora_rank}, heads of nope {lat.qk_nope_head_dim} + rope "
+            f"{lat.qk_rope_head_dim} (v {lat.v_head_dim}); cached per token: key and value rows of {lat.cache_width}")
+
+
 def attention_rows(spec) -> list[str]:
-    """Attention variants that change which keys a query sees or how it is scaled (chunks, windows, temperature)."""
+    """Attention variants that change which keys a query sees or how it is scaled (chunks, windows, temperature), and
+    latent attention (its ranks and what it caches)."""
     groups: dict[str, list[int]] = {}
     for i, layer in enumerate(spec.layers):
         attn = layer.attention
         if not isinstance(attn, AttentionSpec):
             continue
-        parts = []
+        parts = [_latent_text(attn.latent)] if attn.latent is not None else []
         if attn.attention_chunk:
             parts.append(f"chunks of {attn.attention_chunk} (attention_bias)")
         if attn.sliding_window:

@@ -16,6 +16,13 @@ orientation [out_features, in_features]:
                                              qk_norm_scope="projection"
     layers.{i}.attn.sinks              [num_heads]
     layers.{i}.attn.gate.weight        [num_heads * head_dim, hidden] output gate rows (AttentionSpec.output_gate)
+    multi-head latent attention (AttentionSpec.latent, see LatentSpec), instead of q/k/v:
+    layers.{i}.attn.q_a.weight / .bias  [q_lora_rank, hidden], then layers.{i}.attn.q_a_norm.weight [q_lora_rank]
+    layers.{i}.attn.q_b.weight         [num_heads * (nope + rope), q_lora_rank]   (or attn.q.weight from hidden when
+                                       q_lora_rank is None); each head's rows are nope then rope
+    layers.{i}.attn.kv_a.weight / .bias [kv_lora_rank + rope, hidden]: latent rows then the shared rope key's rows
+    layers.{i}.attn.kv_a_norm.weight   [kv_lora_rank]
+    layers.{i}.attn.kv_b.weight        [num_heads * (nope + v_head_dim), kv_lora_rank]: per head, k_nope then v rows
     layers.{i}.linear_attn.qkv.weight  [2 * key_size + value_size, hidden] q | k | v rows, heads in order
     layers.{i}.linear_attn.z.weight    [value_size, hidden] output-gate projection
     layers.{i}.linear_attn.{a,b}.weight   [value_heads, hidden] decay / update-rate projections
@@ -64,6 +71,31 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class LatentSpec:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): keys and values are decompressed per head from one
+    normalised latent of kv_lora_rank per token (kv_b); a rope key of qk_rope_head_dim, shared by every head, is
+    concatenated to the per-head nope keys; q comes from a low-rank q_a -> norm -> q_b (q_lora_rank) or one plain
+    projection (q_lora_rank None). Query heads are qk_nope_head_dim + qk_rope_head_dim wide, value heads
+    v_head_dim. The layer caches the latent and the rotated rope key (builder/layers/mla.py).
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """One cached row per token: the rotated rope key, then the normalised latent."""
+        return self.qk_rope_head_dim + self.kv_lora_rank
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
     num_kv_heads: int
@@ -92,6 +124,10 @@ class AttentionSpec:
     k_eq_v: bool = False  # values come from the key projection (Gemma 4 attention_k_eq_v): no v weights
     # Output gate (Qwen3.5, Qwen3-Next): out = attention(x) * sigmoid(gate(x)) before o_proj, gate weight [q_size, hidden]
     output_gate: bool = False
+    # Multi-head latent attention: q/k/v come from the latent projections of LatentSpec (builder/layers/mla.py). Then
+    # num_kv_heads is 1 and head_dim is LatentSpec.cache_width (the cache holds one latent row per token), the rope
+    # rotates qk_rope_head_dim dims, qkv_bias means the q_a / kv_a biases and a None scale is 1/sqrt(qk_head_dim).
+    latent: LatentSpec | None = None
 
     @property
     def q_size(self) -> int:

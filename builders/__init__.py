@@ -75,6 +75,30 @@ def family_for(architecture: str) -> Family:
     return family
 
 
+def checkpoint_family(ckpt: Checkpoint) -> tuple[Family, list[str]]:
+    """The family of a checkpoint's architecture, and notes to show.
+
+    A config with auto_map asks for the checkpoint's own modelling code (trust_remote_code), which ortbuild never
+    imports or runs. Such a checkpoint is exported only when its architecture is registered here, i.e. one that
+    transformers implements itself (tests check every registered name is a transformers class) and ortbuild
+    computes with its own code (DeepSeek-V3 and Kimi-K2 ship auto_map for DeepseekV3ForCausalLM); anything else is
+    refused, naming the custom code.
+    """
+    architecture = ckpt.architecture
+    remote = ckpt.remote_code
+    if not remote:
+        return family_for(architecture), []
+    _load_all()
+    if architecture not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"{ckpt.folder / 'config.json'}: architecture {architecture} is not one ortbuild implements, and the "
+            f"config asks for custom code (auto_map: {remote}), i.e. trust_remote_code. ortbuild never runs "
+            f"checkpoint code; supported architectures: {', '.join(supported_architectures())}.")
+    return _REGISTRY[architecture], [f"config.json names custom code (auto_map: {', '.join(remote)}); it is not "
+                                     f"imported: {architecture} is exported with ortbuild's own implementation of "
+                                     "the transformers architecture."]
+
+
 def text_config(family: Family, config: dict, architecture: str, where: str = "config.json") -> Config:
     """The config that describes the text decoder (the wrapper's text_config for multimodal checkpoints)."""
     top = Config(config, architecture, where)

@@ -1,5 +1,5 @@
-"""Helpers shared by family modules: typed geometry and rope reads (mRoPE included), name-table weight mapping,
-multimodal text prefixes, tied heads, consumption checks."""
+"""Helpers shared by family modules: typed geometry and rope reads (mRoPE included), name-table weight mapping
+(FP8 block-scaled tensors dequantized on the way), multimodal text prefixes, tied heads, consumption checks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 
 from builder.checkpoint import Checkpoint
 from builder.errors import CheckpointError
+from builder.fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8BlockWeight
 from builder.spec import ModelSpec, RopeSpec
-from builder.weights import Stored, WeightMap, block_spans
+from builder.weights import Stored, Weight, WeightMap, block_spans
 from builders.config import Config
 
 # Rope types the rotary layer computes (builder/layers/rotary.py), and the parameters each reads:
@@ -167,6 +168,40 @@ def projection_table(dst: str, src: str, projections: Iterable[str], *, bias: bo
     return {f"{dst}.{p}.{kind}": f"{src}.{p}_proj.{kind}" for p in projections for kind in kinds}
 
 
+def fp8_block(ckpt: Checkpoint) -> tuple[int, int] | None:
+    """(rows, columns) per scale of an FP8 block-scaled checkpoint (quantization_config quant_method "fp8"), else
+    None. Only what DeepSeek-V3 / Kimi-K2 ship is read: e4m3 weights, dynamic activations, block scales."""
+    quant = Config(ckpt.config, ckpt.architecture).sub("quantization_config", None)
+    if quant is None or quant.str("quant_method", None) != "fp8":
+        return None
+    quant.str("fmt", "e4m3", choices=("e4m3",))
+    quant.str("activation_scheme", "dynamic", choices=("dynamic",))
+    block = quant.list("weight_block_size", None, of=int, length=2)
+    if block is None:
+        raise quant.unsupported("weight_block_size", None, why="only block-scaled FP8 is read, e.g. [128, 128]")
+    if min(block) < 1:
+        raise quant.bad("weight_block_size", block, "two positive block sizes (rows, columns)")
+    return block[0], block[1]
+
+
+def checkpoint_weight(ckpt: Checkpoint, name: str) -> Weight:
+    """The float weight a checkpoint tensor holds: the tensor as stored, or an FP8 tensor dequantized with its block
+    scales `<name>_scale_inv` (builder/fp8.py), row block by row block."""
+    ref = ckpt.tensor(name)
+    if ref.dtype not in FP8_DTYPES:
+        return Stored(ref)
+    what = f"{ckpt.architecture}: FP8 tensor {name} ({ref.dtype} {list(ref.shape)})"
+    block = fp8_block(ckpt)
+    if block is None:
+        raise CheckpointError(f"{what}: config.json has no quantization_config with quant_method 'fp8' and a "
+                              "weight_block_size, so its scales are unknown. Restore the checkpoint's config.json.")
+    scale = name + SCALE_SUFFIX
+    if not ckpt.has(scale):
+        raise CheckpointError(f"{what} has no scale tensor {scale} in {ckpt.folder} (blocks of {block[0]} x "
+                              f"{block[1]}). The checkpoint is incomplete; re-download it.")
+    return Fp8BlockWeight(ref, ckpt.tensor(scale), block)
+
+
 def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_layers: int) -> None:
     """Map canonical names to checkpoint tensors through a name table; `{i}` expands over layers.
 
@@ -177,7 +212,7 @@ def map_table(ckpt: Checkpoint, weights: WeightMap, table: dict[str, str], num_l
         for i in indices:
             name, hf = (canonical.format(i=i), source.format(i=i)) if i is not None else (canonical, source)
             if ckpt.has(hf):
-                weights.add(name, Stored(ckpt.tensor(hf)), hf)
+                weights.add(name, checkpoint_weight(ckpt, hf), hf)
             else:
                 weights.expect(name, hf)
 

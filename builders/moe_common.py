@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from builder.checkpoint import Checkpoint
 from builder.spec import RoutingSpec
-from builder.weights import InterleavedGateUp, Stacked, Stored, WeightMap
+from builder.weights import InterleavedGateUp, Stacked, WeightMap
+from builders.common import checkpoint_weight
 from builders.config import Config
 
 # DeepSeek-V3 / GLM-4.5 router: sigmoid scores, correction bias for selection, group-limited top-k ("noaux_tc").
@@ -46,7 +47,7 @@ def top_k(cfg: Config, num_experts: int, key: str = "num_experts_per_tok") -> in
 
 def stacked(ckpt: Checkpoint, template: str, count: int) -> Stacked:
     """Per-expert tensors `template.format(e=...)` stacked into [E, ...], read expert by expert."""
-    return Stacked(tuple(Stored(ckpt.tensor(template.format(e=e))) for e in range(count)))
+    return Stacked(tuple(checkpoint_weight(ckpt, template.format(e=e)) for e in range(count)))
 
 
 def map_experts(ckpt: Checkpoint, weights: WeightMap, index: int, experts: str, count: int,
@@ -67,7 +68,7 @@ def map_shared_expert(ckpt: Checkpoint, weights: WeightMap, index: int, source: 
         for kind in ("weight", "bias") if bias else ("weight",):
             name = f"{source}.{part}_proj.{kind}"
             if ckpt.has(name):
-                weights.add(f"layers.{index}.moe.shared.{part}.{kind}", Stored(ckpt.tensor(name)), name)
+                weights.add(f"layers.{index}.moe.shared.{part}.{kind}", checkpoint_weight(ckpt, name), name)
             else:
                 weights.expect(f"layers.{index}.moe.shared.{part}.{kind}", name)
 

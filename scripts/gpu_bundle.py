@@ -82,12 +82,23 @@ CONFIGS = [
     # so the 12 + 4 tokens stay in the first chunk, where causal attention is chunked attention exactly
     ("llama4_text-fp16", "llama4_text", {"attention_chunk_size": 64}, {}, "fp16", []),
     ("llama4_text-int4", "llama4_text", {"attention_chunk_size": 64}, {}, "int4", []),
+    # latent attention: GroupQueryAttention with one kv head of [rope key | latent] rows (48 wide here; 576 with
+    # DeepSeek-V3's real kv_lora_rank / head sizes, past flash attention's 256: the op's memory-efficient fallback)
+    ("deepseek_v3-fp16", "deepseek_v3", {}, {}, "fp16", []),
+    ("deepseek_v3-bf16", "deepseek_v3", {}, {}, "bf16", []),
+    ("deepseek_v3-int4", "deepseek_v3", {}, {}, "int4", []),
+    ("deepseek_v3-fp16-576", "deepseek_v3", {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                                             "v_head_dim": 128}, {}, "fp16", []),
+    ("deepseek_v2-fp16", "deepseek_v2", MOE64, {}, "fp16", []),
+    ("deepseek_v3_moe-fp16", "deepseek_v3_moe", MOE64, {}, "fp16", []),
+    ("deepseek_v3_moe-int4", "deepseek_v3_moe", MOE64, {}, "int4", []),
 ]
 DECODE_STEPS = 4
 # Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.
 BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64},
                    "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "glm4_moe": MOE64, "ernie4_5_moe": MOE64,
-                   "phimoe": {"intermediate_size": 64}, "llama4_text": {"attention_chunk_size": 64}}
+                   "phimoe": {"intermediate_size": 64}, "llama4_text": {"attention_chunk_size": 64},
+                   "deepseek_v2": MOE64, "deepseek_v3_moe": MOE64}
 BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})})
                  for case, (arch, overrides) in batching.FAMILIES.items()]
 BATCH_DECODE_STEPS = 6

@@ -15,6 +15,7 @@ config.json, generation_config.json, a small tokenizer and `shards` safetensors 
     python scripts/make_probe_checkpoint.py gpt-oss-2g-mxfp4 /tmp/probe-mxfp4  # MXFP4 experts (original format)
     python scripts/make_probe_checkpoint.py gpt-oss-20b-mxfp4 /tmp/probe-20b   # GPT-OSS-20B's shape, MXFP4, 24 layers
     python scripts/make_probe_checkpoint.py qwen3.5-35b-a3b /tmp/probe-hybrid --layers 2  # hybrid, real layer shapes
+    python scripts/make_probe_checkpoint.py deepseek-v3-probe /tmp/probe-ds3  # FP8, real layer shapes, 3 layers
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from probe_deepseek import DEEPSEEK_V3_LATENT, LatentShape, deepseek_config, deepseek_dtype, deepseek_specs, \
+    fp8_chunk, scale_chunk
 
 CHUNK_ITEMS = 8 * 1024 * 1024  # bf16 items generated per chunk (16 MB): memory stays small
 
@@ -55,6 +59,12 @@ class ProbeShape:
     linear_head_dim: int = 0  # key and value head size
     shared_intermediate: int = 0
     full_attention_interval: int = 4  # every n-th layer is full attention; the last one always is in a probe
+    # deepseek_v3 (scripts/probe_deepseek.py): latent attention, dense MLPs of dense_intermediate in the first
+    # dense_layers layers, FP8 block-scaled linear weights
+    latent: LatentShape | None = None
+    dense_layers: int = 0
+    dense_intermediate: int = 0
+    fp8: bool = False
 
 
 PRESETS = {
@@ -75,6 +85,13 @@ PRESETS = {
                                   intermediate=512, vocab=248320, experts=256, top_k=8, shards=4, max_positions=4096,
                                   linear_key_heads=16, linear_value_heads=32, linear_head_dim=128,
                                   shared_intermediate=512),
+    # deepseek-ai/DeepSeek-V3's real layer shapes and FP8 layout with 3 layers: one dense (18432 wide) and two MoE
+    # layers (256 experts of 2048 and a 2048 shared expert, ~11.3 GB of FP8 experts each), latent attention with
+    # q_lora 1536, kv_lora 512, 128 heads of 128 + 64 (v 128); the real 129280 vocabulary. ~26 GB on disk.
+    "deepseek-v3-probe": ProbeShape("deepseek_v3", hidden=7168, layers=3, heads=128, kv_heads=128, head_dim=192,
+                                    intermediate=2048, vocab=129280, experts=256, top_k=8, shards=6,
+                                    max_positions=163840, shared_intermediate=2048, latent=DEEPSEEK_V3_LATENT,
+                                    dense_layers=1, dense_intermediate=18432, fp8=True),
     # The real models, for extrapolation (param_count / largest tensors only; far too big to generate here).
     "gpt-oss-20b": ProbeShape("gpt_oss", hidden=2880, layers=24, heads=64, kv_heads=8, head_dim=64,
                               intermediate=2880, vocab=201088, experts=32, top_k=4, shards=3),
@@ -84,6 +101,10 @@ PRESETS = {
                                     intermediate=2880, vocab=201088, experts=32, top_k=4, shards=3, mxfp4=True),
     "gpt-oss-120b": ProbeShape("gpt_oss", hidden=2880, layers=36, heads=64, kv_heads=8, head_dim=64,
                                intermediate=2880, vocab=201088, experts=128, top_k=4, shards=15),
+    "deepseek-v3": ProbeShape("deepseek_v3", hidden=7168, layers=61, heads=128, kv_heads=128, head_dim=192,
+                              intermediate=2048, vocab=129280, experts=256, top_k=8, shards=163, max_positions=163840,
+                              shared_intermediate=2048, latent=DEEPSEEK_V3_LATENT, dense_layers=3,
+                              dense_intermediate=18432, fp8=True),
 }
 
 
@@ -126,6 +147,8 @@ def tensor_specs(s: ProbeShape) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every stored tensor, sorted by name as save_pretrained writes them (dtype: see _dtype)."""
     if s.arch == "qwen3_5_moe":
         return _hybrid_specs(s)
+    if s.arch == "deepseek_v3":
+        return deepseek_specs(s)
     h, q, kv = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
     specs = [("model.embed_tokens.weight", (s.vocab, h)), ("model.norm.weight", (h,))]
     if not s.tie or s.lm_head_copy:
@@ -159,18 +182,31 @@ def tensor_specs(s: ProbeShape) -> list[tuple[str, tuple[int, ...]]]:
     return sorted(specs)
 
 
-def _dtype(name: str) -> str:
+ITEM_BYTES = {"BF16": 2, "U8": 1, "F8_E4M3": 1, "F32": 4}
+
+
+def _dtype(name: str, s: ProbeShape | None = None) -> str:
+    if s is not None and s.arch == "deepseek_v3":
+        return deepseek_dtype(name, s.fp8)
     return "U8" if name.endswith(("_blocks", "_scales")) else "BF16"
 
 
+def _nbytes(name: str, shape: tuple[int, ...], s: ProbeShape) -> int:
+    return ITEM_BYTES[_dtype(name, s)] * int(np.prod(shape))
+
+
 def param_count(s: ProbeShape) -> int:
-    """Parameters the checkpoint describes (an MXFP4 byte holds two)."""
-    return sum(int(np.prod(shape)) * (32 if name.endswith("_blocks") else 1 if _dtype(name) == "BF16" else 0)
-               // (16 if name.endswith("_blocks") else 1) for name, shape in tensor_specs(s))
+    """Parameters the checkpoint describes (an MXFP4 byte holds two; scales are not parameters)."""
+    def count(name: str, shape: tuple[int, ...]) -> int:
+        if name.endswith("_blocks"):
+            return int(np.prod(shape)) * 2
+        return 0 if name.endswith(("_scales", "_scale_inv")) else int(np.prod(shape))
+
+    return sum(count(name, shape) for name, shape in tensor_specs(s))
 
 
 def checkpoint_bytes(s: ProbeShape) -> int:
-    return sum(int(np.prod(shape)) * (2 if _dtype(name) == "BF16" else 1) for name, shape in tensor_specs(s))
+    return sum(_nbytes(name, shape, s) for name, shape in tensor_specs(s))
 
 
 def _hybrid_config(s: ProbeShape) -> dict:
@@ -198,6 +234,8 @@ def config_json(s: ProbeShape) -> dict:
     """A config.json transformers (and so the reference builder) loads for this shape."""
     if s.arch == "qwen3_5_moe":
         return _hybrid_config(s)
+    if s.arch == "deepseek_v3":
+        return deepseek_config(s)
     common = dict(architectures=["Qwen3ForCausalLM" if s.arch == "qwen3" else "GptOssForCausalLM"],
                   hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                   num_key_value_heads=s.kv_heads, head_dim=s.head_dim, intermediate_size=s.intermediate,
@@ -221,14 +259,21 @@ def config_json(s: ProbeShape) -> dict:
                                 "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False}}
 
 
-def _random_chunks(name: str, shape: tuple[int, ...], seed: int, seed_name: str | None = None):
-    """Chunks of bf16 bit patterns (uint16) or MXFP4 bytes: seeded per name (or `seed_name`), so files are
-    byte-identical run to run."""
+def _random_chunks(name: str, shape: tuple[int, ...], seed: int, dtype: str = "BF16", seed_name: str | None = None):
+    """Chunks of bf16 bit patterns (uint16), MXFP4 bytes, e4m3 bytes or float32 scales: seeded per name (or
+    `seed_name`), so files are byte-identical run to run."""
     rng = np.random.default_rng([seed, zlib.crc32((seed_name or name).encode())])
     is_norm = name.endswith(("layernorm.weight", "norm.weight", "A_log", "dt_bias"))
     total = int(np.prod(shape))
     for start in range(0, total, CHUNK_ITEMS):
         size = min(CHUNK_ITEMS, total - start)
+        if dtype == "F8_E4M3":
+            yield fp8_chunk(rng, size)
+            continue
+        if dtype == "F32":  # block scales, or a router's correction bias (small, either sign)
+            yield (scale_chunk(rng, size) if name.endswith("_scale_inv") else
+                   rng.uniform(-0.05, 0.05, size).astype(np.float32).view(np.uint8))
+            continue
         if name.endswith("_blocks"):  # any fp4 code pair is valid
             yield rng.integers(0, 256, size=size, dtype=np.uint8)
             continue
@@ -243,9 +288,9 @@ def _random_chunks(name: str, shape: tuple[int, ...], seed: int, seed_name: str 
         yield bits
 
 
-def _split_shards(specs, shards: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+def _split_shards(specs, shards: int, s: ProbeShape) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Contiguous runs of the sorted names with roughly equal bytes; none empty."""
-    sizes = [(2 if _dtype(name) == "BF16" else 1) * int(np.prod(shape)) for name, shape in specs]
+    sizes = [_nbytes(name, shape, s) for name, shape in specs]
     total, groups, current, acc = sum(sizes), [], [], 0
     for spec, size in zip(specs, sizes):
         current.append(spec)
@@ -257,11 +302,11 @@ def _split_shards(specs, shards: int) -> list[list[tuple[str, tuple[int, ...]]]]
     return [g for g in groups if g]
 
 
-def _write_safetensors(path: Path, specs, seed: int, seed_names: dict[str, str]) -> int:
+def _write_safetensors(path: Path, specs, seed: int, s: ProbeShape, seed_names: dict[str, str]) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in specs:
-        dtype = _dtype(name)
-        size = (2 if dtype == "BF16" else 1) * int(np.prod(shape))
+        dtype = _dtype(name, s)
+        size = _nbytes(name, shape, s)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -270,7 +315,7 @@ def _write_safetensors(path: Path, specs, seed: int, seed_names: dict[str, str])
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name, shape in specs:
-            for chunk in _random_chunks(name, shape, seed, seed_names.get(name)):
+            for chunk in _random_chunks(name, shape, seed, _dtype(name, s), seed_names.get(name)):
                 f.write(chunk.tobytes())
     return offset
 
@@ -284,11 +329,11 @@ def write_checkpoint(s: ProbeShape, folder: Path, seed: int = 0, tokenizer: bool
     specs = tensor_specs(s)
     # a tied checkpoint that stores lm_head.weight stores a copy of the embedding (as Qwen/Qwen3-0.6B's files do)
     seed_names = {"lm_head.weight": "model.embed_tokens.weight"} if s.tie and s.lm_head_copy else {}
-    groups = _split_shards(specs, max(1, s.shards))
+    groups = _split_shards(specs, max(1, s.shards), s)
     weight_map, total = {}, 0
     for i, group in enumerate(groups, start=1):
         fname = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        total += _write_safetensors(folder / fname, group, seed, seed_names)
+        total += _write_safetensors(folder / fname, group, seed, s, seed_names)
         weight_map.update({name: fname for name, _ in group})
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -68,6 +68,10 @@ FAMILIES = {
     "ernie4_5_moe": ("ernie4_5_moe", {}),
     "phimoe": ("phimoe", {}),
     "llama4_text": ("llama4_text", {}),
+    # latent attention (one kv head of [rope key | latent] rows)
+    "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v3_moe": ("deepseek_v3_moe", {"seed": 1}),  # sigmoid + correction bias + groups; seed 0 hits eos early
+    "deepseek_v2": ("deepseek_v2", {}),  # plain q projection, greedy softmax experts
 }
 
 

@@ -233,17 +233,47 @@ def test_unsupported_architecture_lists_the_supported_ones(checkpoint, tmp_path,
                    f"Supported architectures: {', '.join(supported)}.", out=out)
 
 
-def test_remote_code_is_refused_and_never_run(checkpoint, tmp_path, capsys):
-    """auto_map means trust_remote_code: refused even for a supported architecture; its module is never imported."""
-    marker = tmp_path / "remote-code-ran"
+def _remote_code(checkpoint: Path, marker: Path) -> None:
+    """Give the checkpoint auto_map modelling code that would create `marker` if it were ever imported."""
     (checkpoint / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (checkpoint / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     edit_json(checkpoint / "config.json", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
                                                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+
+
+def test_remote_code_of_an_unknown_architecture_is_refused_and_never_run(checkpoint, tmp_path, capsys):
+    """auto_map means trust_remote_code: an architecture ortbuild does not implement is refused; its module is
+    never imported."""
+    marker = tmp_path / "remote-code-ran"
+    _remote_code(checkpoint, marker)
+    edit_json(checkpoint / "config.json", architectures=["EvilForCausalLM"])
     out = tmp_path / "out"
     assert_refused(capsys, export_args(checkpoint, out), UNSUPPORTED, str(checkpoint / "config.json"),
-                   "auto_map", "trust_remote_code", "never runs checkpoint code", out=out)
+                   "architecture EvilForCausalLM is not one ortbuild implements",
+                   "auto_map: ['AutoConfig', 'AutoModelForCausalLM']", "trust_remote_code",
+                   "never runs checkpoint code", out=out)
     assert not marker.exists()
+
+
+def test_remote_code_of_a_builtin_architecture_exports_with_our_code(checkpoint, tmp_path, capsys):
+    """A supported (transformers built-in) architecture whose config also names custom code, as DeepSeek-V3 and
+    Kimi-K2 do, exports with ortbuild's own implementation, says so, and never imports the checkpoint's code."""
+    marker = tmp_path / "remote-code-ran"
+    _remote_code(checkpoint, marker)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, ["-i", str(checkpoint), "-o", str(out)])
+    assert code == 0, err
+    assert (out / "model.onnx").is_file()
+    assert ("config.json names custom code (auto_map: AutoConfig, AutoModelForCausalLM); it is not imported: "
+            "Qwen3ForCausalLM is exported with ortbuild's own implementation of the transformers architecture.") in err
+    assert not marker.exists()
+
+
+def test_every_supported_architecture_is_a_transformers_class():
+    """What lets a supported architecture with auto_map export: transformers implements every one of them."""
+    import transformers
+
+    assert [arch for arch in supported_architectures() if not hasattr(transformers, arch)] == []
 
 
 class _PickleBomb:

@@ -80,8 +80,10 @@ def test_config_files_match_the_recipe(tiny_checkpoint, arch):
     assert cfg["architectures"] == [factory.ARCHS[arch].architecture]
     # phi4_mini: 64-wide heads so that its 0.75 partial rotary (48 dims) is one GroupQueryAttention can do itself;
     # Nemotron: half rotary needs a rotated width of 16; hybrids: 0.25 of a 64-wide head rotates 16 dims
-    # GLM-4.5: half rotary of a 32-wide head rotates 16 dims, inside GroupQueryAttention as the real 128-wide heads
-    shape = {"phi4_mini": (128, 2, 1, 64), "nemotron": (64, 4, 2, 32), "glm4_moe": (64, 4, 2, 32)}.get(
+    # GLM-4.5: half rotary of a 32-wide head rotates 16 dims, inside GroupQueryAttention as the real 128-wide heads;
+    # DeepSeek: latent attention has a key per query head, and head_dim is the rope width (transformers sets it so)
+    shape = {"phi4_mini": (128, 2, 1, 64), "nemotron": (64, 4, 2, 32), "glm4_moe": (64, 4, 2, 32),
+             **{name: (64, 4, 4, 16) for name in factory.ARCHS if name.startswith("deepseek")}}.get(
         arch, (64, 4, 2, 64 if arch in HYBRID else 16))
     assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"],
             text["vocab_size"], text["max_position_embeddings"]) == (*shape, 512, 256)

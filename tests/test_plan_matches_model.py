@@ -57,6 +57,10 @@ CASES = {
     "llama4_text": ("llama4_text", {}, "int4", []),
     "llama4_vlm": ("llama4_vlm", {}, "int4", ["qmoe_block_size=16"]),
     "phimoe": ("phimoe", {}, "int4", ["last_matmul_weight_int8=true"]),
+    "deepseek_v3": ("deepseek_v3", {}, "int4", ["int8_mixed_layers=true"]),
+    "deepseek_v3_no_q_lora": ("deepseek_v3", {"q_lora_rank": None}, "int8", []),
+    "deepseek_v2": ("deepseek_v2", {}, "int4", ["moe_quant_bits=8"]),
+    "deepseek_v3_moe": ("deepseek_v3_moe", {}, "int4", ["qmoe_block_size=16"]),
 }
 assert {arch for arch, *_ in CASES.values()} == set(factory.ARCHS)  # every family recipe is covered
 FORMAT = re.compile(r"^int(\d) \S+ (?:block (\d+)|per-channel) (sym|asym)")

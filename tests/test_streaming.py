@@ -25,6 +25,7 @@ from builder.weights import Constant, WholeMap, ordered_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_probe_checkpoint import ProbeShape, write_checkpoint  # noqa: E402
+from probe_deepseek import LatentShape  # noqa: E402
 
 MB = 1 << 20
 
@@ -32,6 +33,10 @@ MB = 1 << 20
 def _shape(arch: str, layers: int) -> ProbeShape:
     """Layers big enough that keeping anything per layer (weights, blocks, scales) shows against graph objects;
     a short context, so the rotary cache (20-64 MB at the real lengths) does not hide the streaming peak."""
+    if arch == "deepseek_v3":  # FP8 block-scaled weights, latent attention, a dense first layer, then MoE layers
+        return ProbeShape("deepseek_v3", hidden=512, layers=layers, heads=4, kv_heads=4, head_dim=0, intermediate=256,
+                          vocab=2048, experts=8, top_k=2, shards=2, max_positions=256, shared_intermediate=256,
+                          latent=LatentShape(256, 128, 64, 32, 64), dense_layers=1, dense_intermediate=1024, fp8=True)
     if arch == "qwen3":
         return ProbeShape("qwen3", hidden=512, layers=layers, heads=8, kv_heads=4, head_dim=64, intermediate=1024,
                           vocab=2048, tie=True, shards=2, max_positions=256)
@@ -61,7 +66,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("arch,precision", [("qwen3", "int4"), ("qwen3", "fp16"), ("gpt_oss", "int4"),
-                                            ("gpt_oss", "int8")])
+                                            ("gpt_oss", "int8"), ("deepseek_v3", "int4")])
 def test_repeated_exports_are_byte_identical_whatever_the_thread_count(probes, tmp_path, monkeypatch, arch,
                                                                        precision):
     source = probes(arch, 2)
@@ -100,7 +105,7 @@ def _traced(source: Path, out: Path, precision: str, extra: list[str]) -> tuple[
 # int4 block 16 doubles the scales, so a source that kept each layer's scales to the end would show.
 MEMORY_CASES = [("qwen3", "int4", ["int4_block_size=16"]), ("qwen3", "fp16", []), ("qwen3", "fp32", []),
                 ("gpt_oss", "fp32", []),
-                ("gpt_oss", "int4", ["qmoe_block_size=16"])]
+                ("gpt_oss", "int4", ["qmoe_block_size=16"]), ("deepseek_v3", "int4", ["qmoe_block_size=16"])]
 
 
 @pytest.mark.parametrize("arch,precision,extra", MEMORY_CASES)

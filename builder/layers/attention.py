@@ -11,6 +11,7 @@ position (Ministral 3, Llama 4), chunked attention through the op's attention_bi
 multiplied by their sigmoid before o_proj), and KV sharing: a layer with kv_source feeds GroupQueryAttention the
 source layer's new (normalised, un-rotated) keys/values and cache, so the op rebuilds exactly the source's keys and
 values while the layer itself has no k/v projection and no cache of its own (its present outputs are left unused).
+Multi-head latent attention (AttentionSpec.latent, DeepSeek) is its own layer: builder/layers/mla.py.
 """
 
 from __future__ import annotations
@@ -197,6 +198,12 @@ def attention(ctx: LayerContext, x: ir.Value, layer: int, attn: AttentionSpec, s
     kv_store (layer -> SharedKV): a source layer records its keys/values there; a consumer (attn.kv_source) reads
     them and ignores past_key/past_value.
     """
+    if attn.latent is not None:  # multi-head latent attention (DeepSeek): its own layer
+        from builder.layers.mla import latent_attention
+
+        if kv_store is not None:
+            raise ValueError(f"layer {layer}: KV sharing with latent attention is not implemented")
+        return latent_attention(ctx, x, layer, attn, step, past_key, past_value)
     g, w, hidden = ctx.g, ctx.weights, ctx.spec.hidden_size
     prefix = f"layers.{layer}.attn"
     plan = ctx.settings.plan

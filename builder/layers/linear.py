@@ -42,7 +42,10 @@ class QuantizedWeight:
     def blocks(self, kind: str) -> Iterator[np.ndarray]:
         """The blocks of one output, in row order: from the pass that already ran, else from a new pass."""
         if kind in self._held:
-            yield from self._held.pop(kind)
+            held = self._held.pop(kind)
+            held.reverse()
+            while held:  # each block is forgotten once handed over: what is held shrinks as the writer takes it
+                yield held.pop()
             return
         self.passes += 1
         others: dict[str, list[np.ndarray]] = {k: [] for k in self.OUTPUTS if k != kind}
@@ -90,11 +93,11 @@ def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: Weig
     packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, lambda: source.blocks("packed"))
     numpy_dtype = ctx.settings.numpy_dtype
     scales = g.streamed(f"{name}.scales", ctx.settings.ir_dtype, s_shape,
-                        lambda: iter([source.whole("scales").astype(numpy_dtype)]))
+                        lambda: (block.astype(numpy_dtype, copy=False) for block in source.blocks("scales")))
     zero_points = None
     if not fmt.symmetric:
         zero_points = g.streamed(f"{name}.zero_points", ir.DataType.UINT8, zp_shape,
-                                 lambda: iter([source.whole("zero_points")]))
+                                 lambda: source.blocks("zero_points"))
     return packed, scales, zero_points
 
 

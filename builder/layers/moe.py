@@ -64,7 +64,7 @@ def _expert_weights(ctx: LayerContext, name: str, weight: Weight,
     scale_shape = (e, n, k // fmt.block_size) if fmt.block_size else (e, n)
     numpy_dtype = ctx.settings.numpy_dtype
     scales = ctx.g.streamed(f"{name}.scales", ctx.settings.ir_dtype, scale_shape,
-                            lambda: iter([source.whole("scales").astype(numpy_dtype)]))
+                            lambda: (block.astype(numpy_dtype, copy=False) for block in source.blocks("scales")))
     return packed, scales
 
 

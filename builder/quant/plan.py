@@ -5,8 +5,9 @@ Inputs are the precision, the INT4 base method, the orthogonal INT8 placement fl
 weight, which `ortbuild inspect` prints as a table before a single weight is read. Layers ask the plan; nobody
 re-checks flags inside graph code.
 
-Roles: attn.{q,k,v,o}, mlp.{gate,up,down}, linear_attn.{qkv,out,ab}, moe.router, moe.experts, moe.shared.*,
-moe.shared_gate, lm_head, embed (plus family roles such as per_layer.*, which take the base format).
+Roles: attn.{q,k,v,o}, attn.kv_b (latent attention), mlp.{gate,up,down}, linear_attn.{qkv,out,ab}, moe.router,
+moe.experts, moe.shared.*, moe.shared_gate, lm_head, embed (plus family roles such as per_layer.*, which take the
+base format).
 
 Routed experts are decided here too, from moe_quant_bits / qmoe_block_size, whichever op computes them: experts of a
 fused MoE/QMoE layer get the QMoE grid (symmetric MLAS, block or per-channel scales); per-expert experts (Gemma 4,
@@ -41,8 +42,9 @@ PROJECTION_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up"
 LINEAR_ATTN_ROLES = ("linear_attn.", "mlp.", "moe.shared.")
 # Weights that stay float whatever the precision: routers and the shared-expert gate (tiny, and routing decisions
 # are sensitive to them), linear attention's a/b decay projections (tiny, they drive the recurrent state's decay)
-# and the per-layer input table (a Gather, with no quantized lookup wired).
-ALWAYS_FLOAT_ROLES = ("moe.router", "moe.shared_gate", "linear_attn.ab", "per_layer.embed")
+# the per-layer input table (a Gather, with no quantized lookup wired) and latent attention's absorbed kv_b matrices
+# (per-head batched MatMul weights, which MatMulNBits cannot hold; builder/layers/mla.py).
+ALWAYS_FLOAT_ROLES = ("moe.router", "moe.shared_gate", "linear_attn.ab", "per_layer.embed", "attn.kv_b")
 # Options that only concern MoE experts (the first two their numbers, the last two the CUDA QMoE byte layout).
 EXPERT_OPTIONS = ("moe_quant_bits", "qmoe_block_size")
 QMOE_LAYOUT_OPTIONS = ("qmoe_weights_prepacked", "qmoe_prepack_arch")
