@@ -9,6 +9,7 @@ import builder
 from builder.checkpoint import Checkpoint
 from builder.decoder import build_decoder
 from builder.layers.attention import fit_chunked_attention
+from builder.layers.mla import fit_latent_attention
 from builder.genai_config import GENAI_TYPES, genai_config
 from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
 from builder.progress import Progress
@@ -66,9 +67,10 @@ def prepare(model: str, precision: str, ep: str, extra_options=None, *, input_di
     weights = family.map_weights(spec, checkpoint)
     spec, tie_notes = resolve_tied_head(spec, checkpoint, weights)
     spec, ep_notes = fit_chunked_attention(spec, settings.ep)
+    spec, latent_notes = fit_latent_attention(spec, settings)
     settings = settings.with_plan(spec)
     capture_note = settings.graph_capture.note(settings.ep)
-    notes = (*family_notes, *settings.plan.notes, *tie_notes, *ep_notes, *skip_notes(checkpoint),
+    notes = (*family_notes, *settings.plan.notes, *tie_notes, *ep_notes, *latent_notes, *skip_notes(checkpoint),
              *([capture_note] if capture_note else []))
     return Prepared(checkpoint, spec, settings, weights, config.data, notes)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from builder.errors import UsageError
 from builder.quant import BLOCK_SIZES
+from builder.spec import LATENT_FORMS
 
 
 def _parse_bool(text: str) -> bool:
@@ -152,6 +153,13 @@ OPTIONS: tuple[Option, ...] = (
            "decay gate, gated delta rule, gated norm) and keep its conv and recurrent state in float32, as "
            "transformers keeps the recurrent state; false runs it in the activation dtype. No effect on fp32 "
            "activations (cpu)."),
+    Option("latent_attention_form", "str", None,
+           "Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): absorbed caches one [rope key | latent] row per "
+           "token (2 x 576 values per layer for DeepSeek-V3) through GroupQueryAttention with one kv head; "
+           "decompressed caches per-head keys and values (values padded to the qk head size: 2 x 128 x 192). "
+           "Default: absorbed, unless the row is wider than GroupQueryAttention takes on the EP (cuda: 512, so "
+           "DeepSeek-V3 / Kimi-K2 export decompressed on cuda); the export notes the choice and its cache cost.",
+           choices=LATENT_FORMS),
     Option("moe_quant_bits", "int", None,
            "Bits for routed MoE expert weights (QMoE, or Gemma 4's per-expert MatMulNBits). Default: 4 for -p int4, "
            "8 for -p int8.", choices=(4, 8), quantized_only=True),

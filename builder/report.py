@@ -31,8 +31,9 @@ def _layer_rows(plan, i: int, layer) -> list[tuple[str, str, int | None]]:
     elif attn.latent is not None:  # q_a (or q) + kv_a in one MatMul, q_b, the absorbed kv_b halves, then o
         rows = [_row(f"layers.{i}.attn.qkv_a", fmt("attn.q"))]
         rows += [_row(f"layers.{i}.attn.q_b", fmt("attn.q"))] if attn.latent.q_lora_rank is not None else []
-        rows += [_row(f"layers.{i}.attn.kv_b_{part}", fmt("attn.kv_b"), " (per-head MatMul)")
-                 for part in ("key", "value")]
+        rows += ([_row(f"layers.{i}.attn.kv_b", fmt("attn.kv_b"))] if attn.latent.form == "decompressed" else
+                 [_row(f"layers.{i}.attn.kv_b_{part}", fmt("attn.kv_b"), " (per-head MatMul)")
+                  for part in ("key", "value")])
         rows.append(_row(f"layers.{i}.attn.o", fmt("attn.o")))
     else:
         rows = [_row(f"layers.{i}.attn.{'qkv' if attn.kv_source is None else 'q'}", fmt("attn.q")),
@@ -133,10 +134,14 @@ def moe_rows(spec) -> list[str]:
     return [f"{_layer_ranges(indices)}: {text}" for text, indices in groups.items()]
 
 
-def _latent_text(lat) -> str:
+def _latent_text(attn) -> str:
+    lat = attn.latent
     q = f"q_a {lat.q_lora_rank} -> norm -> q_b" if lat.q_lora_rank is not None else "one q projection"
+    cached = (f"key and value rows of {lat.cache_width}" if lat.form == "absorbed" else
+              f"{attn.num_kv_heads} key and value heads of {attn.head_dim}"
+              + (f" (values padded from {lat.v_head_dim})" if lat.v_head_dim != attn.head_dim else ""))
     return (f"latent (MLA): {q}, kv latent {lat.kv_lora_rank}, heads of nope {lat.qk_nope_head_dim} + rope "
-            f"{lat.qk_rope_head_dim} (v {lat.v_head_dim}); cached per token: key and value rows of {lat.cache_width}")
+            f"{lat.qk_rope_head_dim} (v {lat.v_head_dim}); {lat.form}, cached per token: {cached}")
 
 
 def attention_rows(spec) -> list[str]:
@@ -147,7 +152,7 @@ def attention_rows(spec) -> list[str]:
         attn = layer.attention
         if not isinstance(attn, AttentionSpec):
             continue
-        parts = [_latent_text(attn.latent)] if attn.latent is not None else []
+        parts = [_latent_text(attn)] if attn.latent is not None else []
         if attn.attention_chunk:
             parts.append(f"chunks of {attn.attention_chunk} (attention_bias)")
         if attn.sliding_window:

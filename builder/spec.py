@@ -76,7 +76,10 @@ class LatentSpec:
     normalised latent of kv_lora_rank per token (kv_b); a rope key of qk_rope_head_dim, shared by every head, is
     concatenated to the per-head nope keys; q comes from a low-rank q_a -> norm -> q_b (q_lora_rank) or one plain
     projection (q_lora_rank None). Query heads are qk_nope_head_dim + qk_rope_head_dim wide, value heads
-    v_head_dim. The layer caches the latent and the rotated rope key (builder/layers/mla.py).
+    v_head_dim. How the layer attends and what it caches is `form` (builder/layers/mla.py), decided per export by
+    `fit_latent_attention` from the EP's GroupQueryAttention limits:
+        "absorbed"      one kv head of [rope key | latent] rows (cache_width), kv_b folded into q and the output;
+        "decompressed"  kv_b applied to the latent: num_heads kv heads of [rope key | nope key] (values padded to it).
     """
 
     q_lora_rank: int | None
@@ -84,6 +87,7 @@ class LatentSpec:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    form: str = "absorbed"  # a LATENT_FORMS value
 
     @property
     def qk_head_dim(self) -> int:
@@ -93,6 +97,9 @@ class LatentSpec:
     def cache_width(self) -> int:
         """One cached row per token: the rotated rope key, then the normalised latent."""
         return self.qk_rope_head_dim + self.kv_lora_rank
+
+
+LATENT_FORMS = ("absorbed", "decompressed")
 
 
 @dataclass(frozen=True)
@@ -125,8 +132,9 @@ class AttentionSpec:
     # Output gate (Qwen3.5, Qwen3-Next): out = attention(x) * sigmoid(gate(x)) before o_proj, gate weight [q_size, hidden]
     output_gate: bool = False
     # Multi-head latent attention: q/k/v come from the latent projections of LatentSpec (builder/layers/mla.py). Then
-    # num_kv_heads is 1 and head_dim is LatentSpec.cache_width (the cache holds one latent row per token), the rope
-    # rotates qk_rope_head_dim dims, qkv_bias means the q_a / kv_a biases and a None scale is 1/sqrt(qk_head_dim).
+    # num_kv_heads and head_dim are the cache's: 1 and LatentSpec.cache_width in the absorbed form (one latent row per
+    # token), num_heads and the padded qk head size in the decompressed form; the rope rotates qk_rope_head_dim dims,
+    # qkv_bias means the q_a / kv_a biases and a None scale is 1/sqrt(qk_head_dim).
     latent: LatentSpec | None = None
 
     @property

@@ -101,7 +101,8 @@ def export_family(case: str, out: Path, precision: str, ep: str, extra: list[str
     overrides = dict(overrides)
     seed = overrides.pop("seed", 0)
     ckpt = factory.make_checkpoint(arch, out / f"ckpt-{case}", seed=seed, **overrides)
-    return export(str(ckpt), out / f"{case}-{precision}-{ep}", precision, ep, extra, overwrite=True)
+    return export(str(ckpt), out / f"{case}-{precision}-{ep}", precision, ep,
+                  [*batching.EXPORT_OPTIONS.get(case, []), *extra], overwrite=True)
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ import parity  # noqa: E402
 
 # (name, arch, factory overrides, factory kwargs, precision, extra options)
 MOE64 = {"moe_intermediate_size": 64}
+REAL_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128}  # DeepSeek-V3's
 CONFIGS = [
     ("qwen3-fp16-fusedqk", "qwen3", {}, {}, "fp16", []),
     ("qwen3-fp16-unfusedqk", "qwen3", {}, {}, "fp16", ["fuse_qk_norm_gqa=false"]),
@@ -82,13 +83,21 @@ CONFIGS = [
     # so the 12 + 4 tokens stay in the first chunk, where causal attention is chunked attention exactly
     ("llama4_text-fp16", "llama4_text", {"attention_chunk_size": 64}, {}, "fp16", []),
     ("llama4_text-int4", "llama4_text", {"attention_chunk_size": 64}, {}, "int4", []),
-    # latent attention: GroupQueryAttention with one kv head of [rope key | latent] rows (48 wide here; 576 with
-    # DeepSeek-V3's real kv_lora_rank / head sizes, past flash attention's 256: the op's memory-efficient fallback)
+    # latent attention: GroupQueryAttention with one kv head of [rope key | latent] rows (48 wide here)
     ("deepseek_v3-fp16", "deepseek_v3", {}, {}, "fp16", []),
     ("deepseek_v3-bf16", "deepseek_v3", {}, {}, "bf16", []),
     ("deepseek_v3-int4", "deepseek_v3", {}, {}, "int4", []),
-    ("deepseek_v3-fp16-576", "deepseek_v3", {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
-                                             "v_head_dim": 128}, {}, "fp16", []),
+    # the same model cached decompressed (4 kv heads of [rope 16 | nope 16], values 24 padded to 32)
+    ("deepseek_v3-fp16-decompressed", "deepseek_v3", {}, {}, "fp16", ["latent_attention_form=decompressed"]),
+    # DeepSeek-V3's real latent sizes (REAL_MLA): the 576-wide absorbed row is past GroupQueryAttention's CUDA limit
+    # (512), so cuda exports pick the decompressed form by themselves: 4 kv heads of 192 (rope 64 + nope 128, values
+    # 128 padded), flash attention's range
+    ("deepseek_v3-fp16-576", "deepseek_v3", REAL_MLA, {}, "fp16", []),
+    ("deepseek_v3-bf16-576", "deepseek_v3", REAL_MLA, {}, "bf16", []),
+    ("deepseek_v3-int4-576", "deepseek_v3", REAL_MLA, {}, "int4", []),
+    ("deepseek_v3_moe-fp16-576", "deepseek_v3_moe", {**MOE64, **REAL_MLA}, {}, "fp16", []),
+    ("deepseek_v3_moe-int4-576", "deepseek_v3_moe", {**MOE64, **REAL_MLA}, {}, "int4", []),
+    ("deepseek_v2-fp16-576", "deepseek_v2", {**MOE64, **REAL_MLA}, {}, "fp16", []),  # plain q projection
     ("deepseek_v2-fp16", "deepseek_v2", MOE64, {}, "fp16", []),
     ("deepseek_v3_moe-fp16", "deepseek_v3_moe", MOE64, {}, "fp16", []),
     ("deepseek_v3_moe-int4", "deepseek_v3_moe", MOE64, {}, "int4", []),
@@ -98,22 +107,22 @@ DECODE_STEPS = 4
 BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64},
                    "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "glm4_moe": MOE64, "ernie4_5_moe": MOE64,
                    "phimoe": {"intermediate_size": 64}, "llama4_text": {"attention_chunk_size": 64},
-                   "deepseek_v2": MOE64, "deepseek_v3_moe": MOE64}
-BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})})
-                 for case, (arch, overrides) in batching.FAMILIES.items()]
+                   "deepseek_v2": MOE64, "deepseek_v3_moe": MOE64, "deepseek_v2_decompressed": MOE64}
+BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})},
+                  batching.EXPORT_OPTIONS.get(case, [])) for case, (arch, overrides) in batching.FAMILIES.items()]
 BATCH_DECODE_STEPS = 6
 
 
 def bundle_batch(out: Path, work: Path, only: list[str] | None) -> list[dict]:
     manifest = []
-    for name, arch, overrides in BATCH_CONFIGS:
+    for name, arch, overrides, extra in BATCH_CONFIGS:
         if only and name not in only and "batch" not in only:
             continue
-        entry = {"name": name, "kind": "batch", "arch": arch, "precision": "fp16", "extra": [],
+        entry = {"name": name, "kind": "batch", "arch": arch, "precision": "fp16", "extra": extra,
                  "prompts": batching.PROMPTS, "decode_steps": BATCH_DECODE_STEPS}
         try:
             ckpt = factory.make_checkpoint(arch, work / name, **overrides)
-            parity.export(ckpt, out / name, "fp16", "cuda", [])
+            parity.export(ckpt, out / name, "fp16", "cuda", extra)
             entry["status"] = "exported"
         except Exception as exc:
             entry.update(status="export failed", error=f"{type(exc).__name__}: {exc}")

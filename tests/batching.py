@@ -72,6 +72,14 @@ FAMILIES = {
     "deepseek_v3": ("deepseek_v3", {}),
     "deepseek_v3_moe": ("deepseek_v3_moe", {"seed": 1}),  # sigmoid + correction bias + groups; seed 0 hits eos early
     "deepseek_v2": ("deepseek_v2", {}),  # plain q projection, greedy softmax experts
+    # latent attention cached decompressed (num_heads kv heads of [rope | nope] keys, padded values): EXPORT_OPTIONS
+    "deepseek_v3_decompressed": ("deepseek_v3", {}),
+    "deepseek_v2_decompressed": ("deepseek_v2", {}),
+}
+# Extra options a FAMILIES case is exported with (the others: none).
+EXPORT_OPTIONS = {
+    "deepseek_v3_decompressed": ["latent_attention_form=decompressed"],
+    "deepseek_v2_decompressed": ["latent_attention_form=decompressed"],
 }
 
 

@@ -36,7 +36,8 @@ def exported(tiny_checkpoint, tmp_path_factory):
         arch, overrides = CASES[case]
         return tiny_checkpoint(arch, **overrides)
 
-    return parity.export_cache(checkpoint, tmp_path_factory, "batch")
+    cache = parity.export_cache(checkpoint, tmp_path_factory, "batch")
+    return lambda case: cache(case, "fp32", "cpu", *batching.EXPORT_OPTIONS.get(case, ()))
 
 
 @pytest.fixture(scope="module")
