@@ -147,6 +147,26 @@ def test_gemma4_moe_experts_are_per_expert_subgraphs(exported):
     assert ops["TopK"] == 3
 
 
+def test_gemma4_moe_fp16_runs_on_cpu(exported):
+    """The experts' outputs are combined without a float16 ScatterND add reduction, which ONNX Runtime's CPU EP
+    lacks ("MLFloat16 data type is not supported with ScatterND opset 16 when reduction is 'add'")."""
+    ckpt, out = exported("gemma4_moe", "fp16")
+    assert all(node.attribute == [] for node in _graph(out).node if node.op_type == "ScatterND")
+    run = parity.run_onnx(out, decode_steps=4)
+    full = parity.hf_logits(parity.load_hf(ckpt), parity.PROMPT_IDS)
+    assert parity.max_abs(run.prompt_logits, full) < 0.05
+    assert (run.prompt_logits.argmax(-1) == full.argmax(-1)).all()
+
+
+def test_gemma4_moe_bf16_router_selects_in_float32(tiny_checkpoint, tmp_path):
+    """ONNX TopK has no bfloat16 type: the bf16 export's top-k runs on float32 scores."""
+    out = parity.export(tiny_checkpoint("gemma4_moe"), tmp_path / "model", "bf16", "cuda")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "model.onnx"), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    topk = [n for n in model.graph.node if n.op_type == "TopK"]
+    assert len(topk) == 3 and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in topk)
+
+
 def test_multimodal_checkpoints_export_text_only(exported):
     for case in ("gemma3_vlm", "gemma4_vlm"):
         ckpt, out = exported(case)

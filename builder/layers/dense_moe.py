@@ -8,8 +8,15 @@ Why not the fused MoE/QMoE op: Gemma 4 experts are GeGLU (gelu_tanh(gate) * up),
 and QMoE kernels reject activation_type="geglu" ("Unsupported MoE activation type: geglu", measured on the CPU EP
 and on the CUDA EP of onnxruntime-gpu 1.31.1 on an H100); SwiGLU is the only gated activation. The op also routes
 on its own input, while Gemma 4 routes on a different tensor than the experts see. So each expert is
-a small subgraph over only the tokens routed to it (NonZero -> Gather -> gated MLP -> ScatterND add): exact, compute
+a small subgraph over only the tokens routed to it (NonZero -> Gather -> gated MLP -> ScatterND): exact, compute
 proportional to top_k, quantized through the same MatMulNBits path as every other projection.
+
+Combining: token t's j-th pick writes its weighted expert output to row t * k + j of a [T * k, H] buffer; every
+(t, j) has exactly one expert, so the scatters never collide and need no reduction, and one ReduceSum over the k
+picks gives the output. (A ScatterND with reduction="add" into [T, H] would need no buffer, but ONNX Runtime's CPU
+kernel has no float16/bfloat16 add reduction: "MLFloat16 data type is not supported with ScatterND opset 16 when
+reduction is 'add'", onnxruntime 1.31.1 and 1.32.0.) ONNX TopK has no bfloat16 type, so a bfloat16 model's router
+selects in float32.
 """
 
 from __future__ import annotations
@@ -50,32 +57,36 @@ def expert_matrix(source: Weight, index: int) -> Weight:
 
 
 def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec) -> tuple[ir.Value, ir.Value]:
-    """(top-k weights [T, k], top-k expert ids [T, k]) from softmax over all experts."""
+    """(top-k weights [T * k], top-k expert ids [T * k]), pick j of token t at t * k + j, from softmax over all
+    experts."""
     g, w = ctx.g, ctx.weights
     prefix = f"layers.{index}.moe"
     bias = w.get(f"{prefix}.router.bias", (moe.num_experts,)) if moe.router_bias else None
     logits = linear(ctx, router_input, f"{prefix}.router",
                     w.get(f"{prefix}.router.weight", (moe.num_experts, ctx.spec.hidden_size)),
                     ctx.settings.plan.format_for("moe.router", index), bias)
+    bf16 = ctx.settings.ir_dtype == ir.DataType.BFLOAT16
+    if bf16:  # TopK takes float16/float32 only
+        logits = g.op("Cast", [logits], to=ir.DataType.FLOAT)
     probs = g.op("Softmax", [logits], axis=-1)
     top_w, top_i = g.op("TopK", [probs, g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
     if moe.routing.normalize_topk:
         top_w = g.op("Div", [top_w, g.op("ReduceSum", [top_w, g.ints("const.axis_last", [-1])], keepdims=1)])
-    return top_w, top_i
+    if bf16:
+        top_w = g.op("Cast", [top_w], to=ir.DataType.BFLOAT16)
+    flat = g.ints("const.flat", [-1])
+    return g.op("Reshape", [top_w, flat]), g.op("Reshape", [top_i, flat])
 
 
-def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_i: ir.Value, index: int,
+def _expert(ctx: LayerContext, x: ir.Value, picks: ir.Value, top_w: ir.Value, top_i: ir.Value, index: int,
             expert: int, moe: MoeSpec) -> ir.Value:
-    """out + this expert's weighted output on the tokens routed to it (scattered back by row)."""
+    """`picks` [T * k, H] with this expert's weighted output written at the picks routed to it."""
     g, w, hidden, inter = ctx.g, ctx.weights, ctx.spec.hidden_size, moe.intermediate_size
     prefix = f"layers.{index}.moe"
     fmt = ctx.settings.plan.format_for("moe.experts", index)
     expert_id = g.shared_constant(f"const.expert.{expert}", np.array(expert, np.int64))
-    hit = g.op("Equal", [top_i, expert_id])
-    weight = g.op("ReduceSum", [g.op("Where", [hit, top_w, ctx.scalar("const.zero", 0.0)]),
-                                g.ints("const.axis1", [1])], keepdims=0)
-    routed = g.op("ReduceMax", [g.op("Cast", [hit], to=ir.DataType.INT32), g.ints("const.axis1", [1])], keepdims=0)
-    rows = g.op("Reshape", [g.op("NonZero", [routed]), g.ints("const.flat", [-1])])
+    slots = g.op("Reshape", [g.op("NonZero", [g.op("Equal", [top_i, expert_id])]), g.ints("const.flat", [-1])])
+    rows = g.op("Div", [slots, g.shared_constant(f"const.topk.{moe.top_k}.i64", np.array(moe.top_k, np.int64))])
     tokens = g.op("Gather", [x, rows], axis=0)
     fc1 = expert_matrix(w.get(f"{prefix}.fc1.weight", (moe.num_experts, 2 * inter, hidden)), expert)
     with g.scope("gate_up_proj"):
@@ -85,8 +96,9 @@ def _expert(ctx: LayerContext, x: ir.Value, out: ir.Value, top_w: ir.Value, top_
     with g.scope("down_proj"):
         y = linear(ctx, g.op("Mul", [activation(ctx, gate, moe.activation), up]),
                    f"{prefix}.experts.{expert}.down", fc2, fmt)
-    y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("Gather", [weight, rows], axis=0), g.ints("const.axis1", [1])])])
-    return g.op("ScatterND", [out, g.op("Unsqueeze", [rows, g.ints("const.axis1", [1])]), y], reduction="add")
+    axis1 = g.ints("const.axis1", [1])
+    y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("Gather", [top_w, slots], axis=0), axis1])])
+    return g.op("ScatterND", [picks, g.op("Unsqueeze", [slots, axis1]), y])
 
 
 def routed_experts(ctx: LayerContext, x: ir.Value, router_input: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
@@ -98,15 +110,18 @@ def routed_experts(ctx: LayerContext, x: ir.Value, router_input: ir.Value, index
         raise UnsupportedModelError(f"layers.{index}.moe: per-expert experts compute {', '.join(GATED)} gated MLPs "
                                     "without biases, shared experts or clamping; this spec asks for more (activation "
                                     f"{moe.activation!r}). Such experts go through the fused MoE/QMoE op (MoeSpec).")
-    g, hidden = ctx.g, ctx.spec.hidden_size
+    g, hidden, k = ctx.g, ctx.spec.hidden_size, moe.top_k
     flat_shape = g.ints("shape.flat_hidden", [-1, hidden])
     flat = g.op("Reshape", [x, flat_shape])
     with g.scope("router"):
         top_w, top_i = _routing(ctx, g.op("Reshape", [router_input, flat_shape]), index, moe)
-    out = g.op("Expand", [ctx.scalar("const.zero", 0.0), g.op("Shape", [flat])])
+    picks = g.op("Expand", [ctx.scalar("const.zero", 0.0),
+                            g.op("Concat", [g.op("Shape", [top_w]), g.ints(f"const.dim.{hidden}", [hidden])], axis=0)])
     for expert in range(moe.num_experts):
         with g.scope(f"experts.{expert}"):
-            out = _expert(ctx, flat, out, top_w, top_i, index, expert, moe)
+            picks = _expert(ctx, flat, picks, top_w, top_i, index, expert, moe)
+    per_pick = g.op("Reshape", [picks, g.ints(f"shape.picks.{k}.{hidden}", [-1, k, hidden])])
+    out = g.op("ReduceSum", [per_pick, g.ints("const.axis1", [1])], keepdims=0)
     return g.op("Reshape", [out, g.op("Shape", [x])])
 
 
