@@ -18,6 +18,16 @@ onnxruntime-genai with this config).
 Not captured (the export says why in a note and genai_config carries "enable_cuda_graph": "0"):
 - a rotary length switch (longrope: Phi-3/Phi-4 long-context checkpoints) is an If node, which ONNX Runtime refuses
   to capture;
+- per-expert MoE layers (DenseMoeSpec, Gemma 4): each expert gathers the tokens routed to it (NonZero -> Gather ->
+  ... -> ScatterND), shapes that change with the routing at every step; a replay reuses the sizes of the captured
+  step (measured on an H200, onnxruntime-gpu 1.31.1: CUDA error 700, an illegal memory access, in cudaGraphLaunch).
+  tests/shape_flow.py finds every node whose shape depends on input values, and tests/test_capture_shapes.py checks
+  that no graph with capture on has one (latent attention in both forms, Llama 4's chunked attention on CUDA, the
+  hybrids and the fused MoE/QMoE layers have none);
+- float32 activations (-p fp32 -e cuda): GroupQueryAttention's CUDA kernel is registered for float16 and bfloat16 only
+  (onnxruntime contrib_ops/cuda/bert/group_query_attention.cc), so ONNX Runtime places every attention node on the
+  CPU EP (measured: the -p fp32 -e cuda Qwen3-Next export failed on an H200 in "GroupQueryAttention (CPU)"), and it
+  refuses to capture a session whose compute nodes are not all on the CUDA EP;
 - linear-attention layers (Qwen3.5, Qwen3-Next): genai 0.18 double-buffers their conv/recurrent state under capture
   (distinct past/present buffers swapped per step, two captured graph variants) and the LinearAttention /
   CausalConvWithState CUDA kernels have not been run captured with these graphs; not measured, so not promised.
@@ -30,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builder.errors import UsageError
-from builder.spec import AttentionSpec, LinearAttentionSpec, ModelSpec
+from builder.spec import AttentionSpec, DenseMoeSpec, LinearAttentionSpec, ModelSpec
 
 OPTION = "enable_cuda_graph"
 
@@ -58,11 +68,19 @@ def _rope_switch(spec: ModelSpec) -> bool:
                and length_switch(layer.attention.rope) is not None for layer in spec.layers)
 
 
-def refusal(spec: ModelSpec) -> str | None:
-    """Why ONNX Runtime would refuse to capture this model's graph, or None."""
+def refusal(spec: ModelSpec, io_dtype: str) -> str | None:
+    """Why ONNX Runtime would refuse to capture this model's graph, or fail replaying it, or None."""
     if _rope_switch(spec):
         return ("its rotary embedding switches frequency sets with the sequence length (longrope), an If node, and "
                 "ONNX Runtime cannot capture control flow")
+    if any(isinstance(layer.ffn, DenseMoeSpec) for layer in spec.layers):
+        return ("its per-expert MoE layers gather the tokens routed to each expert (NonZero), a shape that changes "
+                "with the routing at every step, and a captured graph replays the shapes of the step it captured "
+                "(CUDA error 700 in cudaGraphLaunch, measured on an H200 with onnxruntime-gpu 1.31.1)")
+    if io_dtype == "float32":
+        return ("GroupQueryAttention has no float32 CUDA kernel, so ONNX Runtime runs attention on the CPU EP, and it "
+                "captures only sessions whose compute nodes all run on the CUDA EP (export -p fp16, bf16, int4 or int8 "
+                "for float16/bfloat16 activations)")
     return None
 
 
@@ -78,11 +96,12 @@ def unproven(spec: ModelSpec) -> str | None:
     return None
 
 
-def decide(spec: ModelSpec, ep: str, requested: bool | None) -> GraphCapture:
-    """The capture decision for an export (`requested`: the enable_cuda_graph option, None when not given)."""
+def decide(spec: ModelSpec, ep: str, requested: bool | None, io_dtype: str) -> GraphCapture:
+    """The capture decision for an export (`requested`: the enable_cuda_graph option, None when not given;
+    `io_dtype`: the activation dtype)."""
     if ep != "cuda":
         return GraphCapture(False, f"-e {ep}: CUDA graphs apply to the CUDA execution provider only")
-    refused = refusal(spec)
+    refused = refusal(spec, io_dtype)
     if requested is False:
         return GraphCapture(False, f"{OPTION}=false")
     if refused:

@@ -142,11 +142,14 @@ OPTIONS: tuple[Option, ...] = (
            "embedding is tied to a 4-bit lm_head (one shared table, as the reference builder does), else off."),
     Option("fuse_qk_norm_gqa", "bool", None,
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
-           "CUDA only; default true on cuda, false on cpu."),
+           "CUDA with float16/bfloat16 activations only (ONNX Runtime's CPU kernel, which also runs float32 "
+           "attention on cuda, rejects them); default true for -e cuda -p fp16/bf16/int4/int8, false otherwise."),
     Option("enable_cuda_graph", "bool", None,
            "-e cuda: let onnxruntime-genai capture each decode step in a CUDA graph (genai_config's CUDA provider "
            "option). Default: on, except for models with a longrope length switch (an If node, which ONNX Runtime "
-           "cannot capture) and hybrid linear-attention models (not measured captured); the export notes why. "
+           "cannot capture), per-expert MoE layers (Gemma 4: shapes that change with the routing), -p fp32 "
+           "(attention runs on the CPU EP) and hybrid linear-attention models (not measured captured); the export "
+           "notes why. "
            "false turns it off; true is refused where ONNX Runtime would refuse the graph."),
     Option("linear_attn_fp32", "bool", True,
            "Hybrid (linear-attention) models with fp16/bf16 activations: run the linear-attention core (causal conv, "

@@ -21,6 +21,11 @@ from builder.spec import DenseMoeSpec, ModelSpec, MoeSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 EPS = ("cpu", "cuda")
+# Activation dtypes that ONNX Runtime's CUDA GroupQueryAttention has kernels for (onnxruntime
+# contrib_ops/cuda/bert/group_query_attention.cc registers MLFloat16 and BFloat16 only): with float32 activations on
+# -e cuda every attention node runs on the CPU EP, whose kernel rejects fused q/k norms (and capture is off:
+# builder/capture.py).
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,13 @@ class ExportSettings:
             raise UsageError("fuse_qk_norm_gqa=true needs -e cuda: ONNX Runtime's CPU GroupQueryAttention rejects the "
                              "q_norm_weight/k_norm_weight inputs, so CPU models keep separate norm nodes. Drop the option "
                              "or export with -e cuda.")
+        if fuse and io_dtype == "float32":
+            raise UsageError(f"fuse_qk_norm_gqa=true needs float16/bfloat16 activations (-p {precision} -e {ep} has "
+                             "float32): GroupQueryAttention has no float32 CUDA kernel, so ONNX Runtime runs a float32 "
+                             "model's attention on the CPU EP, which rejects the q_norm_weight/k_norm_weight inputs. "
+                             "Drop the option or export with -p fp16/bf16/int4/int8.")
         if fuse is None:
-            fuse = ep == "cuda"
+            fuse = ep == "cuda" and io_dtype in HALF_DTYPES
         if ep != "cuda" and extra["enable_cuda_graph"]:
             raise UsageError("enable_cuda_graph=true needs -e cuda: CUDA graphs are a CUDA execution provider "
                              "feature (a cpu export's genai_config has no CUDA options). Drop the option or export "
@@ -107,5 +117,5 @@ class ExportSettings:
                                       linear_attn_layers=spec.linear_attention_layers, fused_expert_layers=fused,
                                       per_expert_layers=per_expert, expert_k=expert_k, given=self.given,
                                       model=spec.architecture)
-        capture = decide_capture(spec, self.ep, self.extra.get("enable_cuda_graph"))
+        capture = decide_capture(spec, self.ep, self.extra.get("enable_cuda_graph"), self.io_dtype)
         return replace(self, plan=plan, graph_capture=capture)

@@ -53,7 +53,7 @@ def qk_norm_placement(attn: AttentionSpec, fuse: bool, shares_kv: bool) -> str |
                ("v has a norm too", attn.v_norm),
                ("keys shared with another layer", shares_kv),
                ("queries scaled by position", attn.query_position_scale is not None),
-               ("the fused form is CUDA-only, fuse_qk_norm_gqa", not fuse))
+               ("the fused form needs -e cuda and float16/bfloat16 activations, fuse_qk_norm_gqa", not fuse))
     return next((why for why, applies in reasons if applies), "fused")
 
 
