@@ -25,6 +25,7 @@ FLOAT_DTYPES = {
 }
 _NUMPY_TO_IR = {np.dtype(np.uint8): ir.DataType.UINT8, np.dtype(np.int64): ir.DataType.INT64,
                 np.dtype(np.int32): ir.DataType.INT32, np.dtype(np.float32): ir.DataType.FLOAT,
+                np.dtype(np.float64): ir.DataType.DOUBLE,
                 np.dtype(np.float16): ir.DataType.FLOAT16, np.dtype(ml_dtypes.bfloat16): ir.DataType.BFLOAT16}
 
 

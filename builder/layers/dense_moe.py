@@ -16,7 +16,7 @@ Combining: token t's j-th pick writes its weighted expert output to row t * k + 
 picks gives the output. (A ScatterND with reduction="add" into [T, H] would need no buffer, but ONNX Runtime's CPU
 kernel has no float16/bfloat16 add reduction: "MLFloat16 data type is not supported with ScatterND opset 16 when
 reduction is 'add'", onnxruntime 1.31.1 and 1.32.0.) ONNX TopK has no bfloat16 type, so a bfloat16 model's router
-selects in float32.
+selects in float32, as every router does (builder/layers/routing.py COMPUTE_DTYPES).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from builder.layers import LayerContext
 from builder.layers.linear import linear
 from builder.layers.mlp import GATED, activation, gated_mlp
 from builder.layers.norm import rms_norm, weightless_rms_norm
+from builder.layers.routing import router_compute
 from builder.spec import DenseMoeSpec, MoeSpec, RoutingSpec
 from builder.weights import Weight, WholeMap
 
@@ -65,17 +66,13 @@ def _routing(ctx: LayerContext, router_input: ir.Value, index: int, moe: MoeSpec
     logits = linear(ctx, router_input, f"{prefix}.router",
                     w.get(f"{prefix}.router.weight", (moe.num_experts, ctx.spec.hidden_size)),
                     ctx.settings.plan.format_for("moe.router", index), bias)
-    bf16 = ctx.settings.ir_dtype == ir.DataType.BFLOAT16
-    if bf16:  # TopK takes float16/float32 only
-        logits = g.op("Cast", [logits], to=ir.DataType.FLOAT)
-    probs = g.op("Softmax", [logits], axis=-1)
+    c = router_compute(ctx)  # float32 for a bfloat16 model: TopK has no bfloat16 (routing.COMPUTE_DTYPES)
+    probs = g.op("Softmax", [c.widen(logits)], axis=-1)
     top_w, top_i = g.op("TopK", [probs, g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
     if moe.routing.normalize_topk:
         top_w = g.op("Div", [top_w, g.op("ReduceSum", [top_w, g.ints("const.axis_last", [-1])], keepdims=1)])
-    if bf16:
-        top_w = g.op("Cast", [top_w], to=ir.DataType.BFLOAT16)
     flat = g.ints("const.flat", [-1])
-    return g.op("Reshape", [top_w, flat]), g.op("Reshape", [top_i, flat])
+    return g.op("Reshape", [c.io(top_w), flat]), g.op("Reshape", [top_i, flat])
 
 
 def _expert(ctx: LayerContext, x: ir.Value, picks: ir.Value, top_w: ir.Value, top_i: ir.Value, index: int,

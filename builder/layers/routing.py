@@ -2,7 +2,7 @@
 MoE family still run in one fused op.
 
 What the ops do with their router inputs (measured on the CPU EP of onnxruntime 1.31.1 and 1.32.0 by
-tests/test_routing_op.py; scripts/moe_routing_check.py checks the same on CUDA):
+tests/test_routing_op.py; scripts/moe_routing_check.py runs the same cases on CUDA):
   MoE   router_probs [T, E] -> softmax over all experts -> top-k -> weights = those probabilities, renormalised over
         the k when normalize_routing_weights=1. It has no router_weights input.
   QMoE  router_probs selects the top-k only; with router_weights [T, E] the weights are router_weights gathered at the
@@ -16,6 +16,9 @@ So the router computes in [B, S, E] (elementwise, any rank) and hands the op:
   MoE:   one tensor for both: log-weights at the k selected experts and the lowest float elsewhere; its softmax over
          the selection is w_i / sum_k w_j, exactly the renormalised weights. Without renormalisation the op's output is
          multiplied by sum_k w_j afterwards (`output_scale`).
+ONNX TopK has no bfloat16 type, so a bfloat16 model's router casts its logits to float32 once, computes the selection
+(and the weights) in float32 and casts the op's inputs back (COMPUTE_DTYPES); float16 and float32 models compute in
+their own dtype.
 The scaling factor (routed_scaling_factor) is folded into the experts' fc2 by the MoE layer (the output is linear in
 fc2), so it costs no node. A top-1 router whose weight multiplies the expert input (Llama 4) scales the op's input by
 it and lets the op weight the single expert by exactly 1.
@@ -35,6 +38,47 @@ from builder.layers.linear import linear
 from builder.spec import MoeSpec, RoutingSpec
 
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+
+
+# model dtype -> the dtype routers compute in: ONNX TopK has no bfloat16 (ONNX Runtime refuses to load such a graph:
+# "Type 'tensor(bfloat16)' of input parameter ... of operator (TopK) ... is invalid"), so a bfloat16 model's router
+# works in float32; every other dtype computes in its own
+COMPUTE_DTYPES = {ir.DataType.BFLOAT16: ir.DataType.FLOAT}
+
+
+@dataclass(frozen=True)
+class RouterCompute:
+    """The dtype a router computes its scores in (COMPUTE_DTYPES) and its constants in that dtype; `io` casts what
+    it hands the op (or multiplies the op's output with) back to the model dtype."""
+
+    ctx: LayerContext
+    dtype: ir.DataType
+
+    @property
+    def widened(self) -> bool:
+        return self.dtype != self.ctx.settings.ir_dtype
+
+    def scalar(self, name: str, value: float) -> ir.Value:
+        if not self.widened:
+            return self.ctx.scalar(name, value)
+        return self.ctx.g.shared_constant(f"{name}.{self.dtype.name.lower()}", np.array(value, self.dtype.numpy()))
+
+    def lowest(self) -> ir.Value:
+        """The lowest finite value of the model dtype (exact in a wider dtype): a score no expert is selected with,
+        whose exp is 0, and which survives the cast back."""
+        return self.scalar("const.lowest", float(ml_dtypes.finfo(self.ctx.settings.numpy_dtype).min))
+
+    def widen(self, value: ir.Value) -> ir.Value:
+        return self.ctx.g.op("Cast", [value], to=self.dtype) if self.widened else value
+
+    def io(self, value: ir.Value | None) -> ir.Value | None:
+        if value is None or not self.widened:
+            return value
+        return self.ctx.g.op("Cast", [value], to=self.ctx.settings.ir_dtype)
+
+
+def router_compute(ctx: LayerContext) -> RouterCompute:
+    return RouterCompute(ctx, COMPUTE_DTYPES.get(ctx.settings.ir_dtype, ctx.settings.ir_dtype))
 
 
 @dataclass
@@ -101,29 +145,39 @@ def _grouped(r: RoutingSpec) -> bool:
 def router_feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, quantized: bool) -> RouterFeed:
     """The router of layer `index` on x [B, S, H], in the form the fused op reads (QMoE when `quantized`)."""
     check_routing(moe, index)
+    return _feed(ctx, x, index, moe, router_weights=quantized,
+                 raw_softmax=not quantized and not _raw_softmax_broken(ctx))
+
+
+def _feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, router_weights: bool,
+          raw_softmax: bool) -> RouterFeed:
+    """`router_weights`: the op takes the weights in a router_weights input (QMoE); else in router_probs alone (MoE).
+    `raw_softmax`: the op honours normalize_routing_weights=0 for a plain softmax router."""
     g, r = ctx.g, moe.routing
+    c = router_compute(ctx)
     with g.scope("router"):
         logits = _logits(ctx, x, index, moe)
         if r.weight_on_input:
-            top = g.op("ReduceMax", [logits, g.ints("const.axis_last", [-1])], keepdims=1)
-            return RouterFeed(g.op("Mul", [x, g.op("Sigmoid", [top])]), _flat(ctx, logits, moe), None, True)
+            top = g.op("ReduceMax", [c.widen(logits), g.ints("const.axis_last", [-1])], keepdims=1)
+            return RouterFeed(g.op("Mul", [x, c.io(g.op("Sigmoid", [top]))]), _flat(ctx, logits, moe), None, True)
         if r.scoring == "sparsemixer":
-            return _sparsemixer(ctx, x, logits, moe, quantized)
+            return _sparsemixer(c, x, c.widen(logits), moe, router_weights)
         if not r.correction_bias and not _grouped(r):
-            return _monotone(ctx, x, logits, moe, quantized)
-        scores = g.op("Softmax" if r.scoring == "softmax" else "Sigmoid", [logits], **_axis(r))
+            return _monotone(c, x, logits, moe, router_weights, raw_softmax)
+        wide = c.widen(logits)
+        scores = g.op("Softmax" if r.scoring == "softmax" else "Sigmoid", [wide], **_axis(r))
         selection = scores
         if r.correction_bias:
             bias = ctx.float_initializer(f"layers.{index}.moe.router.correction_bias", ctx.weights.get(
-                f"layers.{index}.moe.router.correction_bias", (moe.num_experts,)))
+                f"layers.{index}.moe.router.correction_bias", (moe.num_experts,)), dtype=c.dtype)
             selection = g.op("Add", [scores, bias])
-        if quantized:  # the group limit's own reshape back makes the selection 2-D
-            selection = _group_limited(ctx, selection, moe, flat=True) if _grouped(r) else _flat(ctx, selection, moe)
-            return RouterFeed(x, selection, _flat(ctx, scores, moe), r.normalize_topk)
+        if router_weights:  # the group limit's own reshape back makes the selection 2-D
+            selection = _group_limited(c, selection, moe, flat=True) if _grouped(r) else _flat(ctx, selection, moe)
+            return RouterFeed(x, c.io(selection), c.io(_flat(ctx, scores, moe)), r.normalize_topk)
         if _grouped(r):
-            selection = _group_limited(ctx, selection, moe, flat=False)
-        log_weights = logits if r.scoring == "softmax" else g.op("Log", [scores])
-        return _one_input(ctx, x, selection, log_weights, scores, moe)
+            selection = _group_limited(c, selection, moe, flat=False)
+        log_weights = wide if r.scoring == "softmax" else g.op("Log", [scores])
+        return _one_input(c, x, selection, log_weights, scores, moe)
 
 
 def _axis(r: RoutingSpec) -> dict:
@@ -142,32 +196,29 @@ def _flat(ctx: LayerContext, value: ir.Value, moe: MoeSpec) -> ir.Value:
     return ctx.g.op("Reshape", [value, ctx.g.ints(f"shape.router.{moe.num_experts}", [-1, moe.num_experts])])
 
 
-def _lowest(ctx: LayerContext) -> ir.Value:
-    """The lowest finite value of the model dtype: a score no expert is selected with and whose exp is 0."""
-    lowest = float(ml_dtypes.finfo(ctx.settings.numpy_dtype).min)  # numpy's finfo does not know bfloat16
-    return ctx.scalar("const.lowest", lowest)
-
-
-def _monotone(ctx: LayerContext, x: ir.Value, logits: ir.Value, moe: MoeSpec, quantized: bool) -> RouterFeed:
+def _monotone(c: RouterCompute, x: ir.Value, logits: ir.Value, moe: MoeSpec, router_weights: bool,
+              raw_softmax: bool) -> RouterFeed:
     """Selection by the weights themselves (softmax or sigmoid of the logits, no bias, no groups): the logits select
     the same top-k, so no mask is needed."""
-    g, r = ctx.g, moe.routing
+    ctx, g, r = c.ctx, c.ctx.g, moe.routing
     flat = _flat(ctx, logits, moe)
     if r.scoring == "softmax":
-        if r.normalize_topk or (not quantized and not _raw_softmax_broken(ctx)):
+        if r.normalize_topk or raw_softmax:
             return RouterFeed(x, flat, None, r.normalize_topk)  # both ops weight by the softmax
-        if quantized:  # QMoE renormalises its own softmax whatever the attribute says
+        if router_weights:  # QMoE renormalises its own softmax whatever the attribute says
             return RouterFeed(x, flat, g.op("Softmax", [flat], axis=-1), False)
-        top, _ = g.op("TopK", [g.op("Softmax", [logits], axis=-1), g.ints(f"const.topk.{moe.top_k}", [moe.top_k])],
-                      axis=-1, outputs=2)
-        return RouterFeed(x, flat, None, True, g.op("ReduceSum", [top, g.ints("const.axis_last", [-1])], keepdims=1))
-    if quantized:
+        top, _ = g.op("TopK", [g.op("Softmax", [c.widen(logits)], axis=-1),
+                               g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
+        return RouterFeed(x, flat, None, True,
+                          c.io(g.op("ReduceSum", [top, g.ints("const.axis_last", [-1])], keepdims=1)))
+    if router_weights:
         return RouterFeed(x, flat, g.op("Sigmoid", [flat]), r.normalize_topk)
-    scores = g.op("Sigmoid", [logits])
+    wide = c.widen(logits)
+    scores = g.op("Sigmoid", [wide])
     log_sigmoid = g.op("Log", [scores])  # monotone in the logits: the same top-k
     if r.normalize_topk:
-        return RouterFeed(x, _flat(ctx, log_sigmoid, moe), None, True)
-    return _one_input(ctx, x, logits, log_sigmoid, scores, moe)
+        return RouterFeed(x, c.io(_flat(ctx, log_sigmoid, moe)), None, True)
+    return _one_input(c, x, wide, log_sigmoid, scores, moe)
 
 
 def _raw_softmax_broken(ctx: LayerContext) -> bool:
@@ -180,52 +231,52 @@ def _raw_softmax_broken(ctx: LayerContext) -> bool:
 
 def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int, axis: int = -1) -> ir.Value:
     """bool, the shape of `selection`: its k largest scores along `axis` (ties measure zero for float scores)."""
-    g = ctx.g
+    g = ctx.g  # TopK takes float16 and float32 (not bfloat16: see COMPUTE_DTYPES)
     values, _ = g.op("TopK", [selection, g.ints(f"const.topk.{k}", [k])], axis=axis, outputs=2)
     kth = g.op("ReduceMin", [values, g.ints(f"const.axis.{axis}", [axis])], keepdims=1)
     return g.op("GreaterOrEqual", [selection, kth])
 
 
-def _one_input(ctx: LayerContext, x: ir.Value, selection: ir.Value, log_weights: ir.Value, weights: ir.Value,
+def _one_input(c: RouterCompute, x: ir.Value, selection: ir.Value, log_weights: ir.Value, weights: ir.Value,
                moe: MoeSpec) -> RouterFeed:
-    """MoE (float experts) has one router input for selection and weights: log-weights on the selected experts, the
-    lowest float elsewhere; the op's softmax + top-k then picks the same experts with weights w_i / sum_k w_j."""
-    g, r = ctx.g, moe.routing
+    """One router input for selection and weights (MoE): log-weights on the selected experts, the lowest float
+    elsewhere; the op's softmax + top-k then picks the same experts with weights w_i / sum_k w_j."""
+    ctx, g, r = c.ctx, c.ctx.g, moe.routing
     mask = _top_k_mask(ctx, selection, moe.top_k)
-    probs = g.op("Where", [mask, log_weights, _lowest(ctx)])
+    probs = g.op("Where", [mask, log_weights, c.lowest()])
     scale = None
     if not r.normalize_topk:
-        scale = g.op("ReduceSum", [g.op("Where", [mask, weights, ctx.scalar("const.zero", 0.0)]),
+        scale = g.op("ReduceSum", [g.op("Where", [mask, weights, c.scalar("const.zero", 0.0)]),
                                    g.ints("const.axis_last", [-1])], keepdims=1)
-    return RouterFeed(x, _flat(ctx, probs, moe), None, True, scale)
+    return RouterFeed(x, c.io(_flat(ctx, probs, moe)), None, True, c.io(scale))
 
 
-def _group_limited(ctx: LayerContext, selection: ir.Value, moe: MoeSpec, *, flat: bool) -> ir.Value:
+def _group_limited(c: RouterCompute, selection: ir.Value, moe: MoeSpec, *, flat: bool) -> ir.Value:
     """Selection scores outside the topk_group best groups set to the lowest float, [B, S, E] (or [B * S, E] when
     `flat`). A group's rank is the sum of its two best selection scores (transformers' DeepSeek-V3 / GLM-4.5 noaux_tc
     rule)."""
-    g, r, e = ctx.g, moe.routing, moe.num_experts
+    ctx, g, r, e = c.ctx, c.ctx.g, moe.routing, moe.num_experts
     size = e // r.n_group
     with g.scope("group_limit"):
         grouped = g.op("Reshape", [selection, g.ints(f"shape.groups.{r.n_group}.{size}", [0, 0, r.n_group, size])])
         best2, _ = g.op("TopK", [grouped, g.ints("const.topk.2", [2])], axis=-1, outputs=2)
         group_scores = g.op("ReduceSum", [best2, g.ints("const.axis_last", [-1])], keepdims=1)  # [B, S, G, 1]
         kept = _top_k_mask(ctx, group_scores, r.topk_group, axis=-2)
-        masked = g.op("Where", [kept, grouped, _lowest(ctx)])
+        masked = g.op("Where", [kept, grouped, c.lowest()])
         if flat:
             return _flat(ctx, masked, moe)
         return g.op("Reshape", [masked, g.ints(f"shape.ungroup.{e}", [0, 0, e])])
 
 
-def _sparsemixer(ctx: LayerContext, x: ir.Value, logits: ir.Value, moe: MoeSpec, quantized: bool) -> RouterFeed:
+def _sparsemixer(c: RouterCompute, x: ir.Value, logits: ir.Value, moe: MoeSpec, router_weights: bool) -> RouterFeed:
     """PhiMoE's sparsemixer at inference (transformers' `sparsemixer`, not training): the top-2 logits select;
     each pick's weight is the softmax at the pick over the logits within a relative distance 2 * eps of it, the
-    first pick masked out for the second. Both weights go to the op as router_weights (QMoE), or as log-weights
-    with the output scaled by their sum (MoE)."""
-    g = ctx.g
+    first pick masked out for the second. Both weights go to the op as router_weights (QMoE), or as log-weights with
+    the output scaled by their sum (MoE). `logits` are in the compute dtype."""
+    ctx, g = c.ctx, c.ctx.g
     axis = g.ints("const.axis_last", [-1])
-    eps2 = ctx.scalar(f"const.sparsemixer.{moe.routing.sparsemixer_eps:g}", 2.0 * moe.routing.sparsemixer_eps)
-    lowest = _lowest(ctx)
+    eps2 = c.scalar(f"const.sparsemixer.{moe.routing.sparsemixer_eps:g}", 2.0 * moe.routing.sparsemixer_eps)
+    lowest = c.lowest()
     magnitude = g.op("Abs", [logits])
 
     def pick_weight(scores: ir.Value, top: ir.Value) -> ir.Value:
@@ -240,8 +291,8 @@ def _sparsemixer(ctx: LayerContext, x: ir.Value, logits: ir.Value, moe: MoeSpec,
         top2 = g.op("ReduceMax", [rest, axis], keepdims=1)
         w2 = pick_weight(rest, top2)
         weights = g.op("Where", [first, w1, w2])  # each selected expert's weight (others are never read)
-        if quantized:
-            return RouterFeed(x, _flat(ctx, logits, moe), _flat(ctx, weights, moe), False)
+        if router_weights:
+            return RouterFeed(x, c.io(_flat(ctx, logits, moe)), c.io(_flat(ctx, weights, moe)), False)
         chosen = g.op("GreaterOrEqual", [logits, top2])
         probs = g.op("Where", [chosen, g.op("Log", [weights]), lowest])
-        return RouterFeed(x, _flat(ctx, probs, moe), None, True, g.op("Add", [w1, w2]))
+        return RouterFeed(x, c.io(_flat(ctx, probs, moe)), None, True, c.io(g.op("Add", [w1, w2])))
