@@ -43,6 +43,11 @@ class ExportSettings:
     io_dtype: str  # "float32" | "float16" | "bfloat16": activations, KV cache, float weights
     fuse_qk_norm: bool
     qmoe_layout: QmoeLayout
+    # QMoE takes its routing weights in a router_weights input: the CPU kernel honours it (tests/test_routing_op.py);
+    # the CUDA kernel of onnxruntime-gpu 1.31.1 ignores router_weights and normalize_routing_weights=0 (it weights by
+    # the renormalised softmax of the selected router_probs; scripts/moe_routing_check.py on an H200), so cuda exports
+    # feed QMoE like MoE: masked log-weights in router_probs (builder/layers/routing.py).
+    qmoe_router_weights: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
     given: frozenset[str] = frozenset()  # the extra options the user set (the others are defaults)
     plan: QuantPlan | None = None  # set once the model is known (see with_plan)
@@ -102,7 +107,7 @@ class ExportSettings:
                              "H100). Use qmoe_prepack_arch=80 (the default).")
         layout = QmoeLayout(extra["qmoe_weights_prepacked"], extra["qmoe_prepack_arch"])
         return cls(precision=precision, ep=ep, io_dtype=io_dtype, fuse_qk_norm=bool(fuse), qmoe_layout=layout,
-                   extra=MappingProxyType(extra), given=frozenset(given))
+                   qmoe_router_weights=ep == "cpu", extra=MappingProxyType(extra), given=frozenset(given))
 
     def with_plan(self, spec: ModelSpec) -> "ExportSettings":
         """Attach the QuantPlan, told the facts of the model that decide formats (layers, tying, experts), and the

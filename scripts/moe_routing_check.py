@@ -17,6 +17,10 @@ these behaviours, each one case here (one-node models, SwiGLU experts interleave
                               anyway: the attribute is ignored; that is why Qwen2-MoE feeds router_weights)
   qmoe/top1              QMoE k=1, no router_weights -> weight exactly 1
   qmoe/3d-input          QMoE input [B, S, H], router inputs 2-D
+  qmoe/masked-log        QMoE the MoE one-input form (what -e cuda exports feed QMoE: onnxruntime-gpu 1.31.1's CUDA
+                              QMoE ignores router_weights and normalize=0): log w on the k chosen experts, lowest
+                              float elsewhere, no router_weights, normalize=1 -> weights w / sum(w)
+  qmoe/masked-log-3d     QMoE the same with input [B, S, H] (as the exports feed it)
 
 Each case is run for int4 and int8 (per-channel scales) QMoE experts and float MoE experts, in the dtypes asked for
 (CPU: float32 and float16; CUDA: float16, and float32 for MoE). Every row must match its reference (relative error
@@ -95,11 +99,11 @@ def case_inputs(name: str, t: int, rng: np.random.Generator):
         c = top_k(logits, 2)
         p = gather(softmax(logits), c)
         return 2, 0, logits, None, c, p, renorm(p), False
-    if kind == "masked-log":
+    if kind in ("masked-log", "masked-log-3d"):
         c = top_k(sel, 2)
         probs = np.full((t, E), float(np.finfo(np.float16).min))
         np.put_along_axis(probs, c, np.log(gather(w, c)), axis=1)
-        return 2, 1, probs, None, c, renorm(gather(w, c)), gather(w, c), False
+        return 2, 1, probs, None, c, renorm(gather(w, c)), gather(w, c), kind == "masked-log-3d"
     if kind == "top1":
         c = top_k(logits, 1)
         return 1, 1, logits, None, c, np.ones((t, 1)), gather(softmax(logits), c), False
@@ -123,7 +127,8 @@ def case_inputs(name: str, t: int, rng: np.random.Generator):
 
 
 CASES = ("moe/softmax-norm", "moe/softmax-raw", "moe/masked-log", "moe/top1", "moe/3d-input",
-         "qmoe/rw-raw", "qmoe/rw-norm", "qmoe/rw-masked-sel", "qmoe/no-rw-raw", "qmoe/top1", "qmoe/3d-input")
+         "qmoe/rw-raw", "qmoe/rw-norm", "qmoe/rw-masked-sel", "qmoe/no-rw-raw", "qmoe/top1", "qmoe/3d-input",
+         "qmoe/masked-log", "qmoe/masked-log-3d")
 
 
 def build(op: str, *, k: int, normalize: int, dtype: str, bits: int, w1, w2, rw: bool, three_d: bool,
@@ -223,14 +228,18 @@ def print_row(row: dict) -> None:
 
 
 def main() -> int:
-    import onnxruntime as ort
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for moe_routing_check.json")
     parser.add_argument("--cpu", action="store_true", help="CPU EP instead of CUDA")
     parser.add_argument("--dtypes", default=None, help="comma list (default: CPU float32,float16; CUDA float16,float32)")
     parser.add_argument("--tokens", default="1,7", help="comma list of token counts (1 = the decode path)")
     args = parser.parse_args()
+    try:  # torch (when present) loads the CUDA runtime libraries that ORT's CUDA provider links against: first
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    import onnxruntime as ort
+
     provider = "CPUExecutionProvider" if args.cpu else "CUDAExecutionProvider"
     if provider not in ort.get_available_providers():
         print(f"{provider} is not available in onnxruntime {ort.__version__}; install onnxruntime-gpu or pass --cpu.",

@@ -8,14 +8,18 @@ tests/test_routing_op.py; scripts/moe_routing_check.py runs the same cases on CU
   QMoE  router_probs selects the top-k only; with router_weights [T, E] the weights are router_weights gathered at the
         selected experts, renormalised over the k when normalize_routing_weights=1 and used as they are when 0.
         Without router_weights the weights are the softmax of the k selected router_probs (always renormalised).
+  The CUDA QMoE of onnxruntime-gpu 1.31.1 (H200) honours neither router_weights nor normalize_routing_weights=0: it
+  always weights by the renormalised softmax of the selected router_probs (every router_weights row failed there,
+  rel. error 0.3-0.66, while the same rows pass on CPU); MoE on CUDA behaves as on CPU.
 Both take a 3-D input [B, S, H] and return [B, S, H], but router_probs / router_weights must be 2-D, so the graph
 keeps the hidden states 3-D and reshapes only the [B, S, E] router tensors (a Reshape to a constant shape).
 
 So the router computes in [B, S, E] (elementwise, any rank) and hands the op:
-  QMoE:  selection scores as router_probs, the scores to weight with as router_weights, normalize = normalize_topk.
-  MoE:   one tensor for both: log-weights at the k selected experts and the lowest float elsewhere; its softmax over
-         the selection is w_i / sum_k w_j, exactly the renormalised weights. Without renormalisation the op's output is
-         multiplied by sum_k w_j afterwards (`output_scale`).
+  QMoE with router_weights (ExportSettings.qmoe_router_weights: the CPU kernel): selection scores as router_probs,
+         the scores to weight with as router_weights, normalize = normalize_topk.
+  MoE, and QMoE on CUDA: one tensor for both: log-weights at the k selected experts and the lowest float elsewhere;
+         its softmax over the selection is w_i / sum_k w_j, exactly the renormalised weights. Without
+         renormalisation the op's output is multiplied by sum_k w_j afterwards (`output_scale`).
 ONNX TopK has no bfloat16 type, so a bfloat16 model's router casts its logits to float32 once, computes the selection
 (and the weights) in float32 and casts the op's inputs back (COMPUTE_DTYPES); float16 and float32 models compute in
 their own dtype.
@@ -145,14 +149,14 @@ def _grouped(r: RoutingSpec) -> bool:
 def router_feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, quantized: bool) -> RouterFeed:
     """The router of layer `index` on x [B, S, H], in the form the fused op reads (QMoE when `quantized`)."""
     check_routing(moe, index)
-    return _feed(ctx, x, index, moe, router_weights=quantized,
+    return _feed(ctx, x, index, moe, router_weights=quantized and ctx.settings.qmoe_router_weights,
                  raw_softmax=not quantized and not _raw_softmax_broken(ctx))
 
 
 def _feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, router_weights: bool,
           raw_softmax: bool) -> RouterFeed:
-    """`router_weights`: the op takes the weights in a router_weights input (QMoE); else in router_probs alone (MoE).
-    `raw_softmax`: the op honours normalize_routing_weights=0 for a plain softmax router."""
+    """`router_weights`: the op takes the weights in a router_weights input (QMoE on CPU); else in router_probs alone
+    (MoE; QMoE on CUDA). `raw_softmax`: the op honours normalize_routing_weights=0 for a plain softmax router."""
     g, r = ctx.g, moe.routing
     c = router_compute(ctx)
     with g.scope("router"):
@@ -239,8 +243,8 @@ def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int, axis: int = -1) 
 
 def _one_input(c: RouterCompute, x: ir.Value, selection: ir.Value, log_weights: ir.Value, weights: ir.Value,
                moe: MoeSpec) -> RouterFeed:
-    """One router input for selection and weights (MoE): log-weights on the selected experts, the lowest float
-    elsewhere; the op's softmax + top-k then picks the same experts with weights w_i / sum_k w_j."""
+    """One router input for selection and weights (MoE; QMoE on CUDA): log-weights on the selected experts, the lowest
+    float elsewhere; the op's softmax + top-k then picks the same experts with weights w_i / sum_k w_j."""
     ctx, g, r = c.ctx, c.ctx.g, moe.routing
     mask = _top_k_mask(ctx, selection, moe.top_k)
     probs = g.op("Where", [mask, log_weights, c.lowest()])
@@ -271,8 +275,8 @@ def _group_limited(c: RouterCompute, selection: ir.Value, moe: MoeSpec, *, flat:
 def _sparsemixer(c: RouterCompute, x: ir.Value, logits: ir.Value, moe: MoeSpec, router_weights: bool) -> RouterFeed:
     """PhiMoE's sparsemixer at inference (transformers' `sparsemixer`, not training): the top-2 logits select;
     each pick's weight is the softmax at the pick over the logits within a relative distance 2 * eps of it, the
-    first pick masked out for the second. Both weights go to the op as router_weights (QMoE), or as log-weights with
-    the output scaled by their sum (MoE). `logits` are in the compute dtype."""
+    first pick masked out for the second. Both weights go to the op as router_weights (QMoE on CPU), or as
+    log-weights with the output scaled by their sum (MoE; QMoE on CUDA). `logits` are in the compute dtype."""
     ctx, g = c.ctx, c.ctx.g
     axis = g.ints("const.axis_last", [-1])
     eps2 = c.scalar(f"const.sparsemixer.{moe.routing.sparsemixer_eps:g}", 2.0 * moe.routing.sparsemixer_eps)
