@@ -9,7 +9,12 @@ transformers reference both run here, so the GPU side never depends on its own t
 
 The bundle also holds fp16 exports of every family for the batched-generation check (names `batch-*`): there the
 GPU compares each row of a padded batch with the same prompt run alone, so no transformers reference is needed.
-`--only batch` bundles just those.
+`--only batch` bundles just those; `--only NAME ...` any set of entries.
+
+Each int4/int8 entry gets a `cpuref` folder: the same checkpoint exported -e cpu with int4_accuracy_level=0 (the same
+quantized weights, float activations), which gpu_check.py runs on the CPU EP as the reference for quantization noise.
+The manifest records each export's capture decision (ortbuild.json's cuda_graph); gpu_check.py follows the folder's
+genai_config.json.
 """
 
 from __future__ import annotations
@@ -71,18 +76,26 @@ CONFIGS = [
                             "llama_4_scaling_beta": 0.5}}}, {}, "fp16", []),
     # routed MoE (builder/layers/routing.py): MoE gets masked log-weights, QMoE router_weights; -lowest masks on CUDA
     ("glm4_moe-fp16", "glm4_moe", MOE64, {}, "fp16", []),  # sigmoid + correction bias + groups, scale in fc2
-    ("glm4_moe-bf16", "glm4_moe", MOE64, {}, "bf16", []),
+    ("glm4_moe-bf16", "glm4_moe", MOE64, {}, "bf16", []),  # the router computes in float32 (TopK has no bf16)
     ("glm4_moe-int4", "glm4_moe", MOE64, {}, "int4", []),
     ("glm4_moe-int8", "glm4_moe", MOE64, {}, "int8", []),
     ("glm4_moe_raw-fp16", "glm4_moe", {**MOE64, "norm_topk_prob": False}, {}, "fp16", []),  # output scale
     ("ernie4_5_moe-fp16", "ernie4_5_moe", MOE64, {}, "fp16", []),
     ("ernie4_5_moe-int4", "ernie4_5_moe", MOE64, {}, "int4", []),
     ("phimoe-fp16", "phimoe", {"intermediate_size": 64}, {}, "fp16", []),  # sparsemixer weights in the graph
-    ("phimoe-int4", "phimoe", {"intermediate_size": 64}, {}, "int4", []),
+    ("phimoe-int4", "phimoe", {"intermediate_size": 64}, {}, "int4", []),  # QMoE: masked log-weights + scale
+    ("phimoe-bf16", "phimoe", {"intermediate_size": 64}, {}, "bf16", []),
+    ("qwen2_moe-fp16", "qwen2_moe", MOE64, {}, "fp16", []),
+    # per-expert MoE (NonZero gathers): capture off in genai_config
+    ("gemma4_moe-fp16", "gemma4_moe", MOE64, {}, "fp16", []),
+    ("gemma4_moe-int4", "gemma4_moe", MOE64, {}, "int4", []),
+    # float32 activations: attention on the CPU EP by design (capture off, q/k norms unfused)
+    ("qwen3-fp32", "qwen3", {}, {}, "fp32", []),
     # Llama 4 on CUDA: no attention_bias (the kernel rejects it), context capped at the chunk: chunks of 64 here,
     # so the 12 + 4 tokens stay in the first chunk, where causal attention is chunked attention exactly
     ("llama4_text-fp16", "llama4_text", {"attention_chunk_size": 64}, {}, "fp16", []),
     ("llama4_text-int4", "llama4_text", {"attention_chunk_size": 64}, {}, "int4", []),
+    ("llama4_text-bf16", "llama4_text", {"attention_chunk_size": 64}, {}, "bf16", []),
     # latent attention: GroupQueryAttention with one kv head of [rope key | latent] rows (48 wide here)
     ("deepseek_v3-fp16", "deepseek_v3", {}, {}, "fp16", []),
     ("deepseek_v3-bf16", "deepseek_v3", {}, {}, "bf16", []),
@@ -103,6 +116,8 @@ CONFIGS = [
     ("deepseek_v3_moe-int4", "deepseek_v3_moe", MOE64, {}, "int4", []),
 ]
 DECODE_STEPS = 4
+# cuda-only options left out of the cpuref export (the CPU kernels have one layout; capture and fused norms are CUDA's)
+CUDA_ONLY_OPTIONS = ("qmoe_weights_prepacked", "qmoe_prepack_arch", "fuse_qk_norm_gqa", "enable_cuda_graph")
 # Batched generation (tests/batching.py families) in fp16 for cuda; MoE widths as in CONFIGS above.
 BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, "gpt_oss": {"intermediate_size": 64},
                    "qwen3_5_moe": MOE64, "qwen3_next": MOE64, "glm4_moe": MOE64, "ernie4_5_moe": MOE64,
@@ -111,6 +126,10 @@ BATCH_OVERRIDES = {"qwen3_moe": MOE64, "qwen2_moe": MOE64, "gemma4_moe": MOE64, 
 BATCH_CONFIGS = [(f"batch-{case}-fp16", arch, {**overrides, **BATCH_OVERRIDES.get(case, {})},
                   batching.EXPORT_OPTIONS.get(case, [])) for case, (arch, overrides) in batching.FAMILIES.items()]
 BATCH_DECODE_STEPS = 6
+
+
+def _capture(folder: Path) -> dict:
+    return {"cuda_graph": json.loads((folder / "ortbuild.json").read_text())["cuda_graph"]}
 
 
 def bundle_batch(out: Path, work: Path, only: list[str] | None) -> list[dict]:
@@ -123,7 +142,7 @@ def bundle_batch(out: Path, work: Path, only: list[str] | None) -> list[dict]:
         try:
             ckpt = factory.make_checkpoint(arch, work / name, **overrides)
             parity.export(ckpt, out / name, "fp16", "cuda", extra)
-            entry["status"] = "exported"
+            entry.update(status="exported", **_capture(out / name))
         except Exception as exc:
             entry.update(status="export failed", error=f"{type(exc).__name__}: {exc}")
             traceback.print_exc()
@@ -156,9 +175,12 @@ def main() -> int:
                 tokens = parity.hf_greedy(model, parity.PROMPT_IDS, DECODE_STEPS)
                 references[key] = (tokens, parity.hf_logits(model, parity.PROMPT_IDS + tokens))
             tokens, logits = references[key]
-            parity.export(ckpt, args.out / name, precision, "cuda", extra)
-            np.save(args.out / name / "reference_logits.npy", logits)
-            entry.update(prompt=parity.PROMPT_IDS, decode_tokens=tokens, status="exported")
+            folder = parity.export(ckpt, args.out / name, precision, "cuda", extra)
+            np.save(folder / "reference_logits.npy", logits)
+            if precision in ("int4", "int8"):
+                cpu_extra = [o for o in extra if not o.startswith(CUDA_ONLY_OPTIONS)] + ["int4_accuracy_level=0"]
+                parity.export(ckpt, folder / "cpuref", precision, "cpu", cpu_extra)
+            entry.update(prompt=parity.PROMPT_IDS, decode_tokens=tokens, status="exported", **_capture(folder))
         except Exception as exc:  # keep going: the GPU run reports what could not be exported
             entry.update(status="export failed", error=f"{type(exc).__name__}: {exc}")
             traceback.print_exc()
@@ -169,7 +191,15 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"bundle: {args.out} ({size / 2**20:.1f} MiB, {len(manifest)} configs)")
-    return 0
+    failed = [e["name"] for e in manifest if e["status"] != "exported"]
+    if failed:
+        print(f"export failed: {', '.join(failed)}", file=sys.stderr)
+    if args.only:
+        unknown = sorted(set(args.only) - {e["name"] for e in manifest} - {"batch"})
+        if unknown:
+            print(f"--only names no config: {', '.join(unknown)}", file=sys.stderr)
+            return 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

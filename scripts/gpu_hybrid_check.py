@@ -12,8 +12,15 @@ machine with numpy, onnx and onnxruntime-gpu only (torch, when present, just loa
 
 `run` prints a table and writes results.json: per export, prompt / 4-step decode max-abs logit error and top-1
 agreement; over 256 teacher-forced decode steps, the max-abs logit error in step windows and the relative error of
-every layer's recurrent state against transformers' at steps 1, 64, 128 and 256. `prepare --smoke` also exports
--e cpu fp32 copies, so `run --provider CPUExecutionProvider` can check the harness on a machine without a GPU.
+every layer's recurrent state against transformers' at steps 1, 64, 128 and 256. The prompt pass is profiled
+(scripts/ort_placement.py): a session on the CPU EP alone, or compute that fell back to the CPU EP (other than
+GroupQueryAttention for float32 activations, whose CUDA kernel is float16/bfloat16 only), fails the export. int4
+exports carry a `cpuref` folder (the same checkpoint exported -e cpu with int4_accuracy_level=0: the same quantized
+weights, float activations) run on the CPU EP with the same tokens, which tells quantization noise (common to both)
+from an error of the CUDA export. Verdict FAIL on placement, non-finite logits, top-1 vs transformers below 75% for
+float exports, or (int4) top-1 vs cpuref below 85% / median relative logit error above 5%. `prepare --smoke` also
+exports -e cpu fp32 copies, so `run --provider CPUExecutionProvider` can check the harness on a machine without a GPU.
+`prepare --only MODEL ... --exports SUFFIX ...` bundles a subset; prepare exits 1 when any export fails.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ort_placement import placement, profiled_options  # noqa: E402
+
+FLOAT_TOP1_MIN, CPUREF_TOP1_MIN, CPUREF_MEDIAN_REL = 0.75, 0.85, 0.05  # as scripts/gpu_check.py
 PROMPT = [5, 17, 99, 3, 250, 7, 8, 300, 11, 12, 13, 14]
 DECODE_STEPS = 4
 DRIFT_STEPS = 256
@@ -48,7 +60,7 @@ MODELS = {  # name -> (factory architecture, overrides)
     "qwen3_5_moe": ("qwen3_5_moe_vlm", {**PROBE, **MOE}),
     "qwen3_next": ("qwen3_next", {**PROBE, **MOE}),
 }
-# (export name suffix, precision, extra options, also run the 256-step drift)
+# (export name suffix, precision, extra options, also run the 256-step drift); int4 exports also get a cpuref
 EXPORTS = [
     ("fp32", "fp32", [], False),
     ("fp16", "fp16", [], True),
@@ -93,7 +105,25 @@ def _references(checkpoint: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def prepare(out: Path, smoke: bool, only: list[str] | None) -> None:
+def probe_overrides(arch: str, overrides: dict) -> dict:
+    """The probe's config overrides plus, for an mRoPE recipe, sections that fit the probe's rotary width: three
+    sizes summing to rotary_dim / 2, split as Qwen3.5's own [11, 11, 10] is for rotary_dim 64 (the recipe's sections
+    fit the recipe's smaller heads, and the checkpoint reader refuses a mismatch)."""
+    import factory
+
+    recipe = factory.ARCHS[arch]
+    text = recipe.config.get(recipe.text_config_key, {}) if recipe.text_config_key else recipe.config
+    rope = dict(overrides.get("rope_parameters", text.get("rope_parameters")) or {})
+    if "mrope_section" not in rope:
+        return overrides
+    head_dim = overrides.get("head_dim", text.get("head_dim"))
+    half = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+    rope["mrope_section"] = [half // 3 + (i < half % 3) for i in range(3)]
+    return {**overrides, "rope_parameters": rope}
+
+
+def prepare(out: Path, smoke: bool, only: list[str] | None, suffixes: list[str] | None = None) -> int:
+    """Export the bundle; the number of exports that failed."""
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import factory
     from builder.export import export
@@ -105,15 +135,19 @@ def prepare(out: Path, smoke: bool, only: list[str] | None) -> None:
     for model, (arch, overrides) in MODELS.items():
         if only and model not in only:
             continue
-        checkpoint = factory.make_checkpoint(arch, work / model, **overrides)
+        checkpoint = factory.make_checkpoint(arch, work / model, **probe_overrides(arch, overrides))
         np.savez_compressed(out / f"{model}-reference.npz", **_references(checkpoint))
         exports = EXPORTS + ([("smoke-cpu-fp32", "fp32", [], True)] if smoke else [])
         for suffix, precision, extra, drift in exports:
             name = f"{model}-{suffix}"
+            if suffixes and suffix not in suffixes and name not in suffixes:
+                continue
             entry = {"name": name, "model": model, "precision": precision, "extra": extra, "drift": drift,
                      "ep": "cpu" if suffix.startswith("smoke") else "cuda"}
             try:
                 export(str(checkpoint), out / name, precision, entry["ep"], extra)
+                if precision == "int4" and entry["ep"] == "cuda":
+                    export(str(checkpoint), out / name / "cpuref", precision, "cpu", extra + ["int4_accuracy_level=0"])
                 entry["status"] = "exported"
             except Exception as exc:  # keep going: the GPU run reports what could not be exported
                 entry.update(status="export failed", error=f"{type(exc).__name__}: {exc}")
@@ -123,7 +157,10 @@ def prepare(out: Path, smoke: bool, only: list[str] | None) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"bundle: {out} ({size / 2**20:.1f} MiB, {len(manifest)} exports)")
+    failed = [e["name"] for e in manifest if e["status"] != "exported"]
+    print(f"bundle: {out} ({size / 2**20:.1f} MiB, {len(manifest)} exports)"
+          + (f"; export failed: {', '.join(failed)}" if failed else ""))
+    return len(failed) if manifest else 1  # an empty selection is a mistake too
 
 
 # --------------------------------------------------------------------------------------------- run (GPU)
@@ -161,16 +198,15 @@ def _empty(ort, info):
 
 
 class Decoder:
-    def __init__(self, ort, path: Path, provider: str):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+    def __init__(self, ort, path: Path, provider: str, allowed_cpu_ops=()):
         self.ort = ort
-        self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        self.session = ort.InferenceSession(str(path), profiled_options(ort), providers=[provider])
         self.provider = self.session.get_providers()[0]
         self.states = _state_inputs(self.session)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.total = 0
         self.last: dict = {}
+        self.wanted, self.allowed, self.placement = provider, allowed_cpu_ops, None
 
     def _ids(self, array) -> object:
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.int64))
@@ -180,6 +216,8 @@ class Decoder:
         feed = {"input_ids": self._ids([ids]), "attention_mask": self._ids(np.ones((1, self.total)))}
         feed.update({s.name: _empty(self.ort, s) for s in self.states})
         self.last = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, feed)))
+        if self.placement is None:  # the first prompt pass was profiled
+            self.placement = placement(self.session, self.session.end_profiling(), self.wanted, self.allowed)
         return _to_float32(self.last["logits"])[0]
 
     def step(self, token: int) -> np.ndarray:
@@ -212,19 +250,43 @@ def _float_logits_model(folder: Path, filename: str = "model.onnx") -> Path:
     return path
 
 
-def run_one(ort, folder: Path, entry: dict, reference: dict, provider: str) -> dict:
-    decoder = Decoder(ort, _float_logits_model(folder), provider)
-    tokens = reference["drift_tokens"].tolist()
-    start = time.perf_counter()
+def _short_run(decoder: Decoder, tokens: list[int], rows: int) -> np.ndarray:
     ours = [decoder.prompt(PROMPT)] + [decoder.step(t)[None] for t in tokens[:DECODE_STEPS]]
-    ours = np.concatenate(ours)[: len(reference["parity_logits"])]
+    return np.concatenate(ours)[:rows]
+
+
+def run_one(ort, folder: Path, entry: dict, reference: dict, provider: str) -> dict:
+    made = json.loads((folder / "ortbuild.json").read_text())
+    allowed = ("GroupQueryAttention",) if made.get("io_dtype") == "float32" else ()
+    decoder = Decoder(ort, _float_logits_model(folder), provider, allowed)
+    tokens = reference["drift_tokens"].tolist()
     ref = reference["parity_logits"]
+    start = time.perf_counter()
+    ours = _short_run(decoder, tokens, len(ref))
     err = np.abs(ours - ref)
     n = len(PROMPT)
+    top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean())
     row = {"provider": decoder.provider, "prompt_max_abs": float(err[:n].max()),
            "decode_max_abs": float(err[n:].max()),
            "top1": f"{int((ours.argmax(-1) == ref.argmax(-1)).sum())}/{len(ref)}",
-           "reference_logit_std": float(ref.std()), "seconds": round(time.perf_counter() - start, 3)}
+           "reference_logit_std": float(ref.std()), "seconds": round(time.perf_counter() - start, 3),
+           **decoder.placement}
+    problems = list(decoder.placement["placement_problems"])
+    if not np.isfinite(ours).all():
+        problems.append("non-finite logits")
+    if (folder / "cpuref").is_dir():
+        cpu = _short_run(Decoder(ort, folder / "cpuref" / "model.onnx", "CPUExecutionProvider"), tokens, len(ref))
+        relative = np.linalg.norm(ours - cpu, axis=-1) / np.linalg.norm(cpu, axis=-1)
+        row.update(cpuref_max_abs=float(np.abs(ours - cpu).max()),
+                   cpuref_top1=round(float((ours.argmax(-1) == cpu.argmax(-1)).mean()), 3),
+                   cpuref_median_rel=float(np.median(relative)),
+                   cpuref_vs_transformers_top1=f"{int((cpu.argmax(-1) == ref.argmax(-1)).sum())}/{len(ref)}")
+        if row["cpuref_top1"] < CPUREF_TOP1_MIN or row["cpuref_median_rel"] > CPUREF_MEDIAN_REL:
+            problems.append(f"vs cpuref: top-1 {row['cpuref_top1']:.2f}, median relative error "
+                            f"{row['cpuref_median_rel']:.3f}")
+    elif top1 < FLOAT_TOP1_MIN:
+        problems.append(f"top-1 vs transformers {top1:.2f} < {FLOAT_TOP1_MIN}")
+    row.update(verdict="FAIL" if problems else "ok", problems=problems)
     if not entry["drift"]:
         return row
     decoder.prompt(PROMPT)
@@ -244,7 +306,7 @@ def run_one(ort, folder: Path, entry: dict, reference: dict, provider: str) -> d
     return row
 
 
-def run(bundle: Path, out: Path, provider: str) -> None:
+def run(bundle: Path, out: Path, provider: str) -> int:
     try:  # torch (when present) loads the CUDA runtime libraries that ORT's CUDA provider links against
         import torch  # noqa: F401
     except ImportError:
@@ -270,6 +332,7 @@ def run(bundle: Path, out: Path, provider: str) -> None:
             except Exception as exc:
                 row.update(status="run failed", error=f"{type(exc).__name__}: {exc}"[:600])
                 traceback.print_exc()
+        row.setdefault("verdict", "FAIL")
         results.append(row)
         if row["status"] != "ok":
             print(f"{row['name']:28s} {row['status']}: {row.get('error')}", flush=True)
@@ -280,9 +343,18 @@ def run(bundle: Path, out: Path, provider: str) -> None:
             windows = " ".join(f"{v:.2e}" for v in row["drift_logit_max_abs"].values())
             state = " ".join(f"{v:.1e}" for v in row["recurrent_state_rel_error"].values())
             line += f" | 256 steps: logits {windows} top1 {row['drift_top1']} | state rel {state}"
-        print(line, flush=True)
+        if "cpuref_top1" in row:
+            line += (f" | cpuref top1 {row['cpuref_top1']:.2f} median rel {row['cpuref_median_rel']:.3f} (cpuref vs "
+                     f"transformers {row['cpuref_vs_transformers_top1']})")
+        print(f"{line} -> {row['verdict']}", flush=True)
+        for problem in row["problems"]:
+            print(f"{'':28s} problem: {problem}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    failed = [r["name"] for r in results if r["verdict"] != "ok"]
+    print(f"{len(results)} exports, {len(results) - len(failed)} ok, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed or not results else 0
 
 
 def main() -> int:
@@ -293,16 +365,16 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="also export -e cpu fp32 copies (run them with --provider "
                                                         "CPUExecutionProvider to test the harness without a GPU)")
     p.add_argument("--only", nargs="*", help=f"models to include ({', '.join(MODELS)})")
+    p.add_argument("--exports", nargs="*", help="exports to include: suffixes (all models) or MODEL-SUFFIX names "
+                                                f"(suffixes: {', '.join(e[0] for e in EXPORTS)})")
     r = sub.add_parser("run", help="GPU machine: run the bundle")
     r.add_argument("bundle", type=Path)
     r.add_argument("--out", type=Path, default=Path("."))
     r.add_argument("--provider", default="CUDAExecutionProvider")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.out, args.smoke, args.only)
-    else:
-        run(args.bundle, args.out, args.provider)
-    return 0
+        return 1 if prepare(args.out, args.smoke, args.only, args.exports) else 0
+    return run(args.bundle, args.out, args.provider)
 
 
 if __name__ == "__main__":
