@@ -91,3 +91,44 @@ def data_dependent_shapes(model) -> list[str]:
         for out in node.outputs:
             value[out], shape[out] = out_value, out_shape
     return found
+
+
+# op -> inputs a CUDA kernel reads from host memory (ORT kernel defs: InputMemoryType(OrtMemTypeCPUInput, i)); the
+# condition of an If is read on the host too
+HOST_SLOTS = {**SHAPE_INPUTS, "CumSum": (1,), "If": (0,)}
+
+
+def host_device_copies(model) -> list[str]:
+    """"op_type: name (input i)" of each node input that needs a Memcpy between host and device on the CUDA EP, in
+    graph order: ONNX Runtime refuses to capture a graph with any Memcpy node.
+
+    Shape and Size give host tensors, and a node computing only from host tensors (and constants) runs on the CPU EP
+    (ORT places shape arithmetic there), unless every host input is one its CUDA kernel reads from host memory
+    (HOST_SLOTS: ConstantOfShape, Range), whose output is then on the device. Graph inputs and everything computed
+    from them are on the device. A device node reading a host tensor outside HOST_SLOTS needs a MemcpyFromHost; any
+    node reading a device tensor in a HOST_SLOTS input needs a MemcpyToHost. (A model of ORT's CPU-preference
+    heuristic for the graphs we build, checked against the Memcpy counts measured on an H200.)"""
+    graph = _graph(model)
+    where: dict[ir.Value, str] = {v: "device" for v in graph.inputs}  # else "const" (initializers, constants)
+    found = []
+    for node in graph:
+        op = node.op_type
+        host_slots = HOST_SLOTS.get(op, ())
+        kinds = [where.get(i, "const") if i is not None else "const" for i in node.inputs]
+        for i, kind in enumerate(kinds):
+            if kind == "device" and i in host_slots:
+                found.append(f"{op}: {node.name} (input {i}, to host)")
+        if op in SHAPE_ONLY:
+            out = "host"
+        elif "device" in kinds:
+            out = "device"
+            found += [f"{op}: {node.name} (input {i}, from host)" for i, kind in enumerate(kinds)
+                      if kind == "host" and i not in host_slots]
+        elif "host" in kinds:
+            on_device = all(i in host_slots for i, kind in enumerate(kinds) if kind == "host")
+            out = "device" if on_device else "host"
+        else:
+            out = "const"
+        for value in node.outputs:
+            where[value] = out
+    return found

@@ -18,7 +18,7 @@ from builder.decoder import build_decoder
 from builder.errors import OrtBuildError, UsageError
 from builder.export import prepare
 from builder.settings import ExportSettings
-from shape_flow import data_dependent_shapes
+from shape_flow import data_dependent_shapes, host_device_copies
 
 PRECISIONS = ("fp16", "bf16", "int4", "fp32")
 REAL_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128}
@@ -43,7 +43,8 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def cuda_graphs(tiny_checkpoint):
-    """case -> precision -> (settings, data-dependent nodes); combinations the exporter refuses are left out."""
+    """case -> precision -> (settings, data-dependent nodes, host/device copies); combinations the exporter refuses
+    are left out."""
     cases = {**{arch: (arch, {}, ()) for arch in factory.ARCHS}, **VARIANTS}
     built: dict[str, dict] = {}
     for case, (arch, overrides, extra) in cases.items():
@@ -54,12 +55,13 @@ def cuda_graphs(tiny_checkpoint):
                 model = build_decoder(prepared.spec, prepared.settings, prepared.weights)
             except OrtBuildError:  # e.g. CUDA QMoE on 32-wide experts
                 continue
-            built.setdefault(case, {})[precision] = (prepared.settings, data_dependent_shapes(model))
+            built.setdefault(case, {})[precision] = (prepared.settings, data_dependent_shapes(model),
+                                                     host_device_copies(model))
     return built
 
 
 def test_graphs_with_capture_on_have_no_data_dependent_shapes(cuda_graphs):
-    captured = {(case, p) for case, by in cuda_graphs.items() for p, (s, _) in by.items() if s.graph_capture.enabled}
+    captured = {(case, p) for case, by in cuda_graphs.items() for p, (s, *_) in by.items() if s.graph_capture.enabled}
     for case, precision in sorted(captured):
         assert cuda_graphs[case][precision][1] == [], f"{case} -p {precision} -e cuda has capture on"
     # not vacuous: these are captured, QMoE in each routing kind and both latent-attention forms among them
@@ -70,9 +72,21 @@ def test_graphs_with_capture_on_have_no_data_dependent_shapes(cuda_graphs):
     assert expected <= captured, sorted(expected - captured)
 
 
+def test_graphs_with_capture_on_need_no_memcpy(cuda_graphs):
+    """ONNX Runtime refuses to capture a session with a Memcpy node. Measured on an H200 (onnxruntime-gpu 1.31.1, the
+    batch entries of scripts/gpu_bundle.py): HunYuan and Llama 4 had one, from rotary position ids that mixed a shape
+    (host) into seqlens_k (device); the longrope families have one for their If's condition (capture is off there)."""
+    for case, by in sorted(cuda_graphs.items()):
+        for precision, (settings, _, copies) in by.items():
+            if settings.graph_capture.enabled:
+                assert copies == [], f"{case} -p {precision} -e cuda has capture on"
+    assert cuda_graphs["hunyuan"]["fp16"][0].graph_capture.enabled  # rotary outside the op, captured
+    assert cuda_graphs["phi3"]["fp16"][2] == ["If: /model/layers.0/attn/rope_switch/If (input 0, to host)"]
+
+
 def test_per_expert_moe_has_data_dependent_shapes_and_capture_off(cuda_graphs):
     for precision in ("fp16", "bf16", "int4"):
-        settings, found = cuda_graphs["gemma4_moe"][precision]
+        settings, found, _ = cuda_graphs["gemma4_moe"][precision]
         assert found and all(f.startswith("NonZero: ") and "/moe/experts." in f for f in found), found
         assert len(found) == 4 * 3  # one per expert (4) in each of the 3 layers
         assert not settings.graph_capture.enabled
@@ -162,3 +176,22 @@ def test_analysis_refuses_an_op_it_does_not_know():
     model = _model([helper.make_node("Det", ["x"], ["out"], name="det")], ["out"])
     with pytest.raises(ValueError, match="Det .det.: not in tests/shape_flow.py's tables"):
         data_dependent_shapes(model)
+
+
+def test_copy_analysis_finds_a_shape_mixed_into_device_values():
+    """Positions as the earlier rotary code built them: past = seqlens_k + 1 - (new tokens from x's shape)."""
+    nodes = [helper.make_node("ReduceSum", ["attention_mask"], ["seqlens"], keepdims=1),
+             helper.make_node("Shape", ["x"], ["shape"], start=1, end=2),
+             helper.make_node("Sub", ["seqlens", "shape"], ["past"], name="sub"),
+             helper.make_node("Range", ["zero", "shape_scalar", "one"], ["steps"], name="range"),
+             helper.make_node("Cast", ["past"], ["out"], to=TensorProto.FLOAT)]
+    nodes.insert(2, helper.make_node("Squeeze", ["shape"], ["shape_scalar"]))
+    assert host_device_copies(_model(nodes, ["out"])) == ["Sub: sub (input 1, from host)"]
+    ones = [helper.make_node("Shape", ["x"], ["shape"], start=0, end=2),
+            helper.make_node("ConstantOfShape", ["shape"], ["ones"], value=helper.make_tensor("v", TensorProto.INT64,
+                                                                                             [1], [1])),
+            helper.make_node("CumSum", ["ones", "one"], ["steps"], exclusive=1),
+            helper.make_node("ReduceSum", ["attention_mask", "one"], ["seqlens"], keepdims=1),
+            helper.make_node("Sub", ["seqlens", "steps"], ["past"], name="sub"),
+            helper.make_node("Cast", ["past"], ["out"], to=TensorProto.FLOAT)]
+    assert host_device_copies(_model(ones, ["out"])) == []

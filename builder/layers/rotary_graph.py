@@ -73,16 +73,22 @@ def cos_sin(ctx: LayerContext, rope: RopeSpec, seqlens_k: ir.Value) -> tuple[ir.
 
 def position_ids(ctx: LayerContext, seqlens_k: ir.Value, x: ir.Value) -> ir.Value:
     """int64 [batch, sequence] positions of the new tokens, numbered as GroupQueryAttention numbers them: the past
-    length (seqlens_k + 1 - sequence, at least 0: rows of a padded prompt start at 0) plus the index."""
+    length (seqlens_k + 1 - sequence, at least 0: rows of a padded prompt start at 0) plus the index j, i.e.
+    max(seqlens_k - (sequence - 1 - j), j).
+
+    Computed from device tensors only: j and sequence - 1 - j are exclusive CumSums over ones shaped like the new
+    tokens, not a Range to the input's shape. A shape value lives on the host, and mixing it into seqlens_k (a device
+    tensor) puts a MemcpyFromHost in the graph, which makes ONNX Runtime refuse CUDA graph capture (measured on an
+    H200, onnxruntime-gpu 1.31.1: "all compute graph nodes have not been partitioned to the CUDAExecutionProvider")."""
     g = ctx.g
     with g.scope("position_ids"):
-        one, zero = g.ints("const.1", [1]), g.ints("const.0", [0])
-        new = g.op("Gather", [g.op("Shape", [x]), g.shared_constant("const.idx1", np.array(1, np.int64))], axis=0)
-        total = g.op("Add", [g.op("Cast", [seqlens_k], to=ir.DataType.INT64), one])
-        past = g.op("Max", [g.op("Sub", [total, new]), zero])
-        steps = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)), new,
-                               g.shared_constant("const.one_i64", np.array(1, np.int64))])
-        return g.op("Add", [g.op("Unsqueeze", [past, one]), g.op("Unsqueeze", [steps, zero])])
+        token_shape = g.op("Slice", [g.op("Shape", [x]), g.ints("const.0", [0]), g.ints("const.2", [2])])
+        ones = g.op("ConstantOfShape", [token_shape], value=ir.tensor(np.array([1], np.int64)))
+        axis = g.shared_constant("const.axis1_i64", np.array(1, np.int64))
+        index = g.op("CumSum", [ones, axis], exclusive=1)  # j
+        remaining = g.op("CumSum", [ones, axis], exclusive=1, reverse=1)  # sequence - 1 - j
+        last = g.op("Unsqueeze", [g.op("Cast", [seqlens_k], to=ir.DataType.INT64), g.ints("const.1", [1])])
+        return g.op("Max", [g.op("Sub", [last, remaining]), index])
 
 
 def rotate(ctx: LayerContext, x: ir.Value, rope: RopeSpec, num_heads: int, positions: ir.Value,
