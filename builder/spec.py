@@ -203,6 +203,8 @@ class RoutingSpec:
         weights   = scores at the chosen experts, renormalised to sum to one when normalize_topk,
                     times scaling_factor (routed_scaling_factor)
         weight_on_input: the weight multiplies the expert's input instead of its output (Llama 4, top-1)
+    float32_logits: the router computes in float32 whatever the model dtype: the input cast to float32 times a float32
+                    weight, then scores and selection (transformers' DeepSeek-V2/V3, GLM-4.5 MoE, ERNIE-4.5-MoE)
     scoring "sparsemixer" (PhiMoE, top-2): experts are the top-2 logits; expert j's weight is the softmax at j over
     the logits l_i with (l_j - l_i) / max(|l_i|, l_j) <= 2 * sparsemixer_eps, the first pick left out for the second.
     """
@@ -215,6 +217,7 @@ class RoutingSpec:
     scaling_factor: float = 1.0
     weight_on_input: bool = False
     sparsemixer_eps: float = 0.0  # PhiMoE router_jitter_noise
+    float32_logits: bool = False
 
 
 @dataclass(frozen=True)

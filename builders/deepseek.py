@@ -101,7 +101,7 @@ def routing_spec(cfg: Config, experts: int, top_k: int) -> RoutingSpec:
             raise cfg.unsupported("norm_topk_prob", True, why="transformers' DeepseekV2 never renormalises the "
                                                              "top-k weights, so the intended maths is ambiguous")
         return RoutingSpec(scoring="softmax", normalize_topk=False,
-                           scaling_factor=cfg.float("routed_scaling_factor", 1.0))
+                           scaling_factor=cfg.float("routed_scaling_factor", 1.0), float32_logits=True)
     return noaux_tc_routing(cfg, experts, top_k)
 
 

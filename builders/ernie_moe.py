@@ -42,7 +42,7 @@ def make_spec(cfg: Config) -> ModelSpec:
     bias = cfg.bool("use_bias", False)
     shared = cfg.int("moe_num_shared_experts", 0, minimum=0) * cfg.int("moe_intermediate_size", minimum=1)
     moe = MoeSpec(num_experts=experts, top_k=k, intermediate_size=cfg.int("moe_intermediate_size", minimum=1),
-                  routing=RoutingSpec(scoring="softmax", correction_bias=True), shared_expert_size=shared,
+                  routing=RoutingSpec(scoring="softmax", correction_bias=True, float32_logits=True), shared_expert_size=shared,
                   shared_expert_bias=bias)
     layers = tuple(replace(layer, ffn=moe) if _is_moe_layer(cfg, i, dense.num_layers) else layer
                    for i, layer in enumerate(dense.layers))

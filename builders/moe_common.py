@@ -35,7 +35,7 @@ def noaux_tc_routing(cfg: Config, num_experts: int, top_k: int) -> RoutingSpec:
             raise cfg.bad("topk_group", topk_group, f"enough groups to hold num_experts_per_tok={top_k} experts")
     return RoutingSpec(scoring="sigmoid", correction_bias=True, n_group=n_group, topk_group=topk_group,
                        normalize_topk=cfg.bool("norm_topk_prob", True),
-                       scaling_factor=cfg.float("routed_scaling_factor", 1.0))
+                       scaling_factor=cfg.float("routed_scaling_factor", 1.0), float32_logits=True)
 
 
 def top_k(cfg: Config, num_experts: int, key: str = "num_experts_per_tok") -> int:

@@ -114,15 +114,16 @@ def matmul_nbits(ctx: LayerContext, x: ir.Value, quantized, n: int, k: int, fmt:
 
 
 def linear(ctx: LayerContext, x: ir.Value, name: str, weight: Weight, fmt: WeightFormat,
-           bias: Weight | None = None) -> ir.Value:
-    """y = x @ W.T (+ b) for a weight in HF orientation [N, K]."""
+           bias: Weight | None = None, dtype: ir.DataType | None = None) -> ir.Value:
+    """y = x @ W.T (+ b) for a weight in HF orientation [N, K]; a float weight (and bias) in `dtype` when given (x
+    must then be in it too), else in the model dtype."""
     g = ctx.g
     n, k = weight.shape
     if not fmt.is_float:
         quantized = add_quantized_weight(ctx, name, weight, fmt)
         b = ctx.float_initializer(f"{name}.bias", bias) if bias is not None else None
         return matmul_nbits(ctx, x, quantized, n, k, fmt, b)
-    y = g.op("MatMul", [x, ctx.float_initializer(f"{name}.weight", weight, transpose=True)])
+    y = g.op("MatMul", [x, ctx.float_initializer(f"{name}.weight", weight, transpose=True, dtype=dtype)])
     if bias is not None:
-        y = g.op("Add", [y, ctx.float_initializer(f"{name}.bias", bias)])
+        y = g.op("Add", [y, ctx.float_initializer(f"{name}.bias", bias, dtype=dtype)])
     return y

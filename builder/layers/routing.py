@@ -52,11 +52,13 @@ COMPUTE_DTYPES = {ir.DataType.BFLOAT16: ir.DataType.FLOAT}
 
 @dataclass(frozen=True)
 class RouterCompute:
-    """The dtype a router computes its scores in (COMPUTE_DTYPES) and its constants in that dtype; `io` casts what
-    it hands the op (or multiplies the op's output with) back to the model dtype."""
+    """The dtype a router computes its scores in (COMPUTE_DTYPES, or float32 for a float32_logits routing) and its
+    constants in that dtype; `io` casts what it hands the op (or multiplies the op's output with) back to the model
+    dtype. `wide_logits`: the logits themselves come out of the router's MatMul in that dtype (float32_logits)."""
 
     ctx: LayerContext
     dtype: ir.DataType
+    wide_logits: bool = False
 
     @property
     def widened(self) -> bool:
@@ -75,13 +77,22 @@ class RouterCompute:
     def widen(self, value: ir.Value) -> ir.Value:
         return self.ctx.g.op("Cast", [value], to=self.dtype) if self.widened else value
 
+    def widen_logits(self, logits: ir.Value) -> ir.Value:
+        return logits if self.wide_logits else self.widen(logits)
+
+    def io_logits(self, value: ir.Value) -> ir.Value:
+        """A tensor computed from the logits alone (in their dtype), handed to the op in the model dtype."""
+        return self.io(value) if self.wide_logits else value
+
     def io(self, value: ir.Value | None) -> ir.Value | None:
         if value is None or not self.widened:
             return value
         return self.ctx.g.op("Cast", [value], to=self.ctx.settings.ir_dtype)
 
 
-def router_compute(ctx: LayerContext) -> RouterCompute:
+def router_compute(ctx: LayerContext, routing: RoutingSpec | None = None) -> RouterCompute:
+    if routing is not None and routing.float32_logits:
+        return RouterCompute(ctx, ir.DataType.FLOAT, wide_logits=True)
     return RouterCompute(ctx, COMPUTE_DTYPES.get(ctx.settings.ir_dtype, ctx.settings.ir_dtype))
 
 
@@ -158,17 +169,18 @@ def _feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, router_we
     """`router_weights`: the op takes the weights in a router_weights input (QMoE on CPU); else in router_probs alone
     (MoE; QMoE on CUDA). `raw_softmax`: the op honours normalize_routing_weights=0 for a plain softmax router."""
     g, r = ctx.g, moe.routing
-    c = router_compute(ctx)
+    c = router_compute(ctx, r)
     with g.scope("router"):
-        logits = _logits(ctx, x, index, moe)
+        logits = _logits(c, x, index, moe)
         if r.weight_on_input:
-            top = g.op("ReduceMax", [c.widen(logits), g.ints("const.axis_last", [-1])], keepdims=1)
-            return RouterFeed(g.op("Mul", [x, c.io(g.op("Sigmoid", [top]))]), _flat(ctx, logits, moe), None, True)
+            top = g.op("ReduceMax", [c.widen_logits(logits), g.ints("const.axis_last", [-1])], keepdims=1)
+            return RouterFeed(g.op("Mul", [x, c.io(g.op("Sigmoid", [top]))]), c.io_logits(_flat(ctx, logits, moe)),
+                              None, True)
         if r.scoring == "sparsemixer":
-            return _sparsemixer(c, x, c.widen(logits), moe, router_weights)
+            return _sparsemixer(c, x, c.widen_logits(logits), moe, router_weights)
         if not r.correction_bias and not _grouped(r):
             return _monotone(c, x, logits, moe, router_weights, raw_softmax)
-        wide = c.widen(logits)
+        wide = c.widen_logits(logits)
         scores = g.op("Softmax" if r.scoring == "softmax" else "Sigmoid", [wide], **_axis(r))
         selection = scores
         if r.correction_bias:
@@ -188,11 +200,15 @@ def _axis(r: RoutingSpec) -> dict:
     return dict(axis=-1) if r.scoring == "softmax" else {}
 
 
-def _logits(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+def _logits(c: RouterCompute, x: ir.Value, index: int, moe: MoeSpec) -> ir.Value:
+    """[B, S, E] router logits: in the model dtype, or in float32 from x cast to float32 (c.wide_logits)."""
+    ctx = c.ctx
     w, prefix, e = ctx.weights, f"layers.{index}.moe.router", moe.num_experts
     bias = w.get(f"{prefix}.bias", (e,)) if moe.router_bias else None
+    if c.wide_logits and c.widened:
+        x = c.widen(x)
     return linear(ctx, x, prefix, w.get(f"{prefix}.weight", (e, ctx.spec.hidden_size)),
-                  ctx.settings.plan.format_for("moe.router", index), bias)
+                  ctx.settings.plan.format_for("moe.router", index), bias, dtype=c.dtype if c.wide_logits else None)
 
 
 def _flat(ctx: LayerContext, value: ir.Value, moe: MoeSpec) -> ir.Value:
@@ -205,19 +221,19 @@ def _monotone(c: RouterCompute, x: ir.Value, logits: ir.Value, moe: MoeSpec, rou
     """Selection by the weights themselves (softmax or sigmoid of the logits, no bias, no groups): the logits select
     the same top-k, so no mask is needed."""
     ctx, g, r = c.ctx, c.ctx.g, moe.routing
-    flat = _flat(ctx, logits, moe)
+    flat = c.io_logits(_flat(ctx, logits, moe))
     if r.scoring == "softmax":
         if r.normalize_topk or raw_softmax:
             return RouterFeed(x, flat, None, r.normalize_topk)  # both ops weight by the softmax
         if router_weights:  # QMoE renormalises its own softmax whatever the attribute says
             return RouterFeed(x, flat, g.op("Softmax", [flat], axis=-1), False)
-        top, _ = g.op("TopK", [g.op("Softmax", [c.widen(logits)], axis=-1),
+        top, _ = g.op("TopK", [g.op("Softmax", [c.widen_logits(logits)], axis=-1),
                                g.ints(f"const.topk.{moe.top_k}", [moe.top_k])], axis=-1, outputs=2)
         return RouterFeed(x, flat, None, True,
                           c.io(g.op("ReduceSum", [top, g.ints("const.axis_last", [-1])], keepdims=1)))
     if router_weights:
         return RouterFeed(x, flat, g.op("Sigmoid", [flat]), r.normalize_topk)
-    wide = c.widen(logits)
+    wide = c.widen_logits(logits)
     scores = g.op("Sigmoid", [wide])
     log_sigmoid = g.op("Log", [scores])  # monotone in the logits: the same top-k
     if r.normalize_topk:
