@@ -26,8 +26,8 @@ release build.
 
     python scripts/gpu_decode_bench.py /tmp/exports/ours-int4 /tmp/exports/ref-int4 --json bench.json
     python scripts/gpu_decode_bench.py out/tiny --provider cpu --prompt 32 --steps 8 --repeat 1   # CPU dry run
-    # two exports that differ by a few nodes: both open at once, passes alternating A B A B in every mode
-    python scripts/gpu_decode_bench.py out/int4 out/int4-nopad --interleave --repeat 7 --json pad.json
+    # two exports that differ by a few nodes: both open at once, passes alternating A B B A ... in every mode
+    python scripts/gpu_decode_bench.py out/int4 out/int4-nopad --interleave --repeat 10 --json pad.json
 
 On CPU (`--provider cpu`) the same code runs with torch CPU tensors and no `captured` mode: a dry run of the harness.
 """
@@ -266,11 +266,17 @@ def _open(folder: Path, provider: str, prompt_len: int, steps: int, log_dir: Pat
     return h, prompt, result
 
 
+def _pass_order(names: list, r: int) -> list:
+    """Pass r's order of the folders: A B, then B A, ... (a fixed A B order measured the second folder 2-5% faster
+    on the CPU machine whichever it was: the order alone would swamp a difference of a few nodes)."""
+    return names if r % 2 == 0 else names[::-1]
+
+
 def bench_ort(folders: list[Path], provider: str, prompt_len: int, steps: int, repeat: int, modes: list[str],
               profile_steps: int, log_dir: Path) -> dict[str, dict]:
     """{folder name: ORT result}. With several folders every harness is open at once and the passes of a mode
-    alternate between them (A B A B ...), so a drift of the machine (clocks, other load) hits each alike: the way to
-    compare two exports that differ by a few nodes."""
+    alternate between them (A B B A A B ...), so a drift of the machine (clocks, other load) hits each alike: the way
+    to compare two exports that differ by a few nodes."""
     results, open_ = {}, {}
     for folder in folders:
         try:
@@ -294,8 +300,10 @@ def bench_ort(folders: list[Path], provider: str, prompt_len: int, steps: int, r
             except Exception as exc:  # e.g. a session that cannot be captured: report and go on
                 result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
                 traceback.print_exc()
-        for _ in range(repeat):
-            for name in list(runs):
+        for r in range(repeat):
+            for name in _pass_order(list(runs), r):
+                if name not in runs:
+                    continue
                 h, prompt, result = open_[name]
                 try:
                     runs[name].append(h.decode(mode, prompt, steps))
@@ -328,7 +336,8 @@ def bench_ort(folders: list[Path], provider: str, prompt_len: int, steps: int, r
 
 
 def bench_genai(folders: list[Path], prompt_len: int, steps: int, repeat: int) -> dict[str, dict]:
-    """{folder name: genai result}; several folders: loaded together, passes alternating (as bench_ort)."""
+    """{folder name: genai result}; several folders: loaded together, passes alternating (as bench_ort; the warm-up
+    pass runs B A, so the first timed pass is A B)."""
     import onnxruntime_genai as og
 
     results, loaded = {}, {}
@@ -347,7 +356,7 @@ def bench_genai(folders: list[Path], prompt_len: int, steps: int, repeat: int) -
             results[folder.name] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
             traceback.print_exc()
     for i in range(repeat + 1):  # the first pass warms up
-        for name in list(loaded):
+        for name in _pass_order(list(loaded), i - 1):
             model, prompt, passes = loaded[name]
             try:
                 timed = _genai_pass(og, model, prompt, steps)
@@ -400,7 +409,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-steps", type=int, default=8, help="0: no kernel count")
     parser.add_argument("--no-genai", action="store_true")
     parser.add_argument("--interleave", action="store_true",
-                        help="open every folder at once and alternate their passes (A B A B) in each mode: for "
+                        help="open every folder at once and alternate their passes (A B B A ...) in each mode: for "
                              "comparing exports that differ by a few nodes (e.g. scripts/strip_padding.py's twin)")
     args = parser.parse_args(argv)
     try:  # torch first: it loads the CUDA 13 libraries that onnxruntime-gpu's CUDA provider links against

@@ -21,8 +21,8 @@ comparisons, never for serving.
 The output folder holds the new model.onnx (graph only, a few hundred KB) and every other file of the export as a
 hard link (a copy where the two folders are on different file systems: ONNX Runtime refuses external data behind
 a symbolic link that leaves the model folder): the external data is shared, not copied, so writing the twin takes
-well under a second for any model size (keep the twin on the export's file system). genai_config.json, tokenizer files and the
-chat template come along, so onnxruntime-genai runs the twin as it runs the export.
+well under a second for any model size (keep the twin on the export's file system). genai_config.json, tokenizer
+files and the chat template come along, so onnxruntime-genai runs the twin as it runs the export.
 
     PYTHONPATH=$PWD python scripts/strip_padding.py out/qwen3-int4 out/qwen3-int4-nopad
     PYTHONPATH=$PWD python scripts/strip_padding.py out/a out/a-nopad --overwrite --json strip.json
