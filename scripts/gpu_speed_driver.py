@@ -463,7 +463,8 @@ def padding_cost_table(state: dict) -> list[str]:
              "input), both open in one gpu_decode_bench.py --interleave call with passes alternating A B B A, and "
              "again with the other session opened first; tok/s are medians of all passes of both calls. Δ µs/step = "
              "10^6/with - 10^6/without (positive: what the bundle costs per decode step), also per call (with opened "
-             "first / without opened first: their spread is the noise); Δ % = (without - with) / without.", "",
+             "first / without opened first: they differ by twice the bias of the opening order, plus noise); Δ % = "
+             "(without - with) / without.", "",
              "| export | mode | tok/s with bundle | tok/s without | Δ µs/step | Δ % | Δ µs/step per call | "
              "passes |",
              "|---|---|---:|---:|---:|---:|---|---:|"]
