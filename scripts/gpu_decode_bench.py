@@ -26,6 +26,8 @@ release build.
 
     python scripts/gpu_decode_bench.py /tmp/exports/ours-int4 /tmp/exports/ref-int4 --json bench.json
     python scripts/gpu_decode_bench.py out/tiny --provider cpu --prompt 32 --steps 8 --repeat 1   # CPU dry run
+    # two exports that differ by a few nodes: both open at once, passes alternating A B B A ... in every mode
+    python scripts/gpu_decode_bench.py out/int4 out/int4-nopad --interleave --repeat 10 --json pad.json
 
 On CPU (`--provider cpu`) the same code runs with torch CPU tensors and no `captured` mode: a dry run of the harness.
 """
@@ -249,8 +251,8 @@ def _has_matmul_nbits(folder: Path) -> bool:
     return any(n.op_type == "MatMulNBits" for n in graph.node)
 
 
-def bench_ort(folder: Path, provider: str, prompt_len: int, steps: int, repeat: int, modes: list[str],
-              profile_steps: int, log_dir: Path) -> dict:
+def _open(folder: Path, provider: str, prompt_len: int, steps: int, log_dir: Path):
+    """(harness, random prompt, result skeleton) of one export."""
     max_length = max(prompt_len + steps + 8, MIN_MAX_LENGTH)
     log = log_dir / f"{folder.name}.ort-load.log"
     h = Harness(folder, provider, max_length, log if provider == "cuda" else None)
@@ -261,77 +263,138 @@ def bench_ort(folder: Path, provider: str, prompt_len: int, steps: int, repeat: 
     result = {"session_load_s": round(h.load_s, 2), "max_length": max_length, "modes": {}}
     if provider == "cuda":
         result["placement"] = node_placement(log)
-    reference_tokens = None
-    has_nbits = _has_matmul_nbits(folder)
+    return h, prompt, result
+
+
+def _pass_order(names: list, r: int) -> list:
+    """Pass r's order of the folders: A B, then B A, ... (a fixed A B order measured the second folder 2-5% faster
+    on the CPU machine whichever it was: the order alone would swamp a difference of a few nodes)."""
+    return names if r % 2 == 0 else names[::-1]
+
+
+def bench_ort(folders: list[Path], provider: str, prompt_len: int, steps: int, repeat: int, modes: list[str],
+              profile_steps: int, log_dir: Path) -> dict[str, dict]:
+    """{folder name: ORT result}. With several folders every harness is open at once and the passes of a mode
+    alternate between them (A B B A A B ...), so a drift of the machine (clocks, other load) hits each alike: the way
+    to compare two exports that differ by a few nodes."""
+    results, open_ = {}, {}
+    for folder in folders:
+        try:
+            open_[folder.name] = _open(folder, provider, prompt_len, steps, log_dir)
+            results[folder.name] = open_[folder.name][2]
+        except Exception as exc:
+            results[folder.name] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+            traceback.print_exc()
+    reference_tokens: dict = {}
+    nbits = {name: _has_matmul_nbits(h.folder) for name, (h, _, _) in open_.items()}
     for mode in modes:
         if mode.startswith("captured") and provider != "cuda":
             continue
-        if mode == "captured_fpa" and not has_nbits:
-            continue
-        try:
-            h.decode(mode, prompt, min(steps, 16))  # warm-up (and, captured: the capture itself)
-            passes = [h.decode(mode, prompt, steps) for _ in range(repeat)]
-        except Exception as exc:  # e.g. a session that cannot be captured: report and go on
-            result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
-            traceback.print_exc()
-            continue
-        tokens = passes[-1][2]
-        if reference_tokens is None:
-            reference_tokens = tokens
-        result["modes"][mode] = {
-            "prefill_ms": round(statistics.median(p[0] for p in passes) * 1e3, 3),
-            "decode_tok_s": round(statistics.median(steps / p[1] for p in passes), 1),
-            "decode_tok_s_passes": [round(steps / p[1], 1) for p in passes],
-            "tokens_agree_with_growing": f"{sum(a == b for a, b in zip(tokens, reference_tokens))}/{len(tokens)}",
-            "passes_identical": all(p[2] == tokens for p in passes)}
-        done = result["modes"][mode]
-        print(f"  {folder.name} {mode}: prefill {done['prefill_ms']:.2f} ms, decode {done['decode_tok_s']:.1f} tok/s, "
-              f"tokens {done['tokens_agree_with_growing']}", flush=True)
-    result["tokens"] = reference_tokens
-    if provider == "cuda" and profile_steps:
-        try:
-            result["per_step"] = kernels_per_step(h, prompt, profile_steps)
-        except Exception as exc:
-            result["per_step"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
-    del h
-    return result
+        runs = {}
+        for name, (h, prompt, result) in open_.items():
+            if mode == "captured_fpa" and not nbits[name]:
+                continue
+            try:
+                h.decode(mode, prompt, min(steps, 16))  # warm-up (and, captured: the capture itself)
+                runs[name] = []
+            except Exception as exc:  # e.g. a session that cannot be captured: report and go on
+                result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+                traceback.print_exc()
+        for r in range(repeat):
+            for name in _pass_order(list(runs), r):
+                if name not in runs:
+                    continue
+                h, prompt, result = open_[name]
+                try:
+                    runs[name].append(h.decode(mode, prompt, steps))
+                except Exception as exc:
+                    result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+                    traceback.print_exc()
+                    del runs[name]
+        for name, passes in runs.items():
+            h, _, result = open_[name]
+            tokens = passes[-1][2]
+            reference_tokens.setdefault(name, tokens)
+            result["modes"][mode] = done = {
+                "prefill_ms": round(statistics.median(p[0] for p in passes) * 1e3, 3),
+                "decode_tok_s": round(statistics.median(steps / p[1] for p in passes), 1),
+                "decode_tok_s_passes": [round(steps / p[1], 1) for p in passes],
+                "tokens_agree_with_growing":
+                    f"{sum(a == b for a, b in zip(tokens, reference_tokens[name]))}/{len(tokens)}",
+                "passes_identical": all(p[2] == tokens for p in passes)}
+            print(f"  {name} {mode}: prefill {done['prefill_ms']:.2f} ms, decode {done['decode_tok_s']:.1f} tok/s, "
+                  f"tokens {done['tokens_agree_with_growing']}", flush=True)
+    for name, (h, prompt, result) in open_.items():
+        result["tokens"] = reference_tokens.get(name)
+        if provider == "cuda" and profile_steps:
+            try:
+                result["per_step"] = kernels_per_step(h, prompt, profile_steps)
+            except Exception as exc:
+                result["per_step"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    open_.clear()
+    return results
 
 
-def bench_genai(folder: Path, prompt_len: int, steps: int, repeat: int) -> dict:
+def bench_genai(folders: list[Path], prompt_len: int, steps: int, repeat: int) -> dict[str, dict]:
+    """{folder name: genai result}; several folders: loaded together, passes alternating (as bench_ort; the warm-up
+    pass runs B A, so the first timed pass is A B)."""
     import onnxruntime_genai as og
 
-    config = json.loads((folder / "genai_config.json").read_text())
-    options = config["model"]["decoder"]["session_options"].get("provider_options", [])
-    start = time.perf_counter()
-    model = og.Model(str(folder))
-    load_s = time.perf_counter() - start
-    vocab = config["model"]["vocab_size"]
-    prompt = np.random.default_rng(0).integers(10, min(vocab, 30000), size=prompt_len).astype(np.int32)
-    passes = []
+    results, loaded = {}, {}
+    for folder in folders:
+        try:
+            config = json.loads((folder / "genai_config.json").read_text())
+            options = config["model"]["decoder"]["session_options"].get("provider_options", [])
+            start = time.perf_counter()
+            model = og.Model(str(folder))
+            load_s = time.perf_counter() - start
+            vocab = config["model"]["vocab_size"]
+            prompt = np.random.default_rng(0).integers(10, min(vocab, 30000), size=prompt_len).astype(np.int32)
+            loaded[folder.name] = (model, prompt, [])
+            results[folder.name] = {"provider_options": options, "load_s": round(load_s, 2)}
+        except Exception as exc:
+            results[folder.name] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+            traceback.print_exc()
     for i in range(repeat + 1):  # the first pass warms up
-        params = og.GeneratorParams(model)
-        length = max(prompt_len + steps + 1, MIN_MAX_LENGTH)
-        params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=1)
-        generator = og.Generator(model, params)
-        start = time.perf_counter()
-        generator.append_tokens(prompt[None])
-        append_s = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            generator.generate_next_token()
-            times.append(time.perf_counter() - t)
-        sequence = [int(t) for t in generator.get_sequence(0)][prompt_len:]
-        del generator
-        if i:
-            step = statistics.median(times[1:])
-            passes.append((append_s + times[0] - step, (steps - 1) / sum(times[1:]), sequence))
-    tokens = passes[-1][2]
-    return {"provider_options": options, "load_s": round(load_s, 2),
+        for name in _pass_order(list(loaded), i - 1):
+            model, prompt, passes = loaded[name]
+            try:
+                timed = _genai_pass(og, model, prompt, steps)
+            except Exception as exc:
+                results[name] = {**results[name], "error": f"{type(exc).__name__}: {exc}"[:600]}
+                traceback.print_exc()
+                del loaded[name]
+                continue
+            if i:
+                passes.append(timed)
+    for name, (_, _, passes) in loaded.items():
+        results[name].update({
             "prefill_ms": round(statistics.median(p[0] for p in passes) * 1e3, 3),
             "decode_tok_s": round(statistics.median(p[1] for p in passes), 1),
-            "decode_tok_s_passes": [round(p[1], 1) for p in passes], "tokens": tokens,
-            "timing": "decode: generate_next_token calls 2..N; prefill: append_tokens + first call - one step"}
+            "decode_tok_s_passes": [round(p[1], 1) for p in passes], "tokens": passes[-1][2],
+            "timing": "decode: generate_next_token calls 2..N; prefill: append_tokens + first call - one step"})
+    loaded.clear()
+    return results
+
+
+def _genai_pass(og, model, prompt: np.ndarray, steps: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode tok/s, tokens) of one greedy pass."""
+    params = og.GeneratorParams(model)
+    length = max(len(prompt) + steps + 1, MIN_MAX_LENGTH)
+    params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=1)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt[None])
+    append_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        generator.generate_next_token()
+        times.append(time.perf_counter() - t)
+    sequence = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    del generator
+    step = statistics.median(times[1:])
+    return append_s + times[0] - step, (steps - 1) / sum(times[1:]), sequence
 
 
 def main(argv=None) -> int:
@@ -345,6 +408,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="growing,static,captured,captured_fpa")
     parser.add_argument("--profile-steps", type=int, default=8, help="0: no kernel count")
     parser.add_argument("--no-genai", action="store_true")
+    parser.add_argument("--interleave", action="store_true",
+                        help="open every folder at once and alternate their passes (A B B A ...) in each mode: for "
+                             "comparing exports that differ by a few nodes (e.g. scripts/strip_padding.py's twin)")
     args = parser.parse_args(argv)
     try:  # torch first: it loads the CUDA 13 libraries that onnxruntime-gpu's CUDA provider links against
         import torch  # noqa: F401
@@ -355,30 +421,38 @@ def main(argv=None) -> int:
     print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     log_dir = Path(tempfile.mkdtemp(prefix="decode-bench-"))
-    for folder in args.folders:
-        entry = {"folder": str(folder), "provider": args.provider, "prompt": args.prompt, "steps": args.steps,
-                 "repeat": args.repeat,
-                 "size_mb": round(sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20, 1)}
+    groups = [args.folders] if args.interleave else [[folder] for folder in args.folders]
+    for group in groups:
+        entries = {}
+        for folder in group:
+            entries[folder.name] = {
+                "folder": str(folder), "provider": args.provider, "prompt": args.prompt, "steps": args.steps,
+                "repeat": args.repeat, "interleaved_with": [f.name for f in group if f != folder],
+                "size_mb": round(sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20, 1)}
         try:
-            entry["ort"] = bench_ort(folder, args.provider, args.prompt, args.steps, args.repeat,
-                                     args.modes.split(","), args.profile_steps, log_dir)
+            ort_results = bench_ort(group, args.provider, args.prompt, args.steps, args.repeat,
+                                    args.modes.split(","), args.profile_steps, log_dir)
         except Exception as exc:
-            entry["ort"] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+            ort_results = {f.name: {"error": f"{type(exc).__name__}: {exc}"[:600]} for f in group}
             traceback.print_exc()
+        for name, result in ort_results.items():
+            entries[name]["ort"] = result
         if not args.no_genai:
             try:
-                entry["genai"] = bench_genai(folder, args.prompt, args.steps, args.repeat)
-                ref = entry.get("ort", {}).get("tokens")
-                if ref:
-                    ours = entry["genai"]["tokens"]
-                    entry["genai"]["tokens_agree_with_growing"] = (
-                        f"{sum(a == b for a, b in zip(ours, ref))}/{min(len(ours), len(ref))}")
-                print(f"  {folder.name} genai: prefill {entry['genai']['prefill_ms']:.2f} ms, decode "
-                      f"{entry['genai']['decode_tok_s']:.1f} tok/s ({entry['genai']['provider_options']})", flush=True)
+                genai_results = bench_genai(group, args.prompt, args.steps, args.repeat)
             except Exception as exc:
-                entry["genai"] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+                genai_results = {f.name: {"error": f"{type(exc).__name__}: {exc}"[:600]} for f in group}
                 traceback.print_exc()
-        results[folder.name] = entry
+            for name, genai in genai_results.items():
+                entries[name]["genai"] = genai
+                ref = entries[name].get("ort", {}).get("tokens")
+                if ref and "tokens" in genai:
+                    genai["tokens_agree_with_growing"] = (
+                        f"{sum(a == b for a, b in zip(genai['tokens'], ref))}/{min(len(genai['tokens']), len(ref))}")
+                if "decode_tok_s" in genai:
+                    print(f"  {name} genai: prefill {genai['prefill_ms']:.2f} ms, decode {genai['decode_tok_s']:.1f} "
+                          f"tok/s ({genai['provider_options']})", flush=True)
+        results.update(entries)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

@@ -14,6 +14,10 @@ Steps, in this order, and their estimated durations on the H200 machine (16 core
     export-{ours,ref}-dense-*   int4 and fp16, -e cuda                                              20-40 s each
     bench-*-dense-*             gpu_decode_bench.py: growing / static / captured (/ captured_fpa)
                                 ORT modes + genai with the folder's config + kernel profile          ~40 s each
+    bench-ours-dense-*-nopad    issue 19: the padding bundle's cost at batch 1. scripts/strip_padding.py writes
+                                the export's twin without the reorder (<1 s, weights hard-linked), then two
+                                gpu_decode_bench.py --interleave calls (either session opened first) bench
+                                both, 6 passes per mode and call in A B B A order (int4 and fp16)   ~100 s each
     probe-gptoss_cmp            GPT-OSS-20B's shape, MXFP4 experts, 4 layers (4.3 GiB)              ~30 s
     export-ours-gptoss_cmp      ortbuild int4 -e cuda                                               ~30 s
     export-ref-gptoss_cmp       reference int4 -e cuda (dequantizes through transformers)           ~180 s
@@ -21,7 +25,8 @@ Steps, in this order, and their estimated durations on the H200 machine (16 core
     probe-gptoss                GPT-OSS-20B's shape at full depth, 24 layers (12.8 GiB)             ~90 s
     export-ours-gptoss          ortbuild int4 -e cuda: full-depth export wall time and peak RSS     ~150 s
     bench-ours-gptoss           full-depth decode speed                                             ~150 s
-About 17 minutes in all (these estimates are deliberately high). The reference builder does not get the full-depth
+About 20 minutes in all (these estimates are deliberately high: the recorded H200 run, scripts/results/
+gpu_speed_h200.json, took 8-25 s per dense export or bench). The reference builder does not get the full-depth
 probe by default: on this project's CPU machine it took ~41 s of CPU (mostly one core) and ~4 GB of RSS per GPT-OSS-20B
 layer (1 layer: 192 s wall, 10.1 GB; 2 layers: 359 s, 14.1 GB), so 24 layers need ~17 minutes and ~100 GB, more than
 one 10-minute call; --ref-full-gptoss adds it anyway (a step killed at the end of a call is retried once from
@@ -60,11 +65,19 @@ tokenizer needs transformers (tests/factory.py); the bench needs numpy, onnx, on
     # the same command again resumes; --only NAME... runs some steps; --smoke: the CPU dry run (few layers, CPU EP,
     # -p fp32 for fp16, a 32-token prompt, no capture)
     PYTHONPATH=$PWD python3 scripts/gpu_speed_driver.py --smoke --work /tmp/gsd-smoke --out /tmp/gsd-smoke/out
+    # the dense subset alone (probe, ours/ref int4+fp16 exports and benches, the two padding-cost pairs): ~5 min on
+    # the H200 by the last run's timings (its estimates add up to 490 s, but that run took about half of them, so
+    # one --budget 480 call should do; if it stops early, the same command resumes):
+    PYTHONPATH=/tmp/ortsite python3 scripts/gpu_speed_driver.py --out $OUT --budget 480 --only env probe-dense \
+        export-ours-dense-int4 export-ref-dense-int4 export-ours-dense-fp16 export-ref-dense-fp16 \
+        bench-ours-dense-int4 bench-ref-dense-int4 bench-ours-dense-fp16 bench-ref-dense-fp16 \
+        bench-ours-dense-int4-nopad bench-ours-dense-fp16-nopad          # or the same as: --only env '*dense*'
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -263,6 +276,38 @@ def bench_step(d: Driver, key: str) -> dict:
     return entry
 
 
+def padding_cost_step(d: Driver, key: str) -> dict:
+    """Issue 19's batch-1 cost of the padding bundle: scripts/strip_padding.py's twin of export `key` (the reorder
+    removed; exact for unpadded inputs) against the export itself. Two gpu_decode_bench.py --interleave calls, both
+    sessions open in each and their passes alternating A B B A, so the few microseconds the bundle costs per step are
+    not lost in the drift between separate runs; the second call opens the two in the other order, because on the CPU
+    machine the session opened first ran 1-2 ms/step (~4%) slower whatever its graph (an export against an identical
+    copy of itself showed it), which one order alone would book as the bundle's cost."""
+    from strip_padding import strip_folder
+
+    source, twin = d.export_dir(key), d.export_dir(f"{key}-nopad")
+    strip = strip_folder(source, twin, overwrite=True)
+    entry: dict = {"strip": strip, "orders": {}, "bench_wall_s": 0.0}
+    for order, folders, extra in (("with_first", [source, twin], []),
+                                  ("without_first", [twin, source], ["--profile-steps", "0"])):
+        out_json = d.work / "bench" / f"{key}-nopad.{order}.json"
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.unlink(missing_ok=True)
+        log = d.work / "logs" / f"bench-{key}-nopad.{order}.log"
+        cmd = [sys.executable, str(SCRIPTS / "gpu_decode_bench.py"), *map(str, folders), "--interleave", "--json",
+               str(out_json), "--repeat", str(PAIR_REPEAT[d.smoke]), *extra]
+        if d.smoke:
+            cmd += ["--provider", "cpu", "--prompt", "32", "--steps", "8"]
+        wall, _, _, rc = run_logged(cmd, d.env(repo=False), d.work, log, d.left_s())
+        results = json.loads(out_json.read_text()) if out_json.exists() else {}
+        entry["orders"][order] = {"with": results.get(source.name, {}), "without": results.get(twin.name, {})}
+        entry["bench_wall_s"] += round(wall, 1)
+        if rc or not (results.get(source.name) and results.get(twin.name)):
+            entry["tail"] = log.read_text()[-1500:]
+            raise StepFailed("timeout" if rc == 124 else f"exit {rc} ({order})", entry)
+    return entry
+
+
 class StepFailed(Exception):
     def __init__(self, why: str, result: dict):
         super().__init__(why)
@@ -286,11 +331,16 @@ PROBES = {"dense": (("qwen3-0.6b", None), ("qwen3-0.6b", 2)),
           "gptoss": (("gpt-oss-20b-mxfp4", None), ("gpt-oss-2g-mxfp4", 2))}
 PROBE_ESTIMATES = {"dense": (15, 30), "gptoss": (90, 40), "gptoss_cmp": (30, 25)}
 BENCH_ESTIMATES = {"dense": (40, 40), "gptoss": (150, 60), "gptoss_cmp": (60, 50)}
+# exports whose padding-free twin is benched against them (bench-KEY-nopad), and that step's estimates
+NOPAD = ("ours-dense-int4", "ours-dense-fp16")
+NOPAD_ESTIMATES = (100, 40)
+PAIR_REPEAT = {False: 6, True: 2}  # interleaved passes (A B B A ...) per mode and order, GPU / smoke run
 
 
 def steps(ref_full_gptoss: bool = False) -> list[Step]:
-    """In the order they run: the dense comparison, both exporters on the same 4-layer GPT-OSS-20B-shaped probe, then
-    GPT-OSS-20B at full depth (ours; the reference too with --ref-full-gptoss)."""
+    """In the order they run: the dense comparison (and the padding bundle's cost on ours), both exporters on the same
+    4-layer GPT-OSS-20B-shaped probe, then GPT-OSS-20B at full depth (ours; the reference too with
+    --ref-full-gptoss)."""
     exports = EXPORTS + ([REF_FULL_GPTOSS] if ref_full_gptoss else [])
     out = [Step("env", 5, step_env, smoke_estimate_s=10)]
     for probe in PROBES:
@@ -303,6 +353,10 @@ def steps(ref_full_gptoss: bool = False) -> list[Step]:
         gpu, smoke = BENCH_ESTIMATES[probe]
         for e in mine:
             out.append(Step(f"bench-{e.key}", gpu, lambda d, k=e.key: bench_step(d, k), (f"export-{e.key}",), smoke))
+        for e in mine:
+            if e.key in NOPAD:
+                out.append(Step(f"bench-{e.key}-nopad", NOPAD_ESTIMATES[0], lambda d, k=e.key: padding_cost_step(d, k),
+                                (f"export-{e.key}",), NOPAD_ESTIMATES[1]))
     return out
 
 
@@ -385,10 +439,68 @@ def markdown(state: dict) -> str:
             a, b = _mode(ours["result"], mode, "decode_tok_s"), _mode(ref["result"], mode, "decode_tok_s")
             cells.append(f"{a / b:.2f}x" if a and b else "")
         lines.append(f"| {probe} {precision} | {' | '.join(cells)} |")
+    lines += padding_cost_table(state)
     failed = {k: v for k, v in state.items() if v.get("status") not in ("done", None)}
     if failed:
         lines += ["", "## Not done", ""] + [f"- {k}: {v['status']} {v.get('error', '')}" for k, v in failed.items()]
     return "\n".join(lines) + "\n"
+
+
+def _pooled(run: dict, mode: str) -> list[float]:
+    """Every pass's decode tok/s of `mode` in one side of a padding-cost run (both orders pooled)."""
+    return [x for order in run.values() for x in (_mode(order, mode, "decode_tok_s_passes") or [])]
+
+
+def padding_cost_table(state: dict) -> list[str]:
+    """Issue 19: per mode, decode tok/s with and without the padding bundle and the microseconds per step it costs."""
+    import statistics
+
+    done = [(key, state[f"bench-{key}-nopad"]) for key in NOPAD if f"bench-{key}-nopad" in state]
+    if not done:
+        return []
+    lines = ["", "## Padding bundle cost at batch 1", "",
+             "Each export against its twin without the padding reorder (scripts/strip_padding.py: exact for unpadded "
+             "input), both open in one gpu_decode_bench.py --interleave call with passes alternating A B B A, and "
+             "again with the other session opened first; tok/s are medians of all passes of both calls. Δ µs/step = "
+             "10^6/with - 10^6/without (positive: what the bundle costs per decode step), also per call (with opened "
+             "first / without opened first: they differ by twice the bias of the opening order, plus noise); Δ % = "
+             "(without - with) / without.", "",
+             "| export | mode | tok/s with bundle | tok/s without | Δ µs/step | Δ % | Δ µs/step per call | "
+             "passes |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    notes = []
+    for key, s in done:
+        r = s["result"]
+        orders = r.get("orders", {})
+        with_ = {o: v.get("with", {}) for o, v in orders.items()}
+        without = {o: v.get("without", {}) for o, v in orders.items()}
+        for mode in ("growing", "static", "captured", "captured_fpa", "genai"):
+            pa, pb = _pooled(with_, mode), _pooled(without, mode)
+            if not (pa or pb):
+                continue
+            a = statistics.median(pa) if pa else None
+            b = statistics.median(pb) if pb else None
+            delta = f"{1e6 / a - 1e6 / b:+.1f} | {100 * (b - a) / b:+.2f}" if a and b else " | "
+            per_call = []
+            for order in orders:
+                x, y = _mode(with_[order], mode, "decode_tok_s"), _mode(without[order], mode, "decode_tok_s")
+                per_call.append(f"{1e6 / x - 1e6 / y:+.1f}" if x and y else "-")
+            lines.append(f"| {key} | {mode} | {round(a, 1) if a else 'error'} | {round(b, 1) if b else 'error'} | "
+                         f"{delta} | {' / '.join(per_call)} | {len(pa)} / {len(pb)} |")
+        strip = r.get("strip", {})
+        removed = ", ".join(f"{op} {n}" for op, n in strip.get("removed", {}).items())
+        first_with, first_without = with_.get("with_first", {}), without.get("with_first", {})
+        kernels = [x.get("ort", {}).get("per_step", {}).get("kernels") for x in (first_with, first_without)]
+        placement = [x.get("ort", {}).get("placement", {}).get("nodes_per_ep") for x in (first_with, first_without)]
+        same = [first_with.get(k, {}).get("tokens") == first_without.get(k, {}).get("tokens") for k in ("ort", "genai")]
+        note = f"- {key}: {strip.get('nodes_before', 0) - strip.get('nodes_after', 0)} graph nodes removed ({removed})"
+        if any(k is not None for k in kernels):
+            note += f"; kernels/step {kernels[0]} with, {kernels[1]} without"
+        if any(placement):
+            note += f"; nodes per EP {placement[0]} with, {placement[1]} without"
+        notes.append(f"{note}; greedy tokens identical with/without (ORT growing, genai): {same[0]}, {same[1]}; "
+                     f"status {s['status']}")
+    return lines + [""] + notes
 
 
 def write_report(d: Driver) -> None:
@@ -421,7 +533,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: small probes, CPU EP, short prompt")
     parser.add_argument("--wheels", type=Path, help="install every wheel here into --ortsite first (--no-deps)")
     parser.add_argument("--ortsite", type=Path, default=Path("/tmp/ortsite"))
-    parser.add_argument("--only", nargs="*", help="step names to run (others are skipped this call)")
+    parser.add_argument("--only", nargs="*", help="step names or shell patterns to run (others are skipped this "
+                                                  "call), e.g. --only env '*dense*'")
     parser.add_argument("--redo", nargs="*", default=[], help="step names to run again although done")
     parser.add_argument("--list", action="store_true", help="list the steps and their state, run nothing")
     parser.add_argument("--ref-full-gptoss", action="store_true",
@@ -437,7 +550,7 @@ def main(argv=None) -> int:
     plan = steps(args.ref_full_gptoss)
     if args.list:
         for s in plan:
-            print(f"{s.name:24s} ~{s.smoke_estimate_s if d.smoke else s.estimate_s:5.0f} s  "
+            print(f"{s.name:28s} ~{s.smoke_estimate_s if d.smoke else s.estimate_s:5.0f} s  "
                   f"{state.get(s.name, {}).get('status', 'pending')}")
         return 0
     stopped = None
@@ -445,7 +558,7 @@ def main(argv=None) -> int:
         record = state.get(s.name)
         if record and record["status"] != "timeout" and s.name not in args.redo:
             continue  # done, gave up, or failed for a reason another try would not change (--redo retries)
-        if args.only is not None and s.name not in args.only:
+        if args.only is not None and not any(fnmatch.fnmatchcase(s.name, pattern) for pattern in args.only):
             continue
         missing = [n for n in s.needs if state.get(n, {}).get("status") != "done"]
         if missing:

@@ -32,7 +32,7 @@ ORT_TESTS = ("test_batched_generation.py", "test_consumption.py", "test_decoder_
              "test_moe_families.py", "test_plan_matches_model.py", "test_qmoe_cuda_routing.py",
              "test_quant_blockwise.py", "test_quant_moe.py", "test_recipes.py", "test_router_compute.py",
              "test_routing_families.py", "test_routing_graph.py", "test_routing_op.py", "test_runtime_requirements.py",
-             "test_verify.py", "test_verify_runtime.py")
+             "test_strip_padding.py", "test_verify.py", "test_verify_runtime.py")
 
 
 def pinned_range() -> tuple[str, str | None]:
