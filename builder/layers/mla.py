@@ -245,10 +245,16 @@ def _head_slice(ctx: LayerContext, out: ir.Value, head: int, start: int, stop: i
 
 
 def _pad_heads(ctx: LayerContext, x: ir.Value, width: int, head: int) -> ir.Value:
-    """[B, S, H, width] zero-padded to [B, S, H, head] (the padding adds nothing to a dot product)."""
+    """[B, S, H, width] zero-padded to [B, S, H, head] (the padding adds nothing to a dot product): a Concat with
+    zeros expanded to [B, S, H, head - width], not a Pad, which has no bfloat16 kernel on the CUDA EP (nor the CPU
+    EP) of onnxruntime 1.31.1 ("Provider type for Pad node ... is not set", a -p bf16 DeepSeek-V3 export on an
+    H200)."""
     if width == head:
         return x
-    return ctx.g.op("Pad", [x, ctx.g.ints(f"pads.heads.{head - width}", [0, 0, 0, 0, 0, 0, 0, head - width])])
+    g = ctx.g
+    lead = g.op("Slice", [g.op("Shape", [x]), g.ints("const.0", [0]), g.ints("const.3", [3])])
+    shape = g.op("Concat", [lead, g.ints(f"const.{head - width}", [head - width])], axis=0)
+    return g.op("Concat", [x, g.op("Expand", [ctx.scalar("const.zero", 0.0), shape])], axis=-1)
 
 
 def _absorbed_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, step: StepInputs, q_nope: ir.Value,
