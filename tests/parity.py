@@ -181,6 +181,16 @@ def attrs(node) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in out.items()}
 
 
+def case_checkpoints(tiny_checkpoint, cases: dict):
+    """case -> checkpoint folder, for a module's CASES table {case: (recipe, config overrides)} (session-cached)."""
+
+    def get(case: str) -> Path:
+        arch, overrides = cases[case]
+        return tiny_checkpoint(arch, **overrides)
+
+    return get
+
+
 def export_cache(checkpoint, tmp_path_factory, prefix: str):
     """(case, precision="fp32", ep="cpu", *extra) -> exported folder, each exported once (for module fixtures)."""
     built: dict[tuple, Path] = {}

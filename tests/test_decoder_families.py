@@ -56,11 +56,7 @@ GENAI_TYPES = {"phi3": "phi3", "phi4_mini": "phi3", "smollm3": "smollm3", "hunyu
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
-    def get(case: str) -> Path:
-        arch, overrides = CASES[case]
-        return tiny_checkpoint(arch, **overrides)
-
-    return get
+    return parity.case_checkpoints(tiny_checkpoint, CASES)
 
 
 @pytest.fixture(scope="module")

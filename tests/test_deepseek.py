@@ -63,11 +63,7 @@ GENAI = ["v3", "v3_no_q_lora", "v2", "v3_moe", "v3_moe_no_q_lora"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
-    def get(case: str) -> Path:
-        arch, overrides = CASES[case]
-        return tiny_checkpoint(arch, **overrides)
-
-    return get
+    return parity.case_checkpoints(tiny_checkpoint, CASES)
 
 
 @pytest.fixture(scope="module")

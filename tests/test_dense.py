@@ -49,11 +49,7 @@ CASES = {
 def checkpoint(tiny_checkpoint):
     """case -> checkpoint folder (session-cached by conftest)."""
 
-    def get(case: str) -> Path:
-        arch, overrides = CASES[case]
-        return tiny_checkpoint(arch, **overrides)
-
-    return get
+    return parity.case_checkpoints(tiny_checkpoint, CASES)
 
 
 @pytest.fixture(scope="module")

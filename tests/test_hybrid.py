@@ -54,11 +54,7 @@ CONV, KEY_HEADS, VALUE_HEADS, HEAD = 2 * 2 * 16 + 4 * 16, 2, 4, 16  # the factor
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
-    def get(case: str) -> Path:
-        arch, overrides = CASES[case]
-        return tiny_checkpoint(arch, **overrides)
-
-    return get
+    return parity.case_checkpoints(tiny_checkpoint, CASES)
 
 
 @pytest.fixture(scope="module")

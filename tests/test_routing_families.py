@@ -57,11 +57,7 @@ MOE_LAYERS = {"glm4_moe": [1, 2], "glm4_moe_plain": [0, 1, 2], "ernie4_5_moe": [
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
-    def get(case: str) -> Path:
-        arch, overrides = CASES[case]
-        return tiny_checkpoint(arch, **overrides)
-
-    return get
+    return parity.case_checkpoints(tiny_checkpoint, CASES)
 
 
 @pytest.fixture(scope="module")
