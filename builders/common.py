@@ -242,6 +242,22 @@ def text_decoder_prefix(ckpt: Checkpoint, arch: str, prefixes: tuple[str, ...], 
                           "the text decoder this architecture names.")
 
 
+def text_decoder_table(prefix: str) -> dict[str, str]:
+    """Canonical -> checkpoint names every Llama-style text decoder under `prefix` shares: embedding, the two
+    per-layer norms, q/k/v/o projections (weights and biases; absent biases are simply not mapped), final norm and
+    lm_head (beside the decoder: `language_model.lm_head` for a `language_model.model.` decoder)."""
+    src = f"{prefix}layers.{{i}}"
+    return {
+        "embed.weight": f"{prefix}embed_tokens.weight",
+        "layers.{i}.attn_norm.weight": f"{src}.input_layernorm.weight",
+        "layers.{i}.ffn_norm.weight": f"{src}.post_attention_layernorm.weight",
+        **{f"layers.{{i}}.attn.{p}.{kind}": f"{src}.self_attn.{p}_proj.{kind}" for p in "qkvo"
+           for kind in ("weight", "bias")},
+        "final_norm.weight": f"{prefix}norm.weight",
+        "lm_head.weight": "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight",
+    }
+
+
 def _same_values(a, b) -> bool:
     """Whether two weights hold the same values (torch.equal after loading), reading row blocks until one differs."""
     if tuple(a.shape) != tuple(b.shape):

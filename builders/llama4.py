@@ -23,7 +23,7 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, RoutingSpec
 from builder.weights import InterleavedGateUp, Stored, WeightMap, to_expert_major
 from builders import Family, register
-from builders.common import head_dim, kv_heads, map_table, rope_spec, text_decoder_prefix
+from builders.common import head_dim, kv_heads, map_table, rope_spec, text_decoder_prefix, text_decoder_table
 from builders.config import Config
 from builders.moe_common import top_k
 
@@ -98,19 +98,8 @@ def make_spec(cfg: Config) -> ModelSpec:
 
 def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     prefix = text_decoder_prefix(ckpt, spec.architecture, TEXT_PREFIXES, SKIPPED)
-    head = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
-    src = f"{prefix}layers.{{i}}"
-    table = {
-        "embed.weight": f"{prefix}embed_tokens.weight",
-        "layers.{i}.attn_norm.weight": f"{src}.input_layernorm.weight",
-        "layers.{i}.ffn_norm.weight": f"{src}.post_attention_layernorm.weight",
-        **{f"layers.{{i}}.attn.{p}.{kind}": f"{src}.self_attn.{p}_proj.{kind}" for p in "qkvo"
-           for kind in ("weight", "bias")},
-        "final_norm.weight": f"{prefix}norm.weight",
-        "lm_head.weight": head,
-    }
     weights = WeightMap(spec.architecture)
-    map_table(ckpt, weights, table, spec.num_layers)
+    map_table(ckpt, weights, text_decoder_table(prefix), spec.num_layers)
     for i, layer in enumerate(spec.layers):
         block = f"{prefix}layers.{i}.feed_forward"
         if not isinstance(layer.ffn, MoeSpec):

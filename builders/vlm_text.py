@@ -19,7 +19,8 @@ from builder.checkpoint import Checkpoint
 from builder.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 from builder.weights import WeightMap
 from builders import Family, register
-from builders.common import layer_windows, map_table, rope_settings, rope_spec, text_decoder_prefix
+from builders.common import (layer_windows, map_table, rope_settings, rope_spec, text_decoder_prefix,
+                             text_decoder_table)
 from builders.config import Config
 
 # The text decoder's prefix, most specific first (each is tried for "<prefix>embed_tokens.weight").
@@ -87,18 +88,11 @@ def make_spec(cfg: Config) -> ModelSpec:
 def map_weights(spec: ModelSpec, ckpt: Checkpoint) -> WeightMap:
     arch = spec.architecture
     prefix = text_decoder_prefix(ckpt, arch, TEXT_PREFIXES, SKIPPED[arch])
-    head = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
     src = f"{prefix}layers.{{i}}"
     table = {
-        "embed.weight": f"{prefix}embed_tokens.weight",
-        "layers.{i}.attn_norm.weight": f"{src}.input_layernorm.weight",
-        "layers.{i}.ffn_norm.weight": f"{src}.post_attention_layernorm.weight",
-        **{f"layers.{{i}}.attn.{p}.{kind}": f"{src}.self_attn.{p}_proj.{kind}" for p in "qkvo"
-           for kind in ("weight", "bias")},
+        **text_decoder_table(prefix),
         **{f"layers.{{i}}.attn.{n}.weight": f"{src}.self_attn.{n}.weight" for n in ("q_norm", "k_norm")},
         **{f"layers.{{i}}.mlp.{p}.weight": f"{src}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
-        "final_norm.weight": f"{prefix}norm.weight",
-        "lm_head.weight": head,
     }
     weights = WeightMap(arch)
     map_table(ckpt, weights, table, spec.num_layers)
