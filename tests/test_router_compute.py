@@ -120,3 +120,14 @@ def test_float32_logits_routers_compute_in_float32_in_a_float16_export(arch, tin
     full = parity.hf_logits(parity.load_hf(ckpt), parity.PROMPT_IDS)
     assert parity.max_abs(run.prompt_logits, full) < 0.02
     assert (run.prompt_logits.argmax(-1) == full.argmax(-1)).all()
+
+
+def test_inspect_says_which_routers_compute_in_float32(tiny_checkpoint, capsys):
+    from builder.cli import main
+
+    for arch, says in [("glm4_moe", True), ("deepseek_v3_moe", True), ("qwen3_moe", False)]:
+        with pytest.raises(SystemExit) as info:
+            main(["inspect", "-m", str(tiny_checkpoint(arch)), "-p", "fp16", "-e", "cpu"])
+        assert info.value.code == 0
+        moe = [line for line in capsys.readouterr().out.splitlines() if line.startswith("moe: ")]
+        assert moe and all(("(router in float32)" in line) == says for line in moe), moe

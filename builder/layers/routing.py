@@ -136,6 +136,8 @@ def describe(moe: MoeSpec) -> str:
     """One line on how a MoE layer routes (for `inspect`)."""
     r = moe.routing
     parts = [f"{moe.num_experts} experts, top-{moe.top_k}", r.scoring]
+    if r.float32_logits:
+        parts[-1] += " (router in float32)"
     if r.scoring == "sparsemixer":
         parts[-1] += f" (eps {r.sparsemixer_eps:g})"
     if r.correction_bias:
