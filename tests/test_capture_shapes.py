@@ -2,9 +2,9 @@
 (builder/capture.py; tests/shape_flow.py finds nodes whose output shape depends on input values).
 
 Every factory recipe is built for -e cuda (graph only: no weight is read) at fp16, bf16 and int4, with CUDA-sized
-experts for the QMoE routing kinds, both latent-attention forms and the hybrids with capture forced on: every graph
-with capture on has no data-dependent shape; the per-expert MoE (Gemma 4) has one NonZero per expert and capture
-off; float32 activations keep capture off and the q/k norm unfused.
+experts for the QMoE routing kinds and both latent-attention forms: every graph with capture on has no data-dependent
+shape and no host/device copy; the per-expert MoE (Gemma 4) has one NonZero per expert and capture off; float32
+activations keep capture off and the q/k norm unfused; the hybrids refuse capture (measured wrong under genai).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ VARIANTS = {
     "deepseek_v3_moe-cuda": ("deepseek_v3_moe", {"moe_intermediate_size": 64}, ()),
     "phimoe-cuda": ("phimoe", {"intermediate_size": 64}, ()),
     "gpt_oss-cuda": ("gpt_oss", {"intermediate_size": 64}, ()),
-    "qwen3_next-cuda": ("qwen3_next", {"moe_intermediate_size": 64}, ("enable_cuda_graph=true",)),
+    "qwen3_next-cuda": ("qwen3_next", {"moe_intermediate_size": 64}, ()),
     # latent attention: the 576-wide row is decompressed on cuda by itself, the 48-wide one absorbed unless forced
     "deepseek_v3-576": ("deepseek_v3", REAL_MLA, ()),
     "deepseek_v3-decompressed": ("deepseek_v3", {}, ("latent_attention_form=decompressed",)),
-    **{f"{h}-captured": (h, {}, ("enable_cuda_graph=true",)) for h in HYBRIDS},
 }
 
 
@@ -67,8 +66,9 @@ def test_graphs_with_capture_on_have_no_data_dependent_shapes(cuda_graphs):
     # not vacuous: these are captured, QMoE in each routing kind and both latent-attention forms among them
     expected = {("llama", "fp16"), ("llama4_text", "fp16"), ("llama4_text", "int4"), ("deepseek_v3", "fp16"),
                 ("deepseek_v3-576", "fp16"), ("deepseek_v3-576", "int4"), ("deepseek_v3-decompressed", "bf16"),
-                ("glm4_moe", "bf16"), ("qwen3_next-cuda", "int4"), ("qwen3_5-captured", "bf16")}
-    expected |= {(case, "int4") for case in VARIANTS if case.endswith("-cuda")}
+                ("glm4_moe", "bf16")}
+    expected |= {(case, "int4") for case in VARIANTS if case.endswith("-cuda") and case != "qwen3_next-cuda"}
+    assert not captured & {(h, p) for h in (*HYBRIDS, "qwen3_next-cuda") for p in PRECISIONS}
     assert expected <= captured, sorted(expected - captured)
 
 
@@ -108,6 +108,7 @@ def test_float32_activations_keep_capture_off_and_norms_unfused(cuda_graphs):
 @pytest.mark.parametrize("arch, precision, why", [
     ("gemma4_moe", "fp16", "per-expert MoE layers gather the tokens routed to each expert (NonZero)"),
     ("qwen3", "fp32", "GroupQueryAttention has no float32 CUDA kernel"),
+    ("qwen3_5", "fp16", "captured generation differed from the first token"),
 ])
 def test_asking_to_capture_a_refused_graph_is_a_usage_error(tiny_checkpoint, capsys, tmp_path, arch, precision, why):
     with pytest.raises(SystemExit) as info:
