@@ -148,8 +148,8 @@ OPTIONS: tuple[Option, ...] = (
            "-e cuda: let onnxruntime-genai capture each decode step in a CUDA graph (genai_config's CUDA provider "
            "option). Default: on, except for models with a longrope length switch (an If node, which ONNX Runtime "
            "cannot capture), per-expert MoE layers (Gemma 4: shapes that change with the routing), -p fp32 "
-           "(attention runs on the CPU EP) and hybrid linear-attention models (captured generation measured wrong "
-           "under onnxruntime-genai); the export notes why. "
+           "(attention runs on the CPU EP) and hybrid linear-attention models (not re-measured captured on a GPU since "
+           "their fix; true turns it on); the export notes why. "
            "false turns it off; true is refused where ONNX Runtime would refuse the graph."),
     Option("linear_attn_fp32", "bool", True,
            "Hybrid (linear-attention) models with fp16/bf16 activations: run the linear-attention core (causal conv, "

@@ -5,7 +5,8 @@ builder/capture.py leaves capture off for hybrids until this is measured: genai 
 recurrent state under capture. For each export folder given (made with `-p fp16 -e cuda --extra_options
 enable_cuda_graph=true`), a twin with "enable_cuda_graph": "0" is written beside it (genai_config.json edited, every
 other file hard-linked), and both generate greedily through onnxruntime-genai from a few prompts; the tokens must be
-equal. Needs onnxruntime-genai-cuda and onnxruntime-gpu only.
+equal; so must a right-padded batch of the three prompts (tests/batching.py's genai batching). Needs
+onnxruntime-genai-cuda and onnxruntime-gpu only.
 
     python scripts/gpu_hybrid_capture.py OUT_DIR EXPORT [EXPORT ...]     # writes OUT_DIR/hybrid_capture.json
 """
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 PROMPTS = [[5, 17, 99, 3, 250, 7, 8, 300, 11, 12, 13, 14], [42, 7, 19], list(range(3, 80))]
 NEW_TOKENS = 48
 
@@ -65,8 +67,16 @@ def main() -> int:
         flags = [e.get("cuda", {}).get("enable_cuda_graph")
                  for e in captured_cfg["model"]["decoder"]["session_options"]["provider_options"]]
         try:
-            plain, t_plain = greedy(og, uncaptured_twin(folder))
+            import batching  # tests/batching.py: numpy and onnxruntime_genai only
+
+            twin = uncaptured_twin(folder)
+            plain, t_plain = greedy(og, twin)
             captured, t_captured = greedy(og, folder)
+            try:  # a right-padded batch: genai's static prompt mask is wider than the prompt
+                plain.append(batching.genai_batch_greedy(twin, PROMPTS, NEW_TOKENS))
+                captured.append(batching.genai_batch_greedy(folder, PROMPTS, NEW_TOKENS))
+            except Exception as error:  # noqa: BLE001 - recorded, the batch-1 comparison stands
+                results[f"{folder.name}-batch"] = {"error": f"{type(error).__name__}: {error}"[:300]}
             same = [a == b for a, b in zip(plain, captured)]
             first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                           for a, b in zip(plain, captured)]

@@ -162,17 +162,22 @@ def _decode(session, out: dict, mask: np.ndarray, tokens: list[int], static_widt
 
 def run_onnx_masked(model_dir: Path, ids: np.ndarray, mask: np.ndarray, feed_tokens: list[list[int]],
                     max_length: int | None = None, providers=None, static_mask: bool = False,
-                    ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+                    static_prompt: bool = False) -> tuple[np.ndarray, list[list[np.ndarray]]]:
     """(prefill logits [B, S, V], per row the logits of each decode step) for any ids/mask layout.
 
     Decode step k feeds row b the token feed_tokens[b][k]. max_length=None grows the cache (present -> past, past
     starts empty); an int preallocates one zeroed buffer of that length per cache and feeds each present back as the
     next past (onnxruntime-genai's shared buffer). static_mask (needs max_length): decode steps get the static
-    [B, max_length] mask of CUDA-graph decoding (ones for the row's tokens so far, then zeros).
+    [B, max_length] mask of CUDA-graph decoding (ones for the row's tokens so far, then zeros). static_prompt (needs
+    max_length): the prompt gets it too, as onnxruntime-genai feeds it under capture (the prompt's mask in the first
+    columns of a zeroed [B, max_length] buffer: DefaultPositionInputs::InitializeStaticMask).
     """
     session = _session(model_dir, providers)
     names = [o.name for o in session.get_outputs()]
-    out = dict(zip(names, session.run(None, _first_feed(session, ids, mask, max_length))))
+    first = _first_feed(session, ids, mask, max_length)
+    if static_prompt:
+        first["attention_mask"] = np.pad(mask, ((0, 0), (0, max_length - mask.shape[1])))
+    out = dict(zip(names, session.run(None, first)))
     prompt = out["logits"].astype(np.float32)
     steps: list[list[np.ndarray]] = [[] for _ in range(ids.shape[0])]
     for k in range(len(feed_tokens[0])):
@@ -185,10 +190,11 @@ def run_onnx_masked(model_dir: Path, ids: np.ndarray, mask: np.ndarray, feed_tok
 
 def run_onnx_batch(model_dir: Path, prompts: list[list[int]], side: str, feed_tokens: list[list[int]],
                    pad_id: int = 3, max_length: int | None = None, providers=None, static_mask: bool = False,
-                   ) -> BatchRun:
+                   static_prompt: bool = False) -> BatchRun:
     """The prompts padded on `side`, prefilled as one batch, then decode steps (see run_onnx_masked)."""
     ids, mask = pad(prompts, side, pad_id)
-    prompt, steps = run_onnx_masked(model_dir, ids, mask, feed_tokens, max_length, providers, static_mask)
+    prompt, steps = run_onnx_masked(model_dir, ids, mask, feed_tokens, max_length, providers, static_mask,
+                                    static_prompt)
     columns = real_columns(prompts, side)
     return BatchRun([prompt[b, columns[b]] for b in range(len(prompts))], steps)
 

@@ -23,7 +23,8 @@ TOL = 1e-5  # fp32 logits max-abs, batch row vs alone: 0.0 for dense/Gemma famil
 DECODE_STEPS = 6  # the 5-token row reaches 11 tokens, past the window of 8
 NEW_TOKENS = 16
 CASES = batching.FAMILIES
-# (padding side, shared buffer length, static decode mask as in CUDA-graph decoding)
+# (padding side, shared buffer length, static mask as in CUDA-graph decoding: False, True (decode steps) or "genai"
+# (the prompt too, right-padded: what onnxruntime-genai feeds under capture))
 LAYOUTS = [("left", None, False), ("left", 64, False), ("right", None, False), ("right", 64, False),
            ("left", 64, True)]
 LAYOUT_IDS = [f"{side}-{'growing' if not length else 'static' if static else 'shared'}"
@@ -64,6 +65,21 @@ def test_padded_batch_matches_each_prompt_alone(case, side, shared, static, expo
     prompt_err, decode_err = batching.batch_vs_solo(run, solos)
     assert prompt_err <= TOL, f"{case} {side}: prompt logits max-abs {prompt_err:.3g} vs alone"
     assert decode_err <= TOL, f"{case} {side}: decode logits max-abs {decode_err:.3g} vs alone"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_mask_from_the_prompt_on_matches_a_growing_one(case, exported, alone):
+    """What onnxruntime-genai feeds under CUDA-graph capture: the prompt's mask in the first columns of a zeroed
+    [1, max_length] buffer, then ones up to the current length (batch 1: ONNX Runtime's CPU GroupQueryAttention
+    refuses a multi-token batch whose total length exceeds its new tokens)."""
+    feeds, solos = alone(case)
+    for prompt, feed, solo in zip(batching.PROMPTS, feeds, solos):
+        ids, mask = batching.pad([prompt], "right", 3)
+        # max_length as genai sets it (prompt + new tokens): the prompt's ones reach into the mask's last columns
+        logits, steps = batching.run_onnx_masked(exported(case), ids, mask, [feed], len(prompt) + len(feed),
+                                                 static_mask=True, static_prompt=True)
+        assert parity.max_abs(logits[0], solo.prompt_logits[0]) <= TOL, case
+        assert max(parity.max_abs(a, b) for a, b in zip(steps[0], solo.step_logits[0])) <= TOL, case
 
 
 @pytest.mark.genai
@@ -140,6 +156,9 @@ def _step_graph():
     ([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1]], 1),  # decode after left / right padding
     ([[1, 1, 1, 1, 0, 0, 0, 0]], 1),  # decode with a static CUDA-graph mask: the new token is real
     ([[0, 1, 1, 1, 1, 0, 1]], 3),  # new tokens are the last 3 columns of a wider mask
+    # onnxruntime-genai's static CUDA-graph mask from the prompt on: a right-padded prompt batch in the first columns
+    ([[1, 1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0]], 4),
+    ([[1, 1, 1, 1, 1, 1, 0, 0]], 6),  # ... a prompt whose ones reach into the last 6 columns
 ])
 def test_step_bundle_puts_real_tokens_first(mask, new):
     """Against a numpy reference: aligned ids, token_mask/token_count, seqlens_k, and the reorder undone exactly."""
@@ -155,7 +174,9 @@ def test_step_bundle_puts_real_tokens_first(mask, new):
     out = dict(zip(names, _step_graph().run(None, {"input_ids": ids, "attention_mask": mask,
                                                    "hidden": aligned_hidden})))
     assert out["aligned"].tolist() == np.take_along_axis(ids, order, axis=1).tolist()
-    counts = real.sum(1)
+    # where the mask's newest column is a pad (a right-padded prompt, a static mask), the real new tokens are the
+    # row's first min(S, ones): its real tokens are already first, so the aligned layout is the caller's
+    counts = np.where(mask[:, -1] == 1, real.sum(1), np.minimum(new, mask.sum(1)))
     assert out["token_count"].tolist() == counts.tolist()
     assert out["token_mask"].tolist() == (np.arange(new)[None, :] < counts[:, None]).tolist()
     assert np.array_equal(out["restored"], hidden)

@@ -66,10 +66,19 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
         """token_count / token_mask for layers with recurrent state (built on first use, once)."""
         with g.scope("padding"):
             if "count" not in step.derived:
-                # a single new token counts as real whatever its mask column says (static CUDA-graph mask)
-                last_column = g.op("ReduceMax", [columns], keepdims=1)  # [1]: S - 1
-                single = g.op("Cast", [g.op("Equal", [last_column, g.ints("const.0", [0])])], to=ir.DataType.INT64)
-                step.derived["count"] = g.op("ReduceSum", [g.op("Max", [mask, single]), axis1], keepdims=1)  # [B, 1]
+                # The real new tokens of a row. A growing mask ends with the newest column: where that column is
+                # real, the real new tokens are the ones in the last S columns (left-padded prompts, decode steps,
+                # continued chunks, holes included). Where it is not, the row is a right-padded prompt or
+                # onnxruntime-genai's static CUDA-graph mask [B, max_length] (ones for the row's tokens so far,
+                # prompt included, then zeros), and the count is min(S, the row's ones), as GroupQueryAttention
+                # counts it. (Reading the last S columns alone broke captured Qwen3.5 generation on an H200: a
+                # static mask's last columns are zeros, or hold part of a long prompt.)
+                last_real = g.op("Cast", [g.op("Slice", [attention_mask, g.ints("const.-1", [-1]),
+                                                         g.ints("const.int64_max", [INT64_MAX]), axis1])],
+                                 to=ir.DataType.BOOL)  # [B, 1]
+                new_tokens = g.op("Add", [g.op("ReduceMax", [columns], keepdims=1), one])  # [1]: S
+                step.derived["count"] = g.op("Where", [last_real, g.op("ReduceSum", [mask, axis1], keepdims=1),
+                                                       g.op("Min", [g.op("Unsqueeze", [total, axis1]), new_tokens])])
             count = step.derived["count"]
             if name == "token_count":
                 return g.op("Squeeze", [count, axis1])
