@@ -191,6 +191,18 @@ def case_checkpoints(tiny_checkpoint, cases: dict):
     return get
 
 
+def hf_prompt_cache(checkpoint):
+    """case -> transformers fp32 logits of PROMPT_IDS for checkpoint(case), each computed once."""
+    done: dict = {}
+
+    def get(case):
+        if case not in done:
+            done[case] = hf_logits(load_hf(checkpoint(case)), PROMPT_IDS)
+        return done[case]
+
+    return get
+
+
 def export_cache(checkpoint, tmp_path_factory, prefix: str):
     """(case, precision="fp32", ep="cpu", *extra) -> exported folder, each exported once (for module fixtures)."""
     built: dict[tuple, Path] = {}

@@ -19,14 +19,7 @@ FAMILIES = sorted(ARCHS)
 
 @pytest.fixture(scope="module")
 def hf_prompt_logits(tiny_checkpoint):
-    done: dict[str, np.ndarray] = {}
-
-    def get(arch: str) -> np.ndarray:
-        if arch not in done:
-            done[arch] = parity.hf_logits(parity.load_hf(tiny_checkpoint(arch)), parity.PROMPT_IDS)
-        return done[arch]
-
-    return get
+    return parity.hf_prompt_cache(tiny_checkpoint)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -68,14 +68,7 @@ def exported(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """case -> transformers fp32 logits of the prompt (computed once)."""
-    done: dict[str, np.ndarray] = {}
-
-    def get(case: str) -> np.ndarray:
-        if case not in done:
-            done[case] = parity.hf_logits(parity.load_hf(checkpoint(case)), parity.PROMPT_IDS)
-        return done[case]
-
-    return get
+    return parity.hf_prompt_cache(checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------- parity
