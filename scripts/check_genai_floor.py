@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -27,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from wheel_run import run_json  # noqa: E402 (scripts/, beside this file)
 
 # factory recipes whose genai type or genai_config keys appeared in onnxruntime-genai 0.14 or later (and two older
 # dense types as controls)
@@ -71,13 +71,7 @@ def export_cases(root: Path) -> dict[str, dict]:
 
 
 def run(python_path: str, model: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": python_path}  # before site-packages: the unpacked wheel shadows the installed
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(model), str(len(PROMPT) + STEPS), json.dumps(PROMPT)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return run_json(RUNNER, [str(model), str(len(PROMPT) + STEPS), json.dumps(PROMPT)], python_path)
 
 
 def main() -> int:

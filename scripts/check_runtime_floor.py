@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -26,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from wheel_run import run_json  # noqa: E402 (scripts/, beside this file)
 
 # name -> (factory architecture, factory overrides, precision, extra options): one versioned feature or more each
 CASES = {
@@ -85,15 +85,7 @@ def export_cases(root: Path) -> dict[str, dict]:
 
 
 def run(python_path: str | None, model: Path, out: Path) -> dict:
-    env = {**os.environ}
-    if python_path:
-        env["PYTHONPATH"] = python_path  # before site-packages: the unpacked wheel shadows the installed onnxruntime
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(model), str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return run_json(RUNNER, [str(model), str(out)], python_path)
 
 
 def main() -> int:
