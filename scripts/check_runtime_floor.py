@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from wheel_run import run_json  # noqa: E402 (scripts/, beside this file)
+from wheel_run import report, run_json  # noqa: E402 (scripts/, beside this file)
 
 # name -> (factory architecture, factory overrides, precision, extra options): one versioned feature or more each
 CASES = {
@@ -135,11 +135,7 @@ def main() -> int:
                 status = "works" if works else ("WRONG" if got["ok"] else "FAILS")
                 print(f"{name:34} {version:8} requires {need:5} {status}"
                       f"{'' if works == expected else '  <-- unexpected'}", flush=True)
-    result = {"requires": {n: c["requires"] for n, c in cases.items()}, "runs": table, "problems": problems}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(problems) if problems else "every model runs from its recorded minimum on, and not below it")
-    return 1 if problems else 0
+    return report(cases, table, problems, args.out)
 
 
 if __name__ == "__main__":
