@@ -19,14 +19,14 @@ class StepInputs:
     """Per-step values every token mixer shares, computed once by the decoder (builder/layers/padding.py).
 
     Layers run in the "real tokens first" layout: a row's n real new tokens are its columns 0..n-1.
-    `token_mask` / `token_count` are built on first use (only layers with recurrent state read them), so a model
-    whose layers never ask pays no node for them in its decode step.
+    `token_mask` / `token_count` (layers with recurrent state) and `position_ids` (rotary or query scaling outside
+    GroupQueryAttention) are built on first use, so a model whose layers never ask pays no node for them in its
+    decode step.
     """
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_sequence_length: ir.Value  # int32 scalar
-    make: Callable[[str], ir.Value] | None = None  # builds a lazy value ("token_mask", "token_count") on first use
-    position_ids: ir.Value | None = None  # int64 [batch, sequence], made on first use (rotary outside the op)
+    make: Callable[[str], ir.Value] | None = None  # builds a lazy value (token_mask, token_count, position_ids)
     derived: dict = field(default_factory=dict)  # values a layer computes once from the above and shares
 
     def _lazy(self, name: str) -> ir.Value:
@@ -43,6 +43,12 @@ class StepInputs:
     def token_count(self) -> ir.Value:
         """int64 [batch]: n, the real new tokens per row."""
         return self._lazy("token_count")
+
+    @property
+    def position_ids(self) -> ir.Value:
+        """int64 [batch, sequence]: each new token's position as GroupQueryAttention numbers it (layers that rotate
+        or scale outside the op)."""
+        return self._lazy("position_ids")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import norm_weight, rms_norm, weightless_rms_norm
 from builder.layers.residual import Biased
-from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotary_outside, rotate
+from builder.layers.rotary_graph import cos_sin, rotary_in_op, rotary_outside, rotate
 from builder.spec import AttentionSpec, ModelSpec
 from builder.weights import Concatenated, Weight, WeightMap
 
@@ -83,17 +83,11 @@ def _packed(w: WeightMap, prefix: str, kind: str, attn: AttentionSpec, tail: tup
 
 
 def _rotate_qk(ctx: LayerContext, q: ir.Value, k: ir.Value, attn: AttentionSpec, step: StepInputs):
-    positions = _positions(ctx, step, q)
+    positions = step.position_ids
     caches = cos_sin(ctx, attn.rope, step.seqlens_k)
     with ctx.g.scope("rotary"):
         return (rotate(ctx, q, attn.rope, attn.num_heads, positions, caches),
                 rotate(ctx, k, attn.rope, attn.num_kv_heads, positions, caches))
-
-
-def _positions(ctx: LayerContext, step: StepInputs, like: ir.Value) -> ir.Value:
-    if step.position_ids is None:
-        step.position_ids = position_ids(ctx, step.seqlens_k, like)
-    return step.position_ids
 
 
 def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: StepInputs) -> ir.Value:
@@ -106,7 +100,7 @@ def _scale_query(ctx: LayerContext, q: ir.Value, attn: AttentionSpec, step: Step
         table = 1 + beta * np.log1p(np.floor((positions + offset) / period))
         g.constant(name, table.astype(np.float32).astype(ctx.settings.numpy_dtype))
     with g.scope("query_scale"):
-        scale = g.op("Gather", [g.initializer(name), _positions(ctx, step, q)], axis=0)
+        scale = g.op("Gather", [g.initializer(name), step.position_ids], axis=0)
         return g.op("Mul", [q, g.op("Unsqueeze", [scale, g.ints("const.-1", [-1])])])
 
 
@@ -129,17 +123,17 @@ def fit_chunked_attention(spec: ModelSpec, ep: str) -> tuple[ModelSpec, list[str
     return replace(spec, layers=layers, context_length=min(limit, spec.context_length)), [note]
 
 
-def chunk_bias(ctx: LayerContext, step: StepInputs, like: ir.Value, chunk: int) -> ir.Value:
+def chunk_bias(ctx: LayerContext, step: StepInputs, chunk: int) -> ir.Value:
     """GroupQueryAttention's attention_bias [B, 1, S, T] for chunked attention: 0 where key slot j and the query
     share a chunk (position // chunk), the lowest float elsewhere; the op's causal and padding masks do the rest.
     Exact at every length: key slot j holds position j (layers run real tokens first, padding.py) and a query's
-    position is GroupQueryAttention's own (rotary_graph.position_ids). Built once per chunk size."""
+    position is GroupQueryAttention's own (StepInputs.position_ids). Built once per chunk size."""
     key = f"chunk_bias.{chunk}"
     if key not in step.derived:
         g = ctx.g
         with g.scope(f"chunk_mask_{chunk}"):
             size = g.ints(f"const.chunk.{chunk}", [chunk])
-            query_chunk = g.op("Div", [_positions(ctx, step, like), size])  # int64 [B, S]; positions are >= 0
+            query_chunk = g.op("Div", [step.position_ids, size])  # int64 [B, S]; positions are >= 0
             total = g.op("Cast", [step.total_sequence_length], to=ir.DataType.INT64)
             slots = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)), total,
                                    g.shared_constant("const.one_i64", np.array(1, np.int64))])
@@ -269,7 +263,7 @@ def _group_query_attention(ctx: LayerContext, layer: int, attn: AttentionSpec, s
     in_op = rotary_in_op(attn)
     cos, sin = cos_sin(ctx, attn.rope, step.seqlens_k) if in_op else (None, None)
     sinks = ctx.float_initializer(f"{prefix}.sinks", w.get(f"{prefix}.sinks", (attn.num_heads,))) if attn.sinks else None
-    bias = chunk_bias(ctx, step, q, attn.attention_chunk) if attn.attention_chunk else None
+    bias = chunk_bias(ctx, step, attn.attention_chunk) if attn.attention_chunk else None
     inputs = [q, k, v, past_key, past_value, step.seqlens_k, step.total_sequence_length, cos, sin,
               None, bias, sinks, None, None, q_norm, k_norm]
     while inputs[-1] is None:

@@ -47,7 +47,7 @@ from builder.layers import LayerContext, StepInputs
 from builder.layers.linear import linear
 from builder.layers.norm import rms_norm
 from builder.layers.residual import Biased
-from builder.layers.rotary_graph import cos_sin, position_ids, rotary_in_op, rotate
+from builder.layers.rotary_graph import cos_sin, rotary_in_op, rotate
 from builder.errors import UnsupportedModelError, UsageError
 from builder.spec import AttentionSpec, LatentSpec, ModelSpec
 from builder.weights import Concatenated, Constant, Weight
@@ -212,8 +212,6 @@ def _rotate_outside(ctx: LayerContext, step: StepInputs, attn: AttentionSpec, q_
                     k_rope: ir.Value) -> tuple[ir.Value, ir.Value]:
     """Rotate q_rope [B, S, H, rope] and k_rope [B, S, rope] before the op (rope half-width not a multiple of 8)."""
     g, rope = ctx.g, attn.rope
-    if step.position_ids is None:
-        step.position_ids = position_ids(ctx, step.seqlens_k, k_rope)
     caches = cos_sin(ctx, rope, step.seqlens_k)
     with g.scope("rotary"):
         flat = g.op("Reshape", [q_rope, g.ints("shape.merge_heads", [0, 0, -1])])

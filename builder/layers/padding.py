@@ -62,8 +62,21 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
                               g.op("Add", [columns, real_after])])
         aligned_ids = g.op("ScatterElements", [input_ids, rank, input_ids], axis=1)
 
+    def last_column() -> ir.Value:
+        """int64 [1]: S - 1, on the device (a shape mixed into device values would need a Memcpy)."""
+        if "last_column" not in step.derived:
+            step.derived["last_column"] = g.op("ReduceMax", [columns], keepdims=1)
+        return step.derived["last_column"]
+
     def token_state(name: str) -> ir.Value:
-        """token_count / token_mask for layers with recurrent state (built on first use, once)."""
+        """token_count / token_mask for layers with recurrent state, position_ids for layers that rotate or scale
+        outside the op (built on first use, once)."""
+        if name == "position_ids":
+            # GroupQueryAttention's numbering: the past length (seqlens_k + 1 - S, at least 0: rows of a padded
+            # prompt start at 0) plus the column j, i.e. max(seqlens_k - (S - 1 - j), j), from device tensors only
+            with g.scope("position_ids"):
+                last = g.op("Unsqueeze", [g.op("Cast", [seqlens], to=ir.DataType.INT64), axis1])  # [B, 1]
+                return g.op("Max", [g.op("Sub", [last, g.op("Sub", [last_column(), columns])]), columns])
         with g.scope("padding"):
             if "count" not in step.derived:
                 # The real new tokens of a row. A growing mask ends with the newest column: where that column is
@@ -76,7 +89,7 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
                 last_real = g.op("Cast", [g.op("Slice", [attention_mask, g.ints("const.-1", [-1]),
                                                          g.ints("const.int64_max", [INT64_MAX]), axis1])],
                                  to=ir.DataType.BOOL)  # [B, 1]
-                new_tokens = g.op("Add", [g.op("ReduceMax", [columns], keepdims=1), one])  # [1]: S
+                new_tokens = g.op("Add", [last_column(), one])  # [1]: S
                 step.derived["count"] = g.op("Where", [last_real, g.op("ReduceSum", [mask, axis1], keepdims=1),
                                                        g.op("Min", [g.op("Unsqueeze", [total, axis1]), new_tokens])])
             count = step.derived["count"]

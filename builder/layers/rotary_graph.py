@@ -1,5 +1,5 @@
-"""Rotary embedding in the graph: cos/sin caches (with longrope's length switch), position ids, and the rotation of
-q/k outside GroupQueryAttention.
+"""Rotary embedding in the graph: cos/sin caches (with longrope's length switch) and the rotation of q/k outside
+GroupQueryAttention, at the step's position ids (StepInputs.position_ids, built by builder/layers/padding.py).
 
 GroupQueryAttention rotates q and k itself from cos/sin caches indexed by position. Two things it cannot do:
 - rotate a share of the head whose half (rotary_dim / 2) is not a multiple of 8 (ORT refuses such caches), and
@@ -69,26 +69,6 @@ def cos_sin(ctx: LayerContext, rope: RopeSpec, seqlens_k: ir.Value) -> tuple[ir.
                 caches[rope] = g.op("If", [is_long], outputs=2, then_branch=_branch(f"long{suffix}", *long),
                                     else_branch=_branch(f"short{suffix}", *short))
     return caches[rope]
-
-
-def position_ids(ctx: LayerContext, seqlens_k: ir.Value, x: ir.Value) -> ir.Value:
-    """int64 [batch, sequence] positions of the new tokens, numbered as GroupQueryAttention numbers them: the past
-    length (seqlens_k + 1 - sequence, at least 0: rows of a padded prompt start at 0) plus the index j, i.e.
-    max(seqlens_k - (sequence - 1 - j), j).
-
-    Computed from device tensors only: j and sequence - 1 - j are exclusive CumSums over ones shaped like the new
-    tokens, not a Range to the input's shape. A shape value lives on the host, and mixing it into seqlens_k (a device
-    tensor) puts a MemcpyFromHost in the graph, which makes ONNX Runtime refuse CUDA graph capture (measured on an
-    H200, onnxruntime-gpu 1.31.1: "all compute graph nodes have not been partitioned to the CUDAExecutionProvider")."""
-    g = ctx.g
-    with g.scope("position_ids"):
-        token_shape = g.op("Slice", [g.op("Shape", [x]), g.ints("const.0", [0]), g.ints("const.2", [2])])
-        ones = g.op("ConstantOfShape", [token_shape], value=ir.tensor(np.array([1], np.int64)))
-        axis = g.shared_constant("const.axis1_i64", np.array(1, np.int64))
-        index = g.op("CumSum", [ones, axis], exclusive=1)  # j
-        remaining = g.op("CumSum", [ones, axis], exclusive=1, reverse=1)  # sequence - 1 - j
-        last = g.op("Unsqueeze", [g.op("Cast", [seqlens_k], to=ir.DataType.INT64), g.ints("const.1", [1])])
-        return g.op("Max", [g.op("Sub", [last, remaining]), index])
 
 
 def rotate(ctx: LayerContext, x: ir.Value, rope: RopeSpec, num_heads: int, positions: ir.Value,
