@@ -48,6 +48,12 @@ class ExportSettings:
     # the renormalised softmax of the selected router_probs; scripts/moe_routing_check.py on an H200), so cuda exports
     # feed QMoE like MoE: masked log-weights in router_probs (builder/layers/routing.py).
     qmoe_router_weights: bool = False
+    # MoE honours normalize_routing_weights=0 for a plain softmax router: not on the CPU EP of onnxruntime 1.31.1
+    # (1.32.0 is right), which returns zeros for float16 (tests/test_routing_op.py) and, inside a whole decoder, wrong
+    # float32 values (max-abs 0.64 on the tiny Qwen2-MoE, exact again once the op's input or output is also a graph
+    # output: the kernel's in-place handling); so cpu exports let the op renormalise the top-k softmax and scale it
+    # back by the top-k mass (builder/layers/routing.py).
+    moe_raw_softmax: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
     given: frozenset[str] = frozenset()  # the extra options the user set (the others are defaults)
     plan: QuantPlan | None = None  # set once the model is known (see with_plan)
@@ -107,7 +113,8 @@ class ExportSettings:
                              "H100). Use qmoe_prepack_arch=80 (the default).")
         layout = QmoeLayout(extra["qmoe_weights_prepacked"], extra["qmoe_prepack_arch"])
         return cls(precision=precision, ep=ep, io_dtype=io_dtype, fuse_qk_norm=bool(fuse), qmoe_layout=layout,
-                   qmoe_router_weights=ep == "cpu", extra=MappingProxyType(extra), given=frozenset(given))
+                   qmoe_router_weights=ep == "cpu", moe_raw_softmax=ep != "cpu", extra=MappingProxyType(extra),
+                   given=frozenset(given))
 
     def with_plan(self, spec: ModelSpec) -> "ExportSettings":
         """Attach the QuantPlan, told the facts of the model that decide formats (layers, tying, experts), and the

@@ -144,7 +144,7 @@ def test_float_export_has_one_moe_per_sparse_layer(case, exported):
     for node in moes:
         i = layer_of(node)
         # On cpu the op always renormalises: onnxruntime 1.31.1's MoE is wrong with normalize_routing_weights=0
-        # (builder/layers/routing.py, _raw_softmax_broken), so families without renormalisation scale the output
+        # (ExportSettings.moe_raw_softmax), so families without renormalisation scale the output
         # back by the top-k softmax mass (test_qwen2_moe_float_export_does_not_renormalise)
         assert attrs(node) == {"k": TOP_K, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
                                "activation_beta": 0.0, "normalize_routing_weights": 1}

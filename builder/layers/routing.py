@@ -163,7 +163,7 @@ def router_feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, qua
     """The router of layer `index` on x [B, S, H], in the form the fused op reads (QMoE when `quantized`)."""
     check_routing(moe, index)
     return _feed(ctx, x, index, moe, router_weights=quantized and ctx.settings.qmoe_router_weights,
-                 raw_softmax=not quantized and not _raw_softmax_broken(ctx))
+                 raw_softmax=not quantized and ctx.settings.moe_raw_softmax)
 
 
 def _feed(ctx: LayerContext, x: ir.Value, index: int, moe: MoeSpec, *, router_weights: bool,
@@ -241,14 +241,6 @@ def _monotone(c: RouterCompute, x: ir.Value, logits: ir.Value, moe: MoeSpec, rou
     if r.normalize_topk:
         return RouterFeed(x, c.io(_flat(ctx, log_sigmoid, moe)), None, True)
     return _one_input(c, x, wide, log_sigmoid, scores, moe)
-
-
-def _raw_softmax_broken(ctx: LayerContext) -> bool:
-    """MoE with normalize_routing_weights=0 on the CPU EP of onnxruntime 1.31.1 (1.32.0 is right) returns zeros for
-    float16 (tests/test_routing_op.py) and, inside a whole decoder, wrong float32 values (max-abs 0.64 on the tiny
-    Qwen2-MoE, exact again once the op's input or output is also a graph output: the kernel's in-place handling),
-    so on cpu the op renormalises the top-k softmax and the graph scales it back by the top-k mass."""
-    return ctx.settings.ep == "cpu"
 
 
 def _top_k_mask(ctx: LayerContext, selection: ir.Value, k: int, axis: int = -1) -> ir.Value:
