@@ -28,15 +28,15 @@ Not captured (the export says why in a note and genai_config carries "enable_cud
   (onnxruntime contrib_ops/cuda/bert/group_query_attention.cc), so ONNX Runtime places every attention node on the
   CPU EP (measured: the -p fp32 -e cuda Qwen3-Next export failed on an H200 in "GroupQueryAttention (CPU)"), and it
   refuses to capture a session whose compute nodes are not all on the CUDA EP;
-- linear-attention layers (Qwen3.5, Qwen3.5-MoE, Qwen3-Next), off unless asked: under capture onnxruntime-genai
-  feeds the static [batch, max_length] mask from the prompt on (DefaultPositionInputs::InitializeStaticMask), and
-  these layers read how many new tokens are real from the mask. Measured on an H200 (onnxruntime-genai-cuda 0.18,
-  scripts/gpu_hybrid_capture.py): while they read the mask's last S columns, captured generation differed from the
-  first token for every prompt; reading min(S, ones in the row) where those columns hold none, the 12- and 3-token
-  prompts matched for 48 tokens and a 77-token prompt (whose ones reach into the last columns) did not. The count now
-  follows the mask's newest column (builder/layers/padding.py), and tests/test_batched_generation.py feeds genai's
-  static mask from the prompt on (max_length = prompt + new tokens): every family, hybrids included, matches the
-  growing mask on CPU. Not re-measured on a GPU yet, so capture stays off unless asked (=true).
+Captured since their fix: linear-attention layers (Qwen3.5, Qwen3.5-MoE, Qwen3-Next). Under capture
+onnxruntime-genai feeds the static [batch, max_length] mask from the prompt on (DefaultPositionInputs::
+InitializeStaticMask), and these layers read how many new tokens are real from the mask. Measured on an H200
+(onnxruntime-genai-cuda 0.18, scripts/gpu_hybrid_capture.py, scripts/results/gpu_hybrid_capture_h200.json): while they
+read the mask's last S columns, captured generation differed from the first token for every prompt; reading min(S,
+ones in the row) where those columns hold none, a 77-token prompt (whose ones reach into the last columns) still
+differed. The count now follows the mask's newest column (builder/layers/padding.py), and 12-, 3- and 77-token prompts
+generate the same 48 greedy tokens captured and uncaptured for all three families; tests/test_batched_generation.py
+feeds genai's static mask from the prompt on for every family on CPU.
 `--extra_options enable_cuda_graph=true/false` overrides the decision (true is refused where ONNX Runtime would refuse
 the graph; false always works).
 """
@@ -92,10 +92,6 @@ def refusal(spec: ModelSpec, io_dtype: str) -> str | None:
 
 def unproven(spec: ModelSpec) -> str | None:
     """Why capture is not promised for this model although ONNX Runtime would accept the graph, or None."""
-    if any(isinstance(layer.attention, LinearAttentionSpec) for layer in spec.layers):
-        return ("its linear-attention layers were measured under capture only before their token count followed "
-                "onnxruntime-genai's static mask (then 2 of 3 prompts matched on an H200); they now match the growing "
-                "mask on CPU for every prompt, not yet re-measured on a GPU")
     unknown = {type(layer.attention).__name__ for layer in spec.layers
                if not isinstance(layer.attention, (AttentionSpec, LinearAttentionSpec))}
     if unknown:

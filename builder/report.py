@@ -73,8 +73,9 @@ def plan_rows(prepared) -> list[tuple[str, str, int | None]]:
         if spec.per_layer_input_size:
             rows += [_row(f"layers.{i}.per_layer.gate", plan.format_for("per_layer.gate", i)),
                      _row(f"layers.{i}.per_layer.projection", plan.format_for("per_layer.projection", i))]
-    rows.append(_row("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head"),
-                     " (reads the embed bytes)" if plan.shares_embedding else ""))
+    head_note = (" (reads the embed bytes)" if plan.shares_embedding else
+                 " (CUDA fpA_intB layout: lm_head_prepacked)" if prepared.settings.lm_head_prepacked else "")
+    rows.append(_row("lm_head" + (" (tied)" if spec.tie_embeddings else ""), plan.format_for("lm_head"), head_note))
     return rows
 
 

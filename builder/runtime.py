@@ -99,6 +99,10 @@ def cuda_only_features(model_path: Path, ep: str) -> list[str]:
     if any(v.type.tensor_type.elem_type == bf16 for v in [*graph.input, *graph.output]) or \
             any(t.data_type == bf16 for t in graph.initializer):
         found.append("bfloat16 tensors (the CPU kernels of MatMul and attention have no bfloat16)")
+    if any(n.op_type == "MatMulNBits" and any(a.name == "weight_prepacked" and a.i for a in n.attribute)
+           for n in graph.node):
+        found.append("MatMulNBits weights in the CUDA prepacked (fpA_intB) layout (the CPU kernel would read them as "
+                     "raw weights)")
     if ep == "cuda":
         for node in graph.node:
             if node.op_type != "QMoE":

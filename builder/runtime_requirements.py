@@ -36,7 +36,7 @@ ORT_SINCE = {
              "attr:activation_alpha": "1.23", "attr:activation_beta": "1.23", "attr:block_size": "1.23",
              "input:fc1_zero_points": "1.24", "input:fc2_zero_points": "1.24", "input:router_weights": "1.25",
              "attr:weights_prepacked": "1.28"},
-    "MatMulNBits": {},  # its bias input (index 5) runs on the 1.20.1 CPU kernel too (checked)
+    "MatMulNBits": {"attr:weight_prepacked": "1.28"},  # its bias input (index 5) runs on the 1.20.1 CPU kernel too
     "FusedMatMul": {},  # the float lm_head (transB=1)
     "SkipSimplifiedLayerNormalization": {},
     "SkipLayerNormalization": {},
@@ -60,9 +60,10 @@ INPUT_NAMES = {
 # scripts/check_runtime_floor.py: 1.20 and 1.21 reject 8-bit MatMulNBits ("Only 4b quantization is supported");
 # 1.23 runs 4-bit QMoE experts but its logits differ by ~0.9 from 1.24-1.32 (which agree exactly).
 CPU_VALUE_SINCE = {("MatMulNBits", "bits", 8): "1.22", ("QMoE", "expert_weight_bits", 4): "1.24"}
-# CUDA QMoE experts in the offline-prepacked layout (weights_prepacked omitted or 1): the attribute appeared in 1.28,
-# but the layout was measured on onnxruntime-gpu 1.31.1 only (README, "Verified on CUDA"), so that is the floor.
-CUDA_PREPACKED_QMOE = "1.31"
+# CUDA QMoE experts in the offline-prepacked layout (weights_prepacked omitted or 1) and MatMulNBits weights in it
+# (weight_prepacked=1, the lm_head): both attributes appeared in 1.28, but the layout was measured on onnxruntime-gpu
+# 1.31.1 only (README, "Verified on CUDA"), so that is the floor.
+CUDA_PREPACKED = "1.31"
 
 # genai model type -> first onnxruntime-genai release that runs it ("decoder" is the generic type). Every type
 # builder/genai_config.py writes has an entry (a test checks it). qwen3_5_text / qwen3_5_moe_text are listed since
@@ -132,7 +133,9 @@ def requirements(nodes, ep: str, genai_type: str, genai_keys=()) -> dict:
             if ep == "cpu" and op == value_op and ints.get(attr) == value:
                 needs[f"{op} {attr}={value} on the CPU kernel"] = version
         if op == "QMoE" and ep == "cuda" and ints.get("weights_prepacked", 1) != 0:
-            needs["QMoE experts in the CUDA prepacked layout"] = CUDA_PREPACKED_QMOE
+            needs["QMoE experts in the CUDA prepacked layout"] = CUDA_PREPACKED
+        if op == "MatMulNBits" and ints.get("weight_prepacked", 0):
+            needs["MatMulNBits weight in the CUDA prepacked layout"] = CUDA_PREPACKED
     ort = max([ORT_BASE, *needs.values()], key=version_key)
     because = [f"{text} (onnxruntime {version})" for text, version in
                sorted(needs.items(), key=lambda kv: (version_key(kv[1]), kv[0]), reverse=True)]

@@ -58,6 +58,8 @@ class ExportSettings:
     given: frozenset[str] = frozenset()  # the extra options the user set (the others are defaults)
     plan: QuantPlan | None = None  # set once the model is known (see with_plan)
     graph_capture: GraphCapture | None = None  # CUDA-graph capture under onnxruntime-genai (see with_plan)
+    # the lm_head's MatMulNBits weight in the CUDA fpA_intB layout (weight_prepacked=1; see with_plan)
+    lm_head_prepacked: bool = False
 
     @property
     def ir_dtype(self) -> ir.DataType:
@@ -130,4 +132,20 @@ class ExportSettings:
                                       per_expert_layers=per_expert, expert_k=expert_k, given=self.given,
                                       model=spec.architecture)
         capture = decide_capture(spec, self.ep, self.extra.get("enable_cuda_graph"), self.io_dtype)
-        return replace(self, plan=plan, graph_capture=capture)
+        return replace(self, plan=plan, graph_capture=capture, lm_head_prepacked=self._head_prepacked(spec, plan))
+
+    def _head_prepacked(self, spec: ModelSpec, plan: QuantPlan) -> bool:
+        """lm_head_prepacked: auto (None) where head_prepack_blocker finds nothing against it; true where it does is
+        a usage error saying what."""
+        from builder.quant.cuda_layout import head_prepack_blocker
+
+        wanted = self.extra.get("lm_head_prepacked")
+        if wanted is False or plan.bits is None:
+            return False
+        blocker = head_prepack_blocker(self.ep, self.io_dtype, plan.format_for("lm_head"), spec.vocab_size,
+                                       spec.hidden_size, spec.lm_head_bias,
+                                       plan.shares_embedding and spec.tie_embeddings)
+        if wanted and blocker:
+            raise UsageError(f"lm_head_prepacked=true cannot apply to {spec.architecture} -p {self.precision} -e "
+                             f"{self.ep}: {blocker}. Drop the option.")
+        return blocker is None

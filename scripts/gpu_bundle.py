@@ -45,6 +45,7 @@ CONFIGS = [
     ("qwen3-bf16-fusedqk", "qwen3", {}, {}, "bf16", []),
     ("qwen3-int4", "qwen3", {}, {}, "int4", []),
     ("llama-fp16", "llama", {}, {}, "fp16", []),
+    ("llama-int4", "llama", {}, {}, "int4", []),  # untied 4-bit head: stored prepacked (lm_head_prepacked)
     ("qwen3_moe-fp16", "qwen3_moe", MOE64, {}, "fp16", []),
     ("qwen3_moe-bf16", "qwen3_moe", MOE64, {}, "bf16", []),
     ("qwen3_moe-int4-auto", "qwen3_moe", MOE64, {}, "int4", []),

@@ -14,6 +14,11 @@ Steps, in this order, and their estimated durations on the H200 machine (16 core
     export-{ours,ref}-dense-*   int4 and fp16, -e cuda                                              20-40 s each
     bench-*-dense-*             gpu_decode_bench.py: growing / static / captured (/ captured_fpa)
                                 ORT modes + genai with the folder's config + kernel profile          ~40 s each
+    pair-ours-*                 ours against the reference on the same probe, benched side by side (both
+                                sessions open, passes A B B A, then the other opened first) with a kernel
+                                profile of each: the "equal settings" ratios without lease-to-lease drift  ~60-90 s
+    variant-ours-*-REWRITE      an export against its scripts/graph_twin.py twin (one layout choice changed),
+                                their logits compared on the device, then benched side by side       ~70-90 s
     bench-ours-dense-*-nopad    issue 19: the padding bundle's cost at batch 1. scripts/strip_padding.py writes
                                 the export's twin without the reorder (<1 s, weights hard-linked), then two
                                 gpu_decode_bench.py --interleave calls (either session opened first) bench
@@ -89,7 +94,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+sys.path[:0] = [str(SCRIPTS), str(REPO)]  # the variant steps' twins use ortbuild's own layout code
+# run as a script, this module is __main__: gpu_speed_pairs / gpu_speed_report import it by name and must get this
+# very module (one StepFailed class, one set of tables)
+sys.modules.setdefault("gpu_speed_driver", sys.modules[__name__])
 
 
 @dataclass
@@ -109,6 +117,7 @@ class Export:
     precision: str  # as passed to the exporter
     estimate_s: float
     smoke_estimate_s: float = 60.0
+    extra: tuple[str, ...] = ()  # --extra_options for ours
 
 
 @dataclass
@@ -237,7 +246,7 @@ def export_step(d: Driver, e: Export) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     if e.exporter == "ours":
         cmd = [sys.executable, "-m", "builder", "export", "-m", str(source), "-o", str(out), "-p", precision, "-e",
-               d.ep, "--overwrite"]
+               d.ep, "--overwrite", *(["--extra_options", *e.extra] if e.extra else [])]
         env, cwd = d.env(repo=True), REPO
     else:
         cache = d.work / "ref-cache" / e.key
@@ -276,38 +285,6 @@ def bench_step(d: Driver, key: str) -> dict:
     return entry
 
 
-def padding_cost_step(d: Driver, key: str) -> dict:
-    """Issue 19's batch-1 cost of the padding bundle: scripts/strip_padding.py's twin of export `key` (the reorder
-    removed; exact for unpadded inputs) against the export itself. Two gpu_decode_bench.py --interleave calls, both
-    sessions open in each and their passes alternating A B B A, so the few microseconds the bundle costs per step are
-    not lost in the drift between separate runs; the second call opens the two in the other order, because on the CPU
-    machine the session opened first ran 1-2 ms/step (~4%) slower whatever its graph (an export against an identical
-    copy of itself showed it), which one order alone would book as the bundle's cost."""
-    from strip_padding import strip_folder
-
-    source, twin = d.export_dir(key), d.export_dir(f"{key}-nopad")
-    strip = strip_folder(source, twin, overwrite=True)
-    entry: dict = {"strip": strip, "orders": {}, "bench_wall_s": 0.0}
-    for order, folders, extra in (("with_first", [source, twin], []),
-                                  ("without_first", [twin, source], ["--profile-steps", "0"])):
-        out_json = d.work / "bench" / f"{key}-nopad.{order}.json"
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.unlink(missing_ok=True)
-        log = d.work / "logs" / f"bench-{key}-nopad.{order}.log"
-        cmd = [sys.executable, str(SCRIPTS / "gpu_decode_bench.py"), *map(str, folders), "--interleave", "--json",
-               str(out_json), "--repeat", str(PAIR_REPEAT[d.smoke]), *extra]
-        if d.smoke:
-            cmd += ["--provider", "cpu", "--prompt", "32", "--steps", "8"]
-        wall, _, _, rc = run_logged(cmd, d.env(repo=False), d.work, log, d.left_s())
-        results = json.loads(out_json.read_text()) if out_json.exists() else {}
-        entry["orders"][order] = {"with": results.get(source.name, {}), "without": results.get(twin.name, {})}
-        entry["bench_wall_s"] += round(wall, 1)
-        if rc or not (results.get(source.name) and results.get(twin.name)):
-            entry["tail"] = log.read_text()[-1500:]
-            raise StepFailed("timeout" if rc == 124 else f"exit {rc} ({order})", entry)
-    return entry
-
-
 class StepFailed(Exception):
     def __init__(self, why: str, result: dict):
         super().__init__(why)
@@ -323,6 +300,8 @@ EXPORTS = [
     Export("ours-gptoss-int4", "ours", "gptoss", "int4", 150, 120),
     Export("ours-gptoss_cmp-int4", "ours", "gptoss_cmp", "int4", 30, 60),
     Export("ref-gptoss_cmp-int4", "ref", "gptoss_cmp", "int4", 180, 150),
+    # the head in the plain layout: the source of the prepacked-head variant (what lm_head_prepacked changes)
+    Export("ours-gptoss_cmp-int4-plainhead", "ours", "gptoss_cmp", "int4", 30, 60, ("lm_head_prepacked=false",)),
 ]
 REF_FULL_GPTOSS = Export("ref-gptoss-int4", "ref", "gptoss", "int4", 1200, 240)
 # probe -> (preset, layers) on the GPU machine and in the smoke run (None: the preset's own depth)
@@ -334,6 +313,10 @@ BENCH_ESTIMATES = {"dense": (40, 40), "gptoss": (150, 60), "gptoss_cmp": (60, 50
 # exports whose padding-free twin is benched against them (bench-KEY-nopad), and that step's estimates
 NOPAD = ("ours-dense-int4", "ours-dense-fp16")
 NOPAD_ESTIMATES = (100, 40)
+# ours against the reference, interleaved (pair-KEY), and exports against a graph_twin.py twin (variant-KEY-REWRITE)
+PAIRS = {"ours-dense-int4": "ref-dense-int4", "ours-dense-fp16": "ref-dense-fp16",
+         "ours-gptoss_cmp-int4": "ref-gptoss_cmp-int4"}
+VARIANTS = {"ours-dense-int4": ("prepack_lm_head",), "ours-gptoss_cmp-int4-plainhead": ("prepack_lm_head",)}
 PAIR_REPEAT = {False: 6, True: 2}  # interleaved passes (A B B A ...) per mode and order, GPU / smoke run
 
 
@@ -341,6 +324,8 @@ def steps(ref_full_gptoss: bool = False) -> list[Step]:
     """In the order they run: the dense comparison (and the padding bundle's cost on ours), both exporters on the same
     4-layer GPT-OSS-20B-shaped probe, then GPT-OSS-20B at full depth (ours; the reference too with
     --ref-full-gptoss)."""
+    from gpu_speed_pairs import padding_cost_step, pair_step, variant_step  # (they import this module's tools)
+
     exports = EXPORTS + ([REF_FULL_GPTOSS] if ref_full_gptoss else [])
     out = [Step("env", 5, step_env, smoke_estimate_s=10)]
     for probe in PROBES:
@@ -357,6 +342,14 @@ def steps(ref_full_gptoss: bool = False) -> list[Step]:
             if e.key in NOPAD:
                 out.append(Step(f"bench-{e.key}-nopad", NOPAD_ESTIMATES[0], lambda d, k=e.key: padding_cost_step(d, k),
                                 (f"export-{e.key}",), NOPAD_ESTIMATES[1]))
+            if e.key in PAIRS:
+                ref = PAIRS[e.key]
+                out.append(Step(f"pair-{e.key}", NOPAD_ESTIMATES[0], lambda d, a=e.key, b=ref: pair_step(d, a, b),
+                                (f"export-{e.key}", f"export-{ref}"), NOPAD_ESTIMATES[1]))
+            for rewrite in VARIANTS.get(e.key, ()):
+                out.append(Step(f"variant-{e.key}-{rewrite}", NOPAD_ESTIMATES[0],
+                                lambda d, k=e.key, r=rewrite: variant_step(d, k, r), (f"export-{e.key}",),
+                                NOPAD_ESTIMATES[1]))
     return out
 
 

@@ -3,7 +3,7 @@ mode, ours vs the reference, and the padding bundle's cost at batch 1 (each expo
 
 from __future__ import annotations
 
-from gpu_speed_driver import EXPORTS, NOPAD, REF_FULL_GPTOSS
+from gpu_speed_driver import EXPORTS, NOPAD, PAIRS, REF_FULL_GPTOSS, VARIANTS
 
 
 def _mode(entry: dict, mode: str, field_name: str):
@@ -79,6 +79,7 @@ def markdown(state: dict) -> str:
             cells.append(f"{a / b:.2f}x" if a and b else "")
         lines.append(f"| {probe} {precision} | {' | '.join(cells)} |")
     lines += padding_cost_table(state)
+    lines += paired_table(state)
     failed = {k: v for k, v in state.items() if v.get("status") not in ("done", None)}
     if failed:
         lines += ["", "## Not done", ""] + [f"- {k}: {v['status']} {v.get('error', '')}" for k, v in failed.items()]
@@ -140,3 +141,45 @@ def padding_cost_table(state: dict) -> list[str]:
         notes.append(f"{note}; greedy tokens identical with/without (ORT growing, genai): {same[0]}, {same[1]}; "
                      f"status {s['status']}")
     return lines + [""] + notes
+
+
+def paired_table(state: dict) -> list[str]:
+    """Ours against the reference (pair-*) and exports against their graph_twin.py twins (variant-*), each pair
+    benched interleaved in both opening orders: pooled tok/s, their ratio, the µs per step between them, and the
+    profile's GPU kernel time per step (the sum of kernel durations, what a captured step cannot go below)."""
+    import statistics
+
+    rows = [(f"pair-{k}", ("ours", "ref")) for k in PAIRS]
+    rows += [(f"variant-{k}-{r}", ("export", "twin")) for k, rewrites in VARIANTS.items() for r in rewrites]
+    rows = [(name, labels, state[name]) for name, labels in rows if name in state]
+    if not rows:
+        return []
+    lines = ["", "## Paired runs (ours / reference; export / graph_twin.py twin)", "",
+             "Both folders open in one gpu_decode_bench.py --interleave call, passes alternating A B B A, then again "
+             "with B opened first; tok/s are medians of all passes of both calls. ratio = A / B tok/s; Δ µs/step = "
+             "10^6/A - 10^6/B (negative: A is faster); kernel µs = the sum of kernel durations per uncaptured step "
+             "(torch.profiler), launches per step beside it.", "",
+             "| pair | mode | tok/s A | tok/s B | ratio | Δ µs/step | ratio per call | kernel µs A / B | launches A / B |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for name, (la, lb), s in rows:
+        orders = s["result"].get("orders", {})
+        side_a = {o: v.get(la, {}) for o, v in orders.items()}
+        side_b = {o: v.get(lb, {}) for o, v in orders.items()}
+        profiled = next(iter(orders.values()), {})
+        steps = [profiled.get(x, {}).get("ort", {}).get("per_step", {}) for x in (la, lb)]
+        kernel_us = " / ".join(str(p.get("kernel_us", "-")) for p in steps)
+        launches = " / ".join(str(p.get("kernels", "-")) for p in steps)
+        for mode in ("growing", "static", "captured", "captured_fpa", "genai"):
+            pa, pb = _pooled(side_a, mode), _pooled(side_b, mode)
+            if not (pa and pb):
+                continue
+            a, b = statistics.median(pa), statistics.median(pb)
+            per_call = []
+            for order in orders:
+                x, y = _mode(side_a[order], mode, "decode_tok_s"), _mode(side_b[order], mode, "decode_tok_s")
+                per_call.append(f"{x / y:.3f}" if x and y else "-")
+            lines.append(f"| {name} | {mode} | {a:.1f} | {b:.1f} | {a / b:.3f} | {1e6 / a - 1e6 / b:+.1f} | "
+                         f"{' / '.join(per_call)} | {kernel_us} | {launches} |")
+    notes = [f"- {name}: twin logits vs export {s['result']['logits']}; {s['result']['twin'].get('prepacked', '')}"
+             for name, _, s in rows if "logits" in s.get("result", {})]
+    return lines + ([""] + notes if notes else [])

@@ -163,6 +163,13 @@ def _link(src: Path, dst: Path) -> str:
 def strip_folder(src: Path, dst: Path, overwrite: bool = False) -> dict:
     """Write the stripped twin of export folder `src` into `dst` (see the module docstring); returns strip_graph's
     figures plus the time taken, the new model.onnx size and how the other files were shared."""
+    return write_twin(src, dst, strip_graph, overwrite)
+
+
+def write_twin(src: Path, dst: Path, rewrite, overwrite: bool = False) -> dict:
+    """A twin of export folder `src` in `dst`: model.onnx rewritten in place by `rewrite(model) -> figures`, every
+    other file hard-linked (see the module docstring); returns the figures plus the time taken, the new model.onnx
+    size and how the other files were shared."""
     import onnx
 
     src, dst = Path(src), Path(dst)
@@ -176,12 +183,16 @@ def strip_folder(src: Path, dst: Path, overwrite: bool = False) -> dict:
         shutil.rmtree(dst)
     start = time.perf_counter()
     model = onnx.load(str(src / MODEL), load_external_data=False)
-    figures = strip_graph(model)
     dst.mkdir(parents=True)
+    try:
+        figures = rewrite(model)
+    except BaseException:
+        shutil.rmtree(dst)
+        raise
     onnx.save(model, str(dst / MODEL))
     shared = collections.Counter()
     for item in sorted(src.iterdir()):
-        if item.name == MODEL:
+        if item.name == MODEL or (dst / item.name).exists():  # (the rewrite may have written files of its own)
             continue
         if item.is_dir():
             shutil.copytree(item, dst / item.name, copy_function=lambda s, d: _link(Path(s), Path(d)))

@@ -97,3 +97,20 @@ def test_refuses_a_graph_without_the_reorder(twins):
     with pytest.raises(strip_padding.CannotStrip, match=r"expected one ScatterElements\(input_ids, rank, input_ids\)"):
         strip_padding.strip_graph(model)
     assert len(parity.nodes_of(model, "GatherND")) == 1  # nothing was changed before refusing
+
+
+def test_graph_twin_lm_head_matmul_gives_the_same_logits(twins):
+    """scripts/graph_twin.py's float-head rewrite (FusedMatMul transB=1 -> MatMul over a Transpose that ONNX Runtime
+    folds at load) computes the export's logits: the measured GPU difference is layout only."""
+    import graph_twin
+
+    folder, _, _ = twins("qwen3")
+    twin = folder.parent / "lmmm"
+    figures = graph_twin.make_twin("lm_head_matmul", folder, twin)
+    assert figures["rewrite"] == "lm_head_matmul" and figures["table"] == "embed.weight"
+    ops = _names(twin)
+    assert ops["/model/lm_head/FusedMatMul"] == "MatMul" and ops["/model/lm_head/FusedMatMul/Transpose"] == "Transpose"
+    a, b = parity.run_onnx(folder, decode_steps=3), parity.run_onnx(twin, decode_steps=3)
+    assert a.step_tokens == b.step_tokens
+    assert parity.max_abs(a.prompt_logits, b.prompt_logits) == 0.0
+    assert max(parity.max_abs(x, y) for x, y in zip(a.step_logits, b.step_logits)) == 0.0

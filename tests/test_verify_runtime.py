@@ -43,7 +43,7 @@ def cuda_exports(tiny_checkpoint, tmp_path_factory):
             ("bf16", qwen3, "bf16", ["fuse_qk_norm_gqa=false"]),
             ("fp16_unfused", qwen3, "fp16", ["fuse_qk_norm_gqa=false"]),
             ("moe_prepacked", moe, "int4", ["fuse_qk_norm_gqa=false"]),
-            ("moe_raw", moe, "int4", ["fuse_qk_norm_gqa=false", "qmoe_weights_prepacked=0"])):
+            ("moe_raw", moe, "int4", ["fuse_qk_norm_gqa=false", "qmoe_weights_prepacked=0", "lm_head_prepacked=false"])):
         made[name] = export(str(ckpt), root / name, precision, "cuda", extra)
     return made
 
@@ -70,7 +70,10 @@ def test_bf16_cuda_export_is_cannot_run_here_not_verification_failed(cuda_export
 def test_prepacked_qmoe_needs_cuda_and_raw_qmoe_runs_on_cpu_with_a_note(cuda_exports, capsys):
     code, _, err = run_cli(capsys, "verify", str(cuda_exports["moe_prepacked"]), *IDS)
     assert code == 7 and "QMoE experts in the CUDA prepacked (SM80 CUTLASS) layout" in err
-    # qmoe_weights_prepacked=0 ships raw experts, which the CPU kernel reads: that export verifies here.
+    # its untied 4-bit lm_head is prepacked too (lm_head_prepacked's default on cuda)
+    assert "MatMulNBits weights in the CUDA prepacked (fpA_intB) layout" in err
+    # qmoe_weights_prepacked=0 ships raw experts, which the CPU kernel reads, and lm_head_prepacked=false a plain head:
+    # that export verifies here.
     code, out, err = run_cli(capsys, "verify", str(cuda_exports["moe_raw"]), *IDS, "--min-top1", "-1")
     assert code == 0, err
     assert f"(int4, cuda; run on cpu with {runtime.installed_runtime().describe()})" in out

@@ -79,10 +79,12 @@ def quantized_shapes(n: int, k: int, fmt: WeightFormat) -> tuple[tuple[int, ...]
     return (n, blocks, fmt.block_size * fmt.bits // 8), (n, blocks), (n, -(-blocks * fmt.bits // 8))
 
 
-def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: WeightFormat, *, flat: bool = False):
+def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: WeightFormat, *, flat: bool = False,
+                         prepacked: bool = False):
     """Register packed codes, scales (model dtype) and zero points (if asymmetric); returns the three Values.
 
     `flat` stores the codes 2-D [N, blocks * block_size * bits / 8] (the GatherBlockQuantized layout: same bytes).
+    `prepacked` stores them in the CUDA fpA_intB layout that MatMulNBits weight_prepacked=1 reads (same shape).
     """
     n, k = weight.shape
     source = QuantizedWeight(weight, quantize_rows(fmt))
@@ -90,7 +92,12 @@ def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: Weig
     if flat:
         b_shape = (n, b_shape[1] * b_shape[2])
     g = ctx.g
-    packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, lambda: source.blocks("packed"))
+    codes = lambda: source.blocks("packed")  # noqa: E731
+    if prepacked:
+        from builder.quant.cuda_layout import prepack_matmul_nbits_blocks
+
+        codes = lambda: prepack_matmul_nbits_blocks(source.blocks("packed"), n, k, fmt.bits)  # noqa: E731
+    packed = g.streamed(f"{name}.qweight", ir.DataType.UINT8, b_shape, codes)
     numpy_dtype = ctx.settings.numpy_dtype
     scales = g.streamed(f"{name}.scales", ctx.settings.ir_dtype, s_shape,
                         lambda: (block.astype(numpy_dtype, copy=False) for block in source.blocks("scales")))
@@ -102,27 +109,29 @@ def add_quantized_weight(ctx: LayerContext, name: str, weight: Weight, fmt: Weig
 
 
 def matmul_nbits(ctx: LayerContext, x: ir.Value, quantized, n: int, k: int, fmt: WeightFormat,
-                 bias: ir.Value | None = None) -> ir.Value:
+                 bias: ir.Value | None = None, prepacked: bool = False) -> ir.Value:
     """MatMulNBits over already registered (packed [N, blocks, bytes], scales, zero points or None) Values; a bias
-    goes in the op's own bias input (one node instead of MatMulNBits + Add: ORT folds the pair on its CPU EP only)."""
+    goes in the op's own bias input (one node instead of MatMulNBits + Add: ORT folds the pair on its CPU EP only).
+    `prepacked`: the packed bytes are in the CUDA fpA_intB SM80 layout (weight_prepacked=1)."""
     packed, scales, zero_points = quantized
     inputs = [x, packed, scales, zero_points, None, bias]
     while inputs[-1] is None:
         inputs.pop()
+    layout = {"weight_prepacked": 1} if prepacked else {}
     return ctx.g.ms("MatMulNBits", inputs, K=k, N=n, bits=fmt.bits, block_size=fmt.block_size,
-                    accuracy_level=fmt.accuracy_level)
+                    accuracy_level=fmt.accuracy_level, **layout)
 
 
 def linear(ctx: LayerContext, x: ir.Value, name: str, weight: Weight, fmt: WeightFormat,
-           bias: Weight | None = None, dtype: ir.DataType | None = None) -> ir.Value:
+           bias: Weight | None = None, dtype: ir.DataType | None = None, prepacked: bool = False) -> ir.Value:
     """y = x @ W.T (+ b) for a weight in HF orientation [N, K]; a float weight (and bias) in `dtype` when given (x
-    must then be in it too), else in the model dtype."""
+    must then be in it too), else in the model dtype. `prepacked`: a quantized weight in the CUDA fpA_intB layout."""
     g = ctx.g
     n, k = weight.shape
     if not fmt.is_float:
-        quantized = add_quantized_weight(ctx, name, weight, fmt)
+        quantized = add_quantized_weight(ctx, name, weight, fmt, prepacked=prepacked)
         b = ctx.float_initializer(f"{name}.bias", bias) if bias is not None else None
-        return matmul_nbits(ctx, x, quantized, n, k, fmt, b)
+        return matmul_nbits(ctx, x, quantized, n, k, fmt, b, prepacked)
     y = g.op("MatMul", [x, ctx.float_initializer(f"{name}.weight", weight, transpose=True, dtype=dtype)])
     if bias is not None:
         y = g.op("Add", [y, ctx.float_initializer(f"{name}.bias", bias, dtype=dtype)])

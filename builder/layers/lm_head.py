@@ -7,7 +7,8 @@ no flattening (a Gemm would: Reshape in, then Shape/Slice/Concat/Reshape out, fi
 A quantized head is MatMulNBits, which takes the 3-D input as it is. When the plan says a
 tied head shares the quantized embedding (quantize_embeddings=true), its B input is the embedding's packed table
 reshaped to [V, blocks, block_size*bits/8] (same bytes, stored once; ORT folds the Reshape at load) and its scales
-and zero points are the embedding's own initializers.
+and zero points are the embedding's own initializers. On CUDA a 4-bit head with its own table is stored in the
+fpA_intB layout (ExportSettings.lm_head_prepacked, decided in builder/quant/cuda_layout.py's head_prepack_blocker).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def lm_head(ctx: LayerContext, x: ir.Value) -> ir.Value:
             b = ctx.float_initializer("lm_head.bias", bias) if bias is not None else None
             logits = _shared_quantized_head(ctx, x, b)
         else:
-            logits = linear(ctx, x, "lm_head", weight, fmt, bias)
+            logits = linear(ctx, x, "lm_head", weight, fmt, bias, prepacked=ctx.settings.lm_head_prepacked)
         if spec.logits_divisor != 1.0:
             logits = g.op("Div", [logits, ctx.scalar("logits_divisor", spec.logits_divisor)])
         if spec.final_softcap:

@@ -162,6 +162,59 @@ def prepack_for_cuda(q: QuantizedExperts, *, arch: int) -> np.ndarray:
     return out.reshape(e, k, n * q.bits // 8)
 
 
+def head_prepack_blocker(ep: str, io_dtype: str, fmt, vocab: int, hidden: int, bias: bool, shares_embedding: bool):
+    """Why the lm_head's MatMulNBits cannot (or should not) be stored prepacked; None when it can.
+
+    The conditions are onnxruntime-gpu 1.31.1's (its fpA_intB build: "prepacked weights for FP16/BF16 activations
+    with ... INT4 or INT8 (block_size=32) weights ... scale-only quantization without zero points, bias, or g_idx,
+    the SM80 weight layout"; N a multiple of 64 for 4 bits) plus this module's K tile (64). 8-bit heads are left out:
+    only 4-bit heads were measured in this layout (scripts/gpu_speed_driver.py, variant steps)."""
+    if ep != "cuda":
+        return "it is a CUDA execution provider layout (-e cuda)"
+    if io_dtype not in ("float16", "bfloat16"):
+        return "the fpA_intB kernels take float16/bfloat16 activations"
+    if fmt.is_float:
+        return "the lm_head is not quantized"
+    if fmt.bits != 4:
+        return f"the lm_head is {fmt.bits}-bit (only 4-bit heads are measured in this layout)"
+    if fmt.block_size != 32:
+        return f"block size {fmt.block_size} (onnxruntime-gpu 1.31's prepacked MatMulNBits takes 32)"
+    if not fmt.symmetric:
+        return "the lm_head has zero points (asymmetric; the prepacked kernel is scale-only)"
+    if bias:
+        return "the lm_head has a bias (the prepacked kernel takes none)"
+    if vocab % 64 or hidden % INTERLEAVE_K_TILE:
+        return f"vocabulary {vocab} and hidden size {hidden} must be multiples of 64"
+    if shares_embedding:
+        return "the tied lm_head shares the embedding's quantized table (a prepacked head would need a second copy)"
+    return None
+
+
+def prepack_matmul_nbits_blocks(blocks, n: int, k: int, bits: int):
+    """MatMulNBits B bytes in row blocks (each [rows, K*bits/8] or [rows, blocks, bytes], rows in order) -> the same
+    weight in the fpA_intB SM80 layout that weight_prepacked=1 reads, still in row blocks of the schema shape
+    [rows, K/block, block*bits/8] (ONNX Runtime's onnxruntime/quantization/cuda_quantizer.py keeps that shape for
+    prepacked MatMulNBits initializers). The transform only mixes rows within groups of columns_interleaved(bits), so
+    blocks are regrouped to whole groups of 64 rows (what prepack_for_cuda checks, and what the fpA_intB kernel needs
+    of N anyway) and stream through without the whole matrix in memory."""
+    group = 64
+    row_bytes = k * bits // 8
+    pending = np.empty((0, row_bytes), np.uint8)
+    for block in blocks:
+        pending = np.concatenate([pending, np.asarray(block, np.uint8).reshape(-1, row_bytes)])
+        whole = len(pending) - len(pending) % group
+        if whole:
+            yield _prepack_rows(pending[:whole], bits)
+            pending = pending[whole:]
+    if len(pending):
+        raise ValueError(f"prepack_matmul_nbits_blocks: {n} rows are not a multiple of {group}")
+
+
+def _prepack_rows(rows: np.ndarray, bits: int) -> np.ndarray:
+    q = QuantizedExperts(packed=rows[None], scales=np.empty((1, len(rows)), np.float32), bits=bits, block_size=0)
+    return prepack_for_cuda(q, arch=80).reshape(len(rows), -1)
+
+
 def _delta_swap(words: np.ndarray, mask: int, shift: int) -> None:
     """In place: swap the bits selected by ``mask`` with the bits ``shift`` positions above."""
     t = ((words >> np.uint32(shift)) ^ words) & np.uint32(mask)

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Twins of an export that differ in one layout choice, for paired GPU speed runs (scripts/gpu_speed_driver.py's
+variant steps): model.onnx rewritten, every other file hard-linked (as scripts/strip_padding.py writes its twin).
+Each rewrite computes the same logits as the export it starts from.
+
+- `lm_head_matmul`: a float lm_head FusedMatMul(x, W[vocab, hidden], transB=1) becomes MatMul(x, Transpose(W)).
+  ONNX Runtime folds the Transpose of the initializer at session load (a second, [hidden, vocab] copy of the table
+  in memory, as the reference builder's tied fp16 head has), so the GEMV reads the weight in MatMul's own layout.
+
+- `prepack_lm_head` / `prepack_all`: the lm_head's (or every eligible) MatMulNBits gets its B initializer in the
+  CUTLASS fpA_intB SM80 layout (builder/quant/cuda_layout.py's prepack_for_cuda, the QMoE transform on one
+  "expert"; ORT's onnxruntime/quantization/cuda_quantizer.py states the same bytes for MatMulNBits, kept in the schema
+  shape [N, K/block, block*bits/8]) and the attribute weight_prepacked=1, so ONNX Runtime's CUDA EP runs that node on
+  its fpA_intB GEMV/GEMM path whatever the session's ep.cuda.fpa_intb_gemm says. Scales stay as they are. The new
+  bytes go to prepacked.data in the twin (a tied head that shared the embedding's table gets its own copy).
+  Eligible: 4-bit, no zero points, block 32/64/128, N % 64 == 0, K % 64 == 0.
+
+    PYTHONPATH=$PWD python scripts/graph_twin.py lm_head_matmul out/qwen3-fp16 out/qwen3-fp16-lmmm
+    PYTHONPATH=$PWD python scripts/graph_twin.py prepack_lm_head out/gpt-oss-int4 out/gpt-oss-int4-pp
+    python scripts/graph_twin.py --compare out/gpt-oss-int4 out/gpt-oss-int4-pp   # logits of both on CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strip_padding import CannotStrip, write_twin  # noqa: E402
+
+
+def lm_head_matmul(model) -> dict:
+    from onnx import helper
+
+    graph = model.graph
+    for index, node in enumerate(graph.node):
+        if node.op_type == "FusedMatMul" and "lm_head" in node.name:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                raise CannotStrip(f"{node.name}: attributes {attrs} are not transB=1 alone")
+            x, table = node.input[0], node.input[1]
+            transposed = f"{table}.transposed"
+            graph.node.remove(node)
+            graph.node.insert(index, helper.make_node("MatMul", [x, transposed], list(node.output), name=node.name))
+            graph.node.insert(index, helper.make_node("Transpose", [table], [transposed], perm=[1, 0],
+                                                      name=f"{node.name}/Transpose"))
+            return {"rewrite": "lm_head_matmul", "node": node.name, "table": table}
+    raise CannotStrip("no float lm_head FusedMatMul (an int4 export's head is MatMulNBits)")
+
+
+def _initializer_source(graph, name: str):
+    """(initializer, reshape node or None) behind a node input: an initializer, or a Reshape of one (the tied head's
+    view of the embedding's packed table)."""
+    inits = {i.name: i for i in graph.initializer}
+    if name in inits:
+        return inits[name], None
+    producer = next((n for n in graph.node if name in n.output), None)
+    if producer is not None and producer.op_type == "Reshape" and producer.input[0] in inits:
+        return inits[producer.input[0]], producer
+    raise CannotStrip(f"{name} is neither an initializer nor a Reshape of one")
+
+
+def _read_external(folder: Path, tensor):
+    import numpy as np
+
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(folder / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        data = f.read(int(info["length"]))
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def prepack(model, folder: Path, out: Path, select) -> dict:
+    import numpy as np
+    from onnx import helper, TensorProto
+
+    from builder.quant.cuda_layout import prepack_for_cuda
+    from builder.quant.moe import QuantizedExperts
+
+    graph, done, skipped = model.graph, [], {}
+    data_path = out / "prepacked.data"
+    with open(data_path, "wb") as sink:
+        for node in graph.node:
+            if node.op_type != "MatMulNBits" or not select(node):
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            n, k, bits, block = attrs["N"], attrs["K"], attrs.get("bits", 4), attrs["block_size"]
+            why = ("bits" if bits != 4 else "zero points" if len(node.input) > 3 and node.input[3] else
+                   "block" if block not in (32, 64, 128) else "N % 64" if n % 64 else "K % 64" if k % 64 else
+                   "already" if attrs.get("weight_prepacked") else None)
+            if why:
+                skipped[node.name] = why
+                continue
+            tensor, _ = _initializer_source(graph, node.input[1])
+            raw = _read_external(folder, tensor).reshape(1, n, k * bits // 8)
+            q = QuantizedExperts(packed=raw, scales=np.zeros((1, n), np.float32), bits=bits, block_size=block)
+            packed = prepack_for_cuda(q, arch=80).reshape(-1)
+            offset = sink.tell()
+            sink.write(packed.tobytes())
+            name = f"{node.name.strip('/').replace('/', '.')}.prepacked_sm80"
+            init = TensorProto(name=name, data_type=TensorProto.UINT8, dims=[n, k // block, block * bits // 8])
+            init.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(packed.size))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            graph.initializer.append(init)
+            node.input[1] = name
+            node.attribute.append(helper.make_attribute("weight_prepacked", 1))
+            done.append(node.name)
+    return {"prepacked": done, "skipped": skipped}
+
+
+REWRITES = {"lm_head_matmul": lm_head_matmul,
+            "prepack_lm_head": lambda m, src, dst: prepack(m, src, dst, lambda n: "lm_head" in n.name),
+            "prepack_all": lambda m, src, dst: prepack(m, src, dst, lambda n: True)}
+FOLDER_REWRITES = ("prepack_lm_head", "prepack_all")  # called with (model, source folder, twin folder)
+
+
+def make_twin(rewrite: str, src: Path, dst: Path, overwrite: bool = False) -> dict:
+    src, dst = Path(src), Path(dst)
+
+    def apply(model) -> dict:
+        figures = REWRITES[rewrite](model, src, dst) if rewrite in FOLDER_REWRITES else REWRITES[rewrite](model)
+        _drop_unused_reshapes(model.graph)
+        return figures
+
+    return write_twin(src, dst, apply, overwrite)
+
+
+def _drop_unused_reshapes(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Reshape" and not used & set(n.output)]:
+        graph.node.remove(node)
+
+
+def compare(a: Path, b: Path, tokens: int = 64) -> dict:
+    """Prompt logits of two exports on the CUDA EP (empty cache, all-ones mask): the largest absolute difference,
+    relative to the largest logit, and whether the argmax agrees at every position."""
+    import numpy as np
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(10, 3000, size=(1, tokens)).astype(np.int64)
+    logits = []
+    for folder in (a, b):
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CUDAExecutionProvider"])
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values"):
+                dtype = np.float16 if "float16" in i.type else np.float32
+                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=dtype)
+        logits.append(session.run(["logits"], feeds)[0].astype(np.float32))
+        del session
+    diff = float(np.abs(logits[0] - logits[1]).max())
+    return {"max_abs_diff": diff, "relative": diff / float(np.abs(logits[0]).max()),
+            "argmax_agree": f"{int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())}/{tokens}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rewrite", help=f"one of {', '.join(sorted(REWRITES))}, or --compare")
+    parser.add_argument("export", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.rewrite == "--compare" or args.rewrite == "compare":
+        print(json.dumps(compare(args.export, args.output)))
+        return 0
+    if args.rewrite not in REWRITES:
+        parser.error(f"unknown rewrite {args.rewrite!r}")
+    try:
+        figures = make_twin(args.rewrite, args.export, args.output, args.overwrite)
+    except CannotStrip as exc:
+        print(f"graph_twin: {args.export}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
