@@ -37,7 +37,8 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
     made = {"producer": "ortbuild", "version": builder.__version__, "source": source,
             "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
             "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra),
-            "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled)}
+            "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled),
+            "lm_head_prepacked": settings.lm_head_prepacked}
     if graph is not None:
         made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"),
                                         genai_names(spec.state)[0])

@@ -100,7 +100,9 @@ def test_prepacked_head_needs_cuda_and_onnxruntime_1_31(llama_heads):
     assert cuda_only_features(llama_heads["auto"] / "model.onnx", "cuda") == [
         "MatMulNBits weights in the CUDA prepacked (fpA_intB) layout (the CPU kernel would read them as raw weights)"]
     assert cuda_only_features(llama_heads["plain"] / "model.onnx", "cuda") == []
-    requires = json.loads((llama_heads["auto"] / "ortbuild.json").read_text())["requires"]
+    made = {name: json.loads((folder / "ortbuild.json").read_text()) for name, folder in llama_heads.items()}
+    assert (made["auto"]["lm_head_prepacked"], made["plain"]["lm_head_prepacked"]) == (True, False)
+    requires = made["auto"]["requires"]
     assert requires["onnxruntime"] == "1.31"
     assert requires["because"][0] == "MatMulNBits weight in the CUDA prepacked layout (onnxruntime 1.31)"
     assert json.loads((llama_heads["plain"] / "ortbuild.json").read_text())["requires"]["onnxruntime"] != "1.31"
