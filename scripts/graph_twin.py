@@ -13,7 +13,7 @@ Each rewrite computes the same logits as the export it starts from.
   shape [N, K/block, block*bits/8]) and the attribute weight_prepacked=1, so ONNX Runtime's CUDA EP runs that node on
   its fpA_intB GEMV/GEMM path whatever the session's ep.cuda.fpa_intb_gemm says. Scales stay as they are. The new
   bytes go to prepacked.data in the twin (a tied head that shared the embedding's table gets its own copy).
-  Eligible: 4-bit, no zero points, block 32/64/128, N % 64 == 0, K % 64 == 0.
+  Eligible: 4-bit, no zero points, no bias, block 32/64/128, N % 64 == 0, K % 64 == 0.
 
     PYTHONPATH=$PWD python scripts/graph_twin.py lm_head_matmul out/qwen3-fp16 out/qwen3-fp16-lmmm
     PYTHONPATH=$PWD python scripts/graph_twin.py prepack_lm_head out/gpt-oss-int4 out/gpt-oss-int4-pp
@@ -88,6 +88,8 @@ def prepack(model, folder: Path, out: Path, select) -> dict:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             n, k, bits, block = attrs["N"], attrs["K"], attrs.get("bits", 4), attrs["block_size"]
             why = ("bits" if bits != 4 else "zero points" if len(node.input) > 3 and node.input[3] else
+                   "bias (onnxruntime-gpu 1.31's prepacked kernel takes none)" if len(node.input) > 5 and node.input[5]
+                   else
                    "block" if block not in (32, 64, 128) else "N % 64" if n % 64 else "K % 64" if k % 64 else
                    "already" if attrs.get("weight_prepacked") else None)
             if why:
