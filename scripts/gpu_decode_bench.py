@@ -48,6 +48,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_kernel_profile import kernels_per_step  # noqa: E402
+
 KV_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 ORT_TO_TORCH = {"tensor(float16)": "float16", "tensor(float)": "float32", "tensor(bfloat16)": "bfloat16",
                 "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -219,55 +222,6 @@ def node_placement(log: Path) -> dict:
     memcpy = sum(op.startswith("Memcpy") for listed in ops.values() for op in listed)
     return {"nodes_per_ep": counts, "memcpy_nodes": memcpy,
             "cpu_ops": {op: cpu.count(op) for op in sorted(set(cpu))}}
-
-
-def _kernel_name(name: str) -> str:
-    """A kernel's name without its parameter list (CUPTI gives the demangled signature), cut to 160 characters."""
-    name = re.sub(r"^void ", "", name)
-    depth, out = 0, []
-    for ch in name:
-        depth += ch == "("
-        if depth == 0:
-            out.append(ch)
-        depth -= ch == ")"
-    return "".join(out).strip()[:160] or name[:160]
-
-
-def kernels_per_step(h: Harness, prompt: np.ndarray, steps: int) -> dict:
-    """CUDA kernels and memcpys per decode step (growing mode), ORT's alone (harness' torch ops subtracted), with
-    each kernel's device time: `by_kernel` lists kernel names (template arguments cut) by µs per step, largest first,
-    and `kernel_us` is their sum, the GPU time of one step when nothing waits for the host (as under capture)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def count(hook) -> tuple[int, int, dict]:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            h.decode("growing", prompt, steps, step_hook=hook)
-        kernels = memcpys = 0
-        names: dict = {}
-        for evt in prof.events():
-            if evt.device_type.name != "CUDA":
-                continue
-            if evt.name.startswith(("Memcpy", "Memset")):
-                memcpys += 1
-                continue
-            kernels += 1
-            entry = names.setdefault(_kernel_name(evt.name), [0, 0.0])
-            entry[0] += 1
-            entry[1] += evt.time_range.elapsed_us()
-        return kernels, memcpys, names
-
-    with_ort = count(None)
-    harness = count(lambda session, io: None)  # the same loop without the model (prefill counted in both)
-    by_kernel = {}
-    for name, (n, us) in with_ort[2].items():
-        base = harness[2].get(name, [0, 0.0])
-        if n - base[0] > 0:
-            by_kernel[name] = [round((n - base[0]) / steps, 2), round((us - base[1]) / steps, 2)]
-    by_kernel = dict(sorted(by_kernel.items(), key=lambda kv: -kv[1][1]))
-    return {"kernels": (with_ort[0] - harness[0]) / steps, "memcpys": (with_ort[1] - harness[1]) / steps,
-            "kernel_us": round(sum(v[1] for v in by_kernel.values()), 1),
-            "by_kernel": by_kernel, "by_kernel_columns": ["launches per step", "µs per step"],
-            "method": "torch.profiler (CUPTI), uncaptured growing-mask steps, harness loop subtracted"}
 
 
 def _has_matmul_nbits(folder: Path) -> bool:

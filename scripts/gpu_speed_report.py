@@ -159,7 +159,8 @@ def paired_table(state: dict) -> list[str]:
              "with B opened first; tok/s are medians of all passes of both calls. ratio = A / B tok/s; Δ µs/step = "
              "10^6/A - 10^6/B (negative: A is faster); kernel µs = the sum of kernel durations per uncaptured step "
              "(torch.profiler), launches per step beside it.", "",
-             "| pair | mode | tok/s A | tok/s B | ratio | Δ µs/step | ratio per call | kernel µs A / B | launches A / B |",
+             "| pair | mode | tok/s A | tok/s B | ratio | Δ µs/step | ratio per call | kernel µs A / B | "
+             "launches A / B |",
              "|---|---|---:|---:|---:|---:|---|---|---|"]
     for name, (la, lb), s in rows:
         orders = s["result"].get("orders", {})

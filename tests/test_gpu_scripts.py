@@ -102,3 +102,17 @@ def test_hybrid_probes_get_mrope_sections_that_fit(model, tiny_checkpoint):
         with pytest.raises(CheckpointError, match="mrope_section' is \\[2, 3, 3\\]"):  # the recipe's own sections
             prepare(str(tiny_checkpoint(arch, **overrides)), "fp16", "cuda")
     prepare(str(tiny_checkpoint(arch, **fitted)), "fp16", "cuda")  # the checkpoint reader accepts it
+
+
+def test_kernel_profile_names_keep_templates_and_drop_parameter_lists():
+    """gpu_kernel_profile groups CUPTI kernel records by name: the template arguments tell kernels apart (block size,
+    head size), the parameter list would only split one kernel into many rows."""
+    from gpu_kernel_profile import _kernel_name
+
+    m1 = "onnxruntime::contrib::cuda::MatMulFloat4BitsKernelM1<__half, 32, false>"
+    assert _kernel_name(f"void {m1}(__half*, unsigned char const*, int)") == m1
+    cublas = "nvjet_sm90_hsh_64x8_64x16_4x1_v_bz_splitK_NNT"
+    assert _kernel_name(cublas) == cublas
+    assert _kernel_name("void cutlass::Kernel2<cutlass_80_wmma_tensorop_f16_s161616gemm_f16_16x16_128x1_tn_align8>"
+                        "(cutlass_80_wmma_tensorop_f16_s161616gemm_f16_16x16_128x1_tn_align8::Params)") == \
+        "cutlass::Kernel2<cutlass_80_wmma_tensorop_f16_s161616gemm_f16_16x16_128x1_tn_align8>"
