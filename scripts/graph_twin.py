@@ -62,14 +62,19 @@ def _initializer_source(graph, name: str):
     raise CannotStrip(f"{name} is neither an initializer nor a Reshape of one")
 
 
-def _read_external(folder: Path, tensor):
+def read_initializer(folder: Path, tensor):
+    """An initializer's array, its external bytes read directly: onnx.load refuses data files with several hard links,
+    which is what a twin's are (they are its export's)."""
     import numpy as np
+    from onnx import helper, numpy_helper
 
+    if not tensor.external_data:
+        return numpy_helper.to_array(tensor)
     info = {e.key: e.value for e in tensor.external_data}
     with open(folder / info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
         data = f.read(int(info["length"]))
-    return np.frombuffer(data, dtype=np.uint8)
+    return np.frombuffer(data, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
 
 
 def prepack(model, folder: Path, out: Path, select) -> dict:
@@ -96,7 +101,7 @@ def prepack(model, folder: Path, out: Path, select) -> dict:
                 skipped[node.name] = why
                 continue
             tensor, _ = _initializer_source(graph, node.input[1])
-            raw = _read_external(folder, tensor).reshape(1, n, k * bits // 8)
+            raw = read_initializer(folder, tensor).reshape(1, n, k * bits // 8)
             q = QuantizedExperts(packed=raw, scales=np.zeros((1, n), np.float32), bits=bits, block_size=block)
             packed = prepack_for_cuda(q, arch=80).reshape(-1)
             offset = sink.tell()

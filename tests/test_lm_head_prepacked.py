@@ -7,11 +7,12 @@ ONNX Runtime's own packer; the GPU run is scripts/gpu_speed_driver.py's variant 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from builder.errors import UsageError
 from builder.export import export
@@ -19,24 +20,14 @@ from builder.quant.cuda_layout import prepack_for_cuda, prepack_matmul_nbits_blo
 from builder.quant.moe import QuantizedExperts
 from builder.runtime import cuda_only_features
 
-
-def _array(folder, tensor) -> np.ndarray:
-    """An initializer's array, its external bytes read directly (onnx.load refuses the hard-linked data files that
-    scripts/graph_twin.py's twins share with their export)."""
-    if not tensor.external_data:
-        return numpy_helper.to_array(tensor)
-    info = {e.key: e.value for e in tensor.external_data}
-    with open(folder / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        data = f.read(int(info["length"]))
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from graph_twin import make_twin, read_initializer  # noqa: E402
 
 
 def _head(folder):
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
-    weights = {i.name: _array(folder, i) for i in model.graph.initializer}
+    weights = {i.name: read_initializer(folder, i) for i in model.graph.initializer}
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     return node, attrs, weights
 
@@ -72,12 +63,6 @@ def test_untied_cuda_int4_head_is_stored_prepacked_with_the_same_codes(llama_hea
 
 def test_graph_twin_prepacks_a_plain_head_to_the_exporters_bytes(llama_heads, tmp_path):
     """scripts/graph_twin.py (the GPU experiment that measured the layout) writes what the exporter now writes."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from graph_twin import make_twin
-
     figures = make_twin("prepack_lm_head", llama_heads["plain"], tmp_path / "twin")
     assert figures["prepacked"] == ["/model/lm_head/MatMulNBits"] and figures["skipped"] == {}
     twin_node, twin_attrs, twin_weights = _head(tmp_path / "twin")
