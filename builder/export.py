@@ -11,7 +11,8 @@ from builder.decoder import build_decoder
 from builder.layers.attention import fit_chunked_attention
 from builder.layers.mla import fit_latent_attention
 from builder.genai_config import GENAI_TYPES, genai_config
-from builder.output import atomic_folder, check_destination, copy_tokenizer, save_model, write_json
+from builder.output import (atomic_folder, check_destination, check_free_space, copy_tokenizer, save_model,
+                            write_json)
 from builder.progress import Progress
 from builder.report import written_formats
 from builder.runtime_requirements import ir_nodes, requirements
@@ -95,6 +96,7 @@ def export(model: str, output: str | Path, precision: str = "fp32", ep: str = "c
     reject_unread(prepared.weights)
     reject_unconsumed(prepared.checkpoint, spec.architecture)
     filename = settings.extra["filename"]
+    check_free_space(model_ir, output)
     with atomic_folder(output, overwrite) as folder:
         save_model(model_ir, folder, filename, progress)
         generation = prepared.checkpoint.read_json("generation_config.json")

@@ -47,10 +47,28 @@ def check_destination(output: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write to {parent} (permission denied). Choose a writable -o.")
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer (what the external data file and model.onnx will hold, within a few KB)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values())
+
+
+def check_free_space(model: ir.Model, output: Path) -> None:
+    """Refuse an export whose weights cannot fit on -o's disk, before a byte is written. The new folder is written
+    whole beside `output` (an existing one, with --overwrite, stays until the new one is complete), so the weights'
+    size must be free on the output's file system."""
+    need = weight_bytes(model)
+    parent = output.resolve().parent
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OutputError(f"not enough disk space for {output}: the model's weights take {need / 2**20:.1f} MiB "
+                          f"({need} bytes) and {parent} has {free / 2**20:.1f} MiB free. Free space or choose another "
+                          "-o.")
+
+
 def _describe_oserror(exc: OSError, where: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"disk full while writing {where}. Free space (the export needs about the model's size "
-                           "twice while it writes) or choose another -o.")
+        return OutputError(f"disk full while writing {where}. Free space (other writers filled the disk after the "
+                           "export checked it had room for the weights) or choose another -o.")
     return OutputError(f"cannot write {where}: {exc.strerror or exc}. Check that -o is on a writable disk, or choose "
                        "another -o.")
 

@@ -128,6 +128,33 @@ def test_success_leaves_exactly_the_output_with_normal_permissions(checkpoint, t
 # ---------------------------------------------------------------------------------------------------- disk full
 
 
+def test_too_little_free_space_is_refused_before_writing(checkpoint, tmp_path, capsys, monkeypatch):
+    """The weights' size is known once the graph is built: an -o on a disk without that much room fails then, not
+    after writing most of it (hours, for a large model). The size it names is what a real export writes."""
+    import re
+
+    import builder.output
+
+    parent = tmp_path / "work"
+    parent.mkdir()
+    before = snapshot(parent)
+    out = parent / "out"
+    real = shutil.disk_usage
+    monkeypatch.setattr(builder.output.shutil, "disk_usage", lambda path: real(path)._replace(free=3 * 2**20 // 100))
+    code, err = run_cli(capsys, ["-i", str(checkpoint), "-o", str(out), "-q"])
+    assert code == 5
+    found = re.fullmatch(rf"ortbuild: I/O error: not enough disk space for {re.escape(str(out))}: the model's weights "
+                         rf"take [0-9.]+ MiB \((\d+) bytes\) and {re.escape(str(parent.resolve()))} has 0\.0 MiB free\. "
+                         r"Free space or choose another -o\.", err.strip())
+    assert found, err
+    assert snapshot(parent) == before  # nothing written, nothing left behind
+    monkeypatch.undo()
+    code, _ = run_cli(capsys, ["-i", str(checkpoint), "-o", str(out), "-q"])
+    assert code == 0
+    written = (out / "model.onnx.data").stat().st_size
+    assert written <= int(found.group(1)) <= written + 64 * 1024  # the small initializers live in model.onnx
+
+
 def test_disk_full_while_writing_weights(checkpoint, tmp_path, capsys, monkeypatch):
     parent = tmp_path / "work"
     parent.mkdir()
