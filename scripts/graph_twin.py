@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # + ortbuild
 from strip_padding import CannotStrip, write_twin  # noqa: E402
 
 
@@ -142,23 +142,20 @@ def _drop_unused_reshapes(graph) -> None:
         graph.node.remove(node)
 
 
-def compare(a: Path, b: Path, tokens: int = 64) -> dict:
-    """Prompt logits of two exports on the CUDA EP (empty cache, all-ones mask): the largest absolute difference,
-    relative to the largest logit, and whether the argmax agrees at every position."""
+def compare(a: Path, b: Path, tokens: int = 64, providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> dict:
+    """Prompt logits of two exports (builder/verify.py's OnnxDecoder: empty state, all-ones mask), on the CUDA EP where
+    there is one: the largest absolute difference, relative to the largest logit, and whether the argmax agrees at
+    every position."""
     import numpy as np
-    import onnxruntime as ort
 
-    ids = np.random.default_rng(0).integers(10, 3000, size=(1, tokens)).astype(np.int64)
+    from builder.verify import OnnxDecoder
+
     logits = []
     for folder in (a, b):
-        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CUDAExecutionProvider"])
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        for i in session.get_inputs():
-            if i.name.startswith("past_key_values"):
-                dtype = np.float16 if "float16" in i.type else np.float32
-                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=dtype)
-        logits.append(session.run(["logits"], feeds)[0].astype(np.float32))
-        del session
+        config = json.loads((folder / "genai_config.json").read_text())
+        vocab = config["model"]["vocab_size"]
+        ids = np.random.default_rng(0).integers(10, min(vocab, 3000), size=tokens).tolist()
+        logits.append(OnnxDecoder(folder / "model.onnx", list(providers)).run(ids, [], config)[0])
     diff = float(np.abs(logits[0] - logits[1]).max())
     return {"max_abs_diff": diff, "relative": diff / float(np.abs(logits[0]).max()),
             "argmax_agree": f"{int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())}/{tokens}"}

@@ -69,6 +69,11 @@ def test_graph_twin_prepacks_a_plain_head_to_the_exporters_bytes(llama_heads, tm
     node, attrs, weights = _head(llama_heads["auto"])
     assert twin_attrs == attrs
     assert np.array_equal(twin_weights[twin_node.input[1]], weights[node.input[1]])
+    # ORT's CPU MatMulNBits reads the prepacked bytes as plain ones: the twin's logits check catches that
+    from graph_twin import compare
+
+    wrong = compare(llama_heads["plain"], tmp_path / "twin", tokens=8, providers=("CPUExecutionProvider",))
+    assert wrong["max_abs_diff"] > 0.1
 
 
 def test_inspect_names_the_layout(tiny_checkpoint):

@@ -114,3 +114,6 @@ def test_graph_twin_lm_head_matmul_gives_the_same_logits(twins):
     assert a.step_tokens == b.step_tokens
     assert parity.max_abs(a.prompt_logits, b.prompt_logits) == 0.0
     assert max(parity.max_abs(x, y) for x, y in zip(a.step_logits, b.step_logits)) == 0.0
+    # the driver's on-device check of a twin says the same (here on the CPU EP, the only one this machine has)
+    assert graph_twin.compare(folder, twin, tokens=16, providers=("CPUExecutionProvider",)) == {
+        "max_abs_diff": 0.0, "relative": 0.0, "argmax_agree": "16/16"}
