@@ -12,6 +12,14 @@ def _mode(entry: dict, mode: str, field_name: str):
     return entry.get("ort", {}).get("modes", {}).get(mode, {}).get(field_name)
 
 
+def _steps(state: dict, kind: str):
+    """(export, its `kind` step's record or None) for every export, the optional full-depth reference only once run."""
+    for e in EXPORTS + [REF_FULL_GPTOSS]:
+        record = state.get(f"{kind}-{e.key}")
+        if record or e is not REF_FULL_GPTOSS:
+            yield e, record
+
+
 def markdown(state: dict) -> str:
     lines = ["# GPU decode speed (scripts/gpu_speed_driver.py)", ""]
     env = state.get("env", {}).get("result", {})
@@ -22,10 +30,7 @@ def markdown(state: dict) -> str:
         lines.append("")
     lines += ["## Exports", "", "| export | probe | precision | wall s | CPU s | peak RSS MB | output MB | status |",
               "|---|---|---|---:|---:|---:|---:|---|"]
-    for e in EXPORTS + [REF_FULL_GPTOSS]:
-        s = state.get(f"export-{e.key}")
-        if not s and e is REF_FULL_GPTOSS:
-            continue
+    for e, s in _steps(state, "export"):
         if not s:
             lines.append(f"| {e.key} | {e.probe} | {e.precision} | | | | | not run |")
             continue
@@ -39,10 +44,7 @@ def markdown(state: dict) -> str:
               "| export | prefill ms | growing tok/s | static tok/s | captured tok/s | "
               "genai tok/s (capture in config) | kernels / step | memcpy / step | nodes per EP (Memcpy nodes) | tokens vs growing (static / captured / "
               "genai) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for e in EXPORTS + [REF_FULL_GPTOSS]:
-        s = state.get(f"bench-{e.key}")
-        if not s and e is REF_FULL_GPTOSS:
-            continue
+    for e, s in _steps(state, "bench"):
         if not s:
             lines.append(f"| {e.key} | | | | | | | | | not run |")
             continue
