@@ -316,7 +316,8 @@ NOPAD_ESTIMATES = (100, 40)
 # ours against the reference, interleaved (pair-KEY), and exports against a graph_twin.py twin (variant-KEY-REWRITE)
 PAIRS = {"ours-dense-int4": "ref-dense-int4", "ours-dense-fp16": "ref-dense-fp16",
          "ours-gptoss_cmp-int4": "ref-gptoss_cmp-int4"}
-VARIANTS = {"ours-dense-int4": ("prepack_lm_head",), "ours-gptoss_cmp-int4-plainhead": ("prepack_lm_head",)}
+VARIANTS = {"ours-dense-int4": ("prepack_lm_head", "prepack_all", "unfuse_gate_up"),
+            "ours-dense-fp16": ("unfuse_gate_up",), "ours-gptoss_cmp-int4-plainhead": ("prepack_lm_head",)}
 PAIR_REPEAT = {False: 6, True: 2}  # interleaved passes (A B B A ...) per mode and order, GPU / smoke run
 
 

@@ -183,6 +183,38 @@ def paired_table(state: dict) -> list[str]:
                 per_call.append(f"{x / y:.3f}" if x and y else "-")
             lines.append(f"| {name} | {mode} | {a:.1f} | {b:.1f} | {a / b:.3f} | {1e6 / a - 1e6 / b:+.1f} | "
                          f"{' / '.join(per_call)} | {kernel_us} | {launches} |")
-    notes = [f"- {name}: twin logits vs export {s['result']['logits']}; {s['result']['twin'].get('prepacked', '')}"
+    lines += _prefill_lines(rows)
+    rewritten = ("prepacked", "unfused")  # graph_twin.py's lists of the nodes a rewrite changed
+    notes = [f"- {name}: twin logits vs export {s['result']['logits']}; "
+             f"{next((s['result']['twin'][k] for k in rewritten if k in s['result']['twin']), '')}"
              for name, _, s in rows if "logits" in s.get("result", {})]
     return lines + ([""] + notes if notes else [])
+
+
+def _prefill_lines(rows) -> list[str]:
+    """The paired runs' prompt pass: ms per side (the median of every ORT mode's median, both orders), and the
+    profiled pass's kernel time with the kernels whose time differs most between the sides."""
+    import statistics
+
+    lines = ["", "Prompt pass of the paired runs (1024 tokens): ms = median over the ORT modes and both orders; kernel "
+             "µs = one profiled pass; the three kernel names whose µs differ most (A - B).", "",
+             "| pair | prefill ms A | prefill ms B | ratio | kernel µs A / B | largest differences (µs) |",
+             "|---|---:|---:|---:|---|---|"]
+    for name, labels, s in rows:
+        orders = s["result"].get("orders", {})
+        modes = [[m for o in orders.values() for m in o.get(side, {}).get("ort", {}).get("modes", {}).values()]
+                 for side in labels]
+        ms = [[m["prefill_ms"] for m in side if m.get("prefill_ms")] for side in modes]
+        if not all(ms):
+            continue
+        a, b = statistics.median(ms[0]), statistics.median(ms[1])
+        profiled = next(iter(orders.values()), {})
+        steps = [profiled.get(x, {}).get("ort", {}).get("per_step", {}) for x in labels]
+        kernels = [p.get("prefill_by_kernel", {}) for p in steps]
+        deltas = {k: kernels[0].get(k, [0, 0.0])[1] - kernels[1].get(k, [0, 0.0])[1]
+                  for k in set(kernels[0]) | set(kernels[1])}
+        top = sorted(deltas.items(), key=lambda kv: -abs(kv[1]))[:3]
+        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.3f} | "
+                     f"{' / '.join(str(p.get('prefill_kernel_us', '-')) for p in steps)} | "
+                     f"{'; '.join(f'{k[:60]} {v:+.0f}' for k, v in top) if any(kernels) else '-'} |")
+    return lines if len(lines) > 5 else []

@@ -15,7 +15,13 @@ Each rewrite computes the same logits as the export it starts from.
   bytes go to prepacked.data in the twin (a tied head that shared the embedding's table gets its own copy).
   Eligible: 4-bit, no zero points, no bias, block 32/64/128, N % 64 == 0, K % 64 == 0.
 
+- `unfuse_gate_up`: each MLP's fused gate|up projection and the Split of its output become two projections (gate rows,
+  then up rows of the same weights, MatMul or MatMulNBits), the Split's consumers reading them directly: one more GEMM
+  and no Split per layer (the Split copies the [tokens, 2 x intermediate] product, ~12 MB per layer in a 1024-token
+  prompt of Qwen3-0.6B's shape). The halves go to unfused.data.
+
     PYTHONPATH=$PWD python scripts/graph_twin.py lm_head_matmul out/qwen3-fp16 out/qwen3-fp16-lmmm
+    PYTHONPATH=$PWD python scripts/graph_twin.py unfuse_gate_up out/qwen3-int4 out/qwen3-int4-unfused
     PYTHONPATH=$PWD python scripts/graph_twin.py prepack_lm_head out/gpt-oss-int4 out/gpt-oss-int4-pp
     python scripts/graph_twin.py --compare out/gpt-oss-int4 out/gpt-oss-int4-pp   # logits of both on CUDA
 """
@@ -119,10 +125,71 @@ def prepack(model, folder: Path, out: Path, select) -> dict:
     return {"prepacked": done, "skipped": skipped}
 
 
+def unfuse_gate_up(model, folder: Path, out: Path) -> dict:
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph, done = model.graph, []
+    inits = {i.name: i for i in graph.initializer}
+    data_path = out / "unfused.data"
+
+    def external(sink, name: str, array) -> None:
+        offset = sink.tell()
+        sink.write(np.ascontiguousarray(array).tobytes())
+        tensor = numpy_helper.from_array(np.zeros(0, array.dtype), name)  # (type only; dims and data set below)
+        del tensor.dims[:]
+        tensor.dims.extend(array.shape)
+        tensor.ClearField("raw_data")
+        tensor.data_location = tensor.EXTERNAL
+        for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        graph.initializer.append(tensor)
+
+    with open(data_path, "wb") as sink:
+        for split in [n for n in graph.node if n.op_type == "Split" and "/mlp/" in n.name]:
+            producer = next((n for n in graph.node if split.input[0] in n.output), None)
+            if producer is None or "gate_up" not in producer.name or len(split.output) != 2 or len(split.input) > 1:
+                continue
+            halves = []
+            for source in producer.input[1:3] if producer.op_type == "MatMulNBits" else producer.input[1:2]:
+                array = read_initializer(folder, inits[source])
+                if producer.op_type == "MatMulNBits":  # B [N, K/block, bytes], scales [N * K/block] or [N, K/block]
+                    rows = array.reshape(2, -1, *array.shape[1:]) if array.ndim > 1 else array.reshape(2, -1)
+                else:  # MatMul: W [K, N]
+                    rows = np.stack(np.split(array, 2, axis=-1))
+                halves.append(rows)
+            for half, output in enumerate(split.output):
+                node = helper.make_node(producer.op_type, list(producer.input), [output],
+                                        name=producer.name.replace("gate_up", ("gate", "up")[half]),
+                                        domain=producer.domain)
+                node.attribute.extend(a for a in producer.attribute)
+                for slot, rows in enumerate(halves, start=1):
+                    name = f"{node.name.strip('/').replace('/', '.')}.input{slot}"
+                    external(sink, name, rows[half])
+                    node.input[slot] = name
+                if producer.op_type == "MatMulNBits":
+                    for attr in node.attribute:
+                        if attr.name == "N":
+                            attr.i //= 2
+                graph.node.insert(list(graph.node).index(split), node)
+            graph.node.remove(split)
+            graph.node.remove(producer)
+            done.append(producer.name)
+    if not done:
+        raise CannotStrip("no MLP gate_up projection followed by a Split")
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return {"unfused": done}
+
+
 REWRITES = {"lm_head_matmul": lm_head_matmul,
             "prepack_lm_head": lambda m, src, dst: prepack(m, src, dst, lambda n: "lm_head" in n.name),
-            "prepack_all": lambda m, src, dst: prepack(m, src, dst, lambda n: True)}
-FOLDER_REWRITES = ("prepack_lm_head", "prepack_all")  # called with (model, source folder, twin folder)
+            "prepack_all": lambda m, src, dst: prepack(m, src, dst, lambda n: True),
+            "unfuse_gate_up": unfuse_gate_up}
+# called with (model, source folder, twin folder)
+FOLDER_REWRITES = ("prepack_lm_head", "prepack_all", "unfuse_gate_up")
 
 
 def make_twin(rewrite: str, src: Path, dst: Path, overwrite: bool = False) -> dict:
