@@ -21,7 +21,7 @@ from builder.layers.embedding import embedding
 from builder.layers.linear_attention import linear_attention
 from builder.layers.lm_head import lm_head
 from builder.layers.mlp import gated_mlp
-from builder.layers.padding import restore_order, step_inputs
+from builder.layers.padding import last_token_rows, restore_order, step_inputs
 from builder.layers.residual import add_to_stream, settled, sublayer_input, sublayer_output
 from builder.settings import ExportSettings
 from builder.layers.per_layer_input import per_layer_block, per_layer_inputs
@@ -98,9 +98,10 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
         x, _ = add_to_stream(ctx, pending, residual, "final_norm")
-    logits = lm_head(ctx, restore_order(g, x, rank))
+    last_only = settings.extra.get("last_token_logits", False)
+    logits = lm_head(ctx, last_token_rows(g, x, step) if last_only else restore_order(g, x, rank))
 
-    g.output(logits, "logits", dtype, ["batch_size", "sequence_length", spec.vocab_size])
+    g.output(logits, "logits", dtype, ["batch_size", 1 if last_only else "sequence_length", spec.vocab_size])
     for t in states:
         g.output(presents[t.layer, t.kind], t.present_name, state_dtypes[t.dtype], list(t.present_shape))
     return ir.Model(g.graph, ir_version=10, producer_name="ortbuild", producer_version=builder.__version__)

@@ -39,7 +39,8 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
             "architecture": spec.architecture, "precision": settings.precision, "ep": settings.ep,
             "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra),
             "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled),
-            "lm_head_prepacked": settings.lm_head_prepacked}
+            "lm_head_prepacked": settings.lm_head_prepacked,
+            "last_token_logits": bool(settings.extra.get("last_token_logits", False))}
     if graph is not None:
         made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"),
                                         genai_names(spec.state)[0])

@@ -147,6 +147,11 @@ OPTIONS: tuple[Option, ...] = (
            "symmetric, no lm_head bias, vocabulary and hidden size multiples of 64, and a head with its own table (a "
            "tied head sharing the embedding's table keeps the plain layout rather than a second copy). Such an export "
            "runs on the CUDA provider only.", quantized_only=True),
+    Option("last_token_logits", "bool", False,
+           "Output logits [batch, 1, vocab]: each row's last real token only (a right-padded row's last unpadded "
+           "column), so a prompt pass runs the lm_head on one row instead of all of them (H200, a 1024-token prompt "
+           "of GPT-OSS-20B's shape: see README \"Performance\"). onnxruntime-genai 0.18 reads such logits as they "
+           "are; perplexity over a prompt needs the default (logits at every position, as transformers returns)."),
     Option("fuse_qk_norm_gqa", "bool", None,
            "Feed per-head q/k RMSNorm weights to GroupQueryAttention instead of separate norm nodes. "
            "CUDA with float16/bfloat16 activations only (ONNX Runtime's CPU kernel, which also runs float32 "

@@ -186,6 +186,8 @@ def describe(prepared, notes: bool = True) -> str:
         f"layers: {spec.num_layers}, hidden {spec.hidden_size}, vocab {spec.vocab_size}, {heads}, "
         f"context {spec.context_length}",
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}",
+        "logits: " + ("[batch, 1, vocab], each row's last real token (last_token_logits)"
+                      if settings.extra.get("last_token_logits") else "[batch, sequence, vocab], every position"),
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
     lines += [f"q/k norm: {row}" for row in qk_norm_rows(spec, settings)]

@@ -225,7 +225,8 @@ class OnnxDecoder:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.int64))
 
     def run(self, ids: list[int], feed_tokens: list[int], config: dict) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(prompt logits [S, V], logits after each fed token [V] ...), all float32."""
+        """(prompt logits [S, V] (the last position alone, [1, V], for last_token_logits), logits after each fed
+        token [V] ...), all float32."""
         feed = {"input_ids": self._ids(np.array([ids])), "attention_mask": self._ids(np.ones((1, len(ids))))}
         if "position_ids" in self.inputs:
             feed["position_ids"] = self._ids(np.arange(len(ids))[None])
@@ -287,6 +288,9 @@ def compare_prompt(decoder: OnnxDecoder, reference_model, ids: list[int], steps:
     tokens, full = reference_run(reference_model, ids, steps)
     prompt_logits, step_logits = decoder.run(ids, tokens, config)
     onnx_logits = np.concatenate([prompt_logits, np.stack(step_logits)]) if step_logits else prompt_logits
+    # an export with last_token_logits returns the prompt's last position only: compare from there on
+    skipped = len(ids) - len(prompt_logits)
+    full = full[skipped:]
     if onnx_logits.shape != full.shape:
         raise VerificationError(f"logits shapes differ: ONNX {list(onnx_logits.shape)}, reference {list(full.shape)} "
                                 "(vocabulary size mismatch): the reference is not the model this export was made from.")
@@ -295,11 +299,12 @@ def compare_prompt(decoder: OnnxDecoder, reference_model, ids: list[int], steps:
     top1 = onnx_logits.argmax(-1) == full.argmax(-1)
     # Teacher-forced on the reference's tokens, onnxruntime's greedy choice after position S-1+k is argmax there;
     # its greedy run matches the reference exactly as long as these agree.
-    ort_choices = onnx_logits[len(ids) - 1: len(ids) - 1 + steps].argmax(-1).tolist()
-    s = len(ids)
+    s = len(ids) - skipped
+    ort_choices = onnx_logits[s - 1: s - 1 + steps].argmax(-1).tolist()
     return PromptResult(ids=list(ids), prompt_error=float(errors[:s].max()),
                         decode_error=float(errors[s:].max()) if steps else 0.0,
-                        worst_position=int(errors.argmax()), top1_matches=int(top1.sum()), positions=int(top1.size),
+                        worst_position=skipped + int(errors.argmax()), top1_matches=int(top1.sum()),
+                        positions=int(top1.size),
                         reference_tokens=tokens, ort_greedy_prefix=common_prefix(ort_choices, tokens))
 
 

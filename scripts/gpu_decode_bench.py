@@ -89,6 +89,8 @@ class Harness:
         logits = next(o for o in self.plain.get_outputs() if o.name == "logits")
         self.logits_dtype = ORT_TO_TORCH[logits.type]
         self.vocab = int(logits.shape[2]) if isinstance(logits.shape[2], int) else None
+        # an export with last_token_logits=true returns one position per row, a prompt pass included
+        self.prompt_positions = logits.shape[1] if isinstance(logits.shape[1], int) else None
         self.kv = {}
         decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         for p in self.pasts:  # the reference builder names the head size symbolically: take it from genai_config
@@ -151,7 +153,8 @@ class Harness:
         torch = self.torch
         ids = torch.from_numpy(prompt[None]).to(self.device)
         mask = torch.ones((1, len(prompt)), dtype=torch.int64, device=self.device)
-        logits = torch.empty((1, len(prompt), self.vocab), dtype=getattr(torch, self.logits_dtype), device=self.device)
+        shape = (1, self.prompt_positions or len(prompt), self.vocab)
+        logits = torch.empty(shape, dtype=getattr(torch, self.logits_dtype), device=self.device)
         io = self.plain.io_binding()
         self._bind(io, "input_ids", ids)
         self._bind(io, "attention_mask", mask)

@@ -302,6 +302,10 @@ EXPORTS = [
     Export("ref-gptoss_cmp-int4", "ref", "gptoss_cmp", "int4", 180, 150),
     # the head in the plain layout: the source of the prepacked-head variant (what lm_head_prepacked changes)
     Export("ours-gptoss_cmp-int4-plainhead", "ours", "gptoss_cmp", "int4", 30, 60, ("lm_head_prepacked=false",)),
+    # logits of each row's last token only: the prompt pass runs the lm_head on one row (its prefill against the
+    # reference's, which computes every position's)
+    Export("ours-dense-fp16-last", "ours", "dense", "fp16", 20, 40, ("last_token_logits=true",)),
+    Export("ours-gptoss_cmp-int4-last", "ours", "gptoss_cmp", "int4", 30, 60, ("last_token_logits=true",)),
 ]
 REF_FULL_GPTOSS = Export("ref-gptoss-int4", "ref", "gptoss", "int4", 1200, 240)
 # probe -> (preset, layers) on the GPU machine and in the smoke run (None: the preset's own depth)
@@ -315,7 +319,8 @@ NOPAD = ("ours-dense-int4", "ours-dense-fp16")
 NOPAD_ESTIMATES = (100, 40)
 # ours against the reference, interleaved (pair-KEY), and exports against a graph_twin.py twin (variant-KEY-REWRITE)
 PAIRS = {"ours-dense-int4": "ref-dense-int4", "ours-dense-fp16": "ref-dense-fp16",
-         "ours-gptoss_cmp-int4": "ref-gptoss_cmp-int4"}
+         "ours-gptoss_cmp-int4": "ref-gptoss_cmp-int4", "ours-dense-fp16-last": "ref-dense-fp16",
+         "ours-gptoss_cmp-int4-last": "ref-gptoss_cmp-int4"}
 VARIANTS = {"ours-dense-int4": ("prepack_lm_head", "prepack_all", "unfuse_gate_up"),
             "ours-dense-fp16": ("unfuse_gate_up",), "ours-gptoss_cmp-int4-plainhead": ("prepack_lm_head",)}
 PAIR_REPEAT = {False: 6, True: 2}  # interleaved passes (A B B A ...) per mode and order, GPU / smoke run

@@ -109,3 +109,14 @@ def restore_order(g: GraphBuilder, hidden: ir.Value, rank: ir.Value) -> ir.Value
     with g.scope("padding_restore"):
         index = g.op("Unsqueeze", [rank, g.ints("const.axis_last", [-1])])
         return g.op("GatherND", [hidden, index], batch_dims=1)
+
+
+def last_token_rows(g: GraphBuilder, hidden: ir.Value, step: StepInputs) -> ir.Value:
+    """hidden [B, S, H] in the aligned layout -> [B, 1, H]: each row's last real new token (aligned column n - 1;
+    column 0 for a row with none, as in a decode step under onnxruntime-genai's static mask, whose new column is not
+    counted). The lm_head then runs on one row per sequence (last_token_logits)."""
+    with g.scope("last_token"):
+        last = g.op("Sub", [step.token_count, g.shared_constant("const.one_i64", np.array(1, np.int64))])
+        last = g.op("Max", [last, g.shared_constant("const.zero_i64", np.array(0, np.int64))])  # [B]
+        index = g.op("Unsqueeze", [last, g.ints("const.axes12", [1, 2])])  # [B, 1, 1]
+        return g.op("GatherND", [hidden, index], batch_dims=1)
