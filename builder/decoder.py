@@ -5,7 +5,8 @@ attention_mask [batch, total_sequence_length] int64, and each layer's past state
 [batch, sequence_length, vocab] and each layer's present state. The state is what each layer's token mixer declares
 (builder/state.py: a KV cache for full attention, conv + recurrent state for linear attention, none for a layer that
 reuses another layer's keys/values); its names carry the decoder layer index, and shapes are per layer. Every layer
-runs with each row's real new tokens first (builder/layers/padding.py); logits come back in the caller's order.
+runs with each row's real new tokens first (builder/layers/padding.py); logits come back in the caller's order
+([batch, 1, vocab] for last_token_logits: each row's last real token).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
                     pending, residual = g.op("Mul", [pending, scale]), g.op("Mul", [residual, scale])
     with g.scope("final_norm"):
         x, _ = add_to_stream(ctx, pending, residual, "final_norm")
-    last_only = settings.extra.get("last_token_logits", False)
+    last_only = settings.last_token_logits
     logits = lm_head(ctx, last_token_rows(g, x, step) if last_only else restore_order(g, x, rank))
 
     g.output(logits, "logits", dtype, ["batch_size", 1 if last_only else "sequence_length", spec.vocab_size])

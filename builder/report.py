@@ -187,7 +187,7 @@ def describe(prepared, notes: bool = True) -> str:
         f"context {spec.context_length}",
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}",
         "logits: " + ("[batch, 1, vocab], each row's last real token (last_token_logits)"
-                      if settings.extra.get("last_token_logits") else "[batch, sequence, vocab], every position"),
+                      if settings.last_token_logits else "[batch, sequence, vocab], every position"),
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
     lines += [f"q/k norm: {row}" for row in qk_norm_rows(spec, settings)]

@@ -70,6 +70,11 @@ class ExportSettings:
         return FLOAT_DTYPES[self.io_dtype][1]
 
     @property
+    def last_token_logits(self) -> bool:
+        """Logits [batch, 1, vocab] of each row's last real token (builder/layers/padding.py's last_token_rows)."""
+        return bool(self.extra.get("last_token_logits", False))
+
+    @property
     def linear_attn_dtype(self) -> str:
         """The dtype linear-attention layers compute their core in and keep their conv / recurrent state in: float32
         (transformers keeps the recurrent state in float32) unless linear_attn_fp32=false: the activation dtype."""

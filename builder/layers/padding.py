@@ -5,7 +5,8 @@ slots it writes and the keys it attends all follow from that. A right-padded bat
 row would alone, a left-padded one does not (its real tokens sit after the pads). So the decoder permutes each row's
 new tokens once, right after reading input_ids, so that the real ones (attention_mask 1) come first and in order,
 runs every layer in that layout, and puts the final hidden states back in the caller's order before the lm_head:
-logits come out at the positions the caller passed. For any padding pattern every layer then sees exactly what it
+logits come out at the positions the caller passed (with last_token_logits, only each row's last real token:
+last_token_rows). For any padding pattern every layer then sees exactly what it
 would see for the row alone followed by pad tokens, and the cache holds the row's keys/values at [0, n), where the
 next decode step (mask one wider, seqlens_k = n) writes slot n, in a shared past/present buffer and a growing one
 alike. Pad tokens still flow through position-wise layers (embedding, MLP, MoE routing); their results land in
