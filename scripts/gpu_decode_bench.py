@@ -4,7 +4,9 @@
 Needs numpy, onnx, onnxruntime-gpu and torch (torch holds the device buffers, picks greedy tokens on the device and
 profiles kernels); onnxruntime-genai-cuda is used when importable. Each folder (an export: model.onnx +
 genai_config.json, from ortbuild or the reference builder) is measured in these modes, all with IO binding and the
-KV cache on the device in one shared past/present buffer [1, kv_heads, max_length, head] per cache:
+KV cache on the device in one shared past/present buffer [1, kv_heads, max_length, head] per cache (window-sized for
+the caches of GroupQueryAttention nodes with sliding_window_cache=1, as the reference builder writes GPT-OSS's sliding
+layers, since ONNX Runtime requires that capacity there):
 
 - `growing`:  the attention mask grows by one column per step ([1, t]), as onnxruntime-genai runs without capture;
 - `static`:   the static [1, max_length] mask (ones up to the current length, zeros after), same session;
@@ -64,6 +66,22 @@ def _present(name: str) -> str:
     return f"present.{layer}.{kind}"
 
 
+def window_caches(model_path: Path) -> dict[str, int]:
+    """{past input: local_window_size} for the caches of GroupQueryAttention nodes with sliding_window_cache=1 (their
+    buffer must hold exactly the window)."""
+    import onnx
+    from onnx import helper
+
+    out = {}
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("sliding_window_cache") == 1:
+            out.update({name: int(attrs["local_window_size"]) for name in node.input[3:5] if name})
+    return out
+
+
 class Harness:
     """One export on one device: sessions, device buffers, and the greedy decode loop of each mode."""
 
@@ -93,11 +111,12 @@ class Harness:
         self.prompt_positions = logits.shape[1] if isinstance(logits.shape[1], int) else None
         self.kv = {}
         decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        windows = window_caches(folder / "model.onnx")
         for p in self.pasts:  # the reference builder names the head size symbolically: take it from genai_config
             kv_heads = p.shape[1] if isinstance(p.shape[1], int) else decoder["num_key_value_heads"]
             head = p.shape[3] if isinstance(p.shape[3], int) else decoder["head_size"]
-            self.kv[p.name] = torch.zeros((1, kv_heads, max_length, head), dtype=getattr(torch, ORT_TO_TORCH[p.type]),
-                                          device=self.device)
+            self.kv[p.name] = torch.zeros((1, kv_heads, windows.get(p.name, max_length), head),
+                                          dtype=getattr(torch, ORT_TO_TORCH[p.type]), device=self.device)
         self.captured: dict = {}  # mode -> session with enable_cuda_graph=1
         # decode buffers live as long as the harness: a captured graph replays on the addresses it was captured with
         dtype = getattr(torch, self.logits_dtype)

@@ -116,3 +116,25 @@ def test_kernel_profile_names_keep_templates_and_drop_parameter_lists():
     assert _kernel_name("void cutlass::Kernel2<cutlass_80_wmma_tensorop_f16_s161616gemm_f16_16x16_128x1_tn_align8>"
                         "(cutlass_80_wmma_tensorop_f16_s161616gemm_f16_16x16_128x1_tn_align8::Params)") == \
         "cutlass::Kernel2<cutlass_80_wmma_tensorop_f16_s161616gemm_f16_16x16_128x1_tn_align8>"
+
+
+def test_bench_sizes_window_caches_as_their_attention_requires(tmp_path):
+    """The reference builder writes GPT-OSS's sliding layers with sliding_window_cache=1, whose cache ONNX Runtime
+    requires to hold exactly local_window_size positions: gpu_decode_bench sizes those buffers to the window, every
+    other cache to max_length."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gpu_decode_bench import window_caches
+
+    def gqa(layer: int, **attrs):
+        past = [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+        return helper.make_node("GroupQueryAttention", [f"q{layer}", "", "", *past, "seqlens_k", "total"],
+                                [f"o{layer}", f"present.{layer}.key", f"present.{layer}.value"], domain="com.microsoft",
+                                num_heads=2, kv_num_heads=1, **attrs)
+
+    nodes = [gqa(0, local_window_size=128, sliding_window_cache=1), gqa(1, local_window_size=128), gqa(2)]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT16, None)
+                                                for i in range(3)])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    assert window_caches(tmp_path / "model.onnx") == {"past_key_values.0.key": 128, "past_key_values.0.value": 128}
