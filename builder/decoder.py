@@ -70,7 +70,7 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     sharing = kv_sharing_layers(spec)
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
     # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
-    input_ids, step, rank = step_inputs(g, input_ids, attention_mask)
+    input_ids, step, rank = step_inputs(g, input_ids, attention_mask, reorder=settings.left_padding)
 
     hidden = embedding(ctx, input_ids)
     per_layer = per_layer_inputs(ctx, input_ids, hidden) if spec.per_layer_input_size else None
@@ -100,7 +100,11 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     with g.scope("final_norm"):
         x, _ = add_to_stream(ctx, pending, residual, "final_norm")
     last_only = settings.last_token_logits
-    logits = lm_head(ctx, last_token_rows(g, x, step) if last_only else restore_order(g, x, rank))
+    if last_only:
+        x = last_token_rows(g, x, step)
+    elif rank is not None:
+        x = restore_order(g, x, rank)
+    logits = lm_head(ctx, x)
 
     g.output(logits, "logits", dtype, ["batch_size", 1 if last_only else "sequence_length", spec.vocab_size])
     for t in states:

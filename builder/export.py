@@ -40,7 +40,7 @@ def manifest(model: str, input_dir: str | None, spec: ModelSpec, settings: Expor
             "io_dtype": settings.io_dtype, "extra_options": dict(settings.extra),
             "cuda_graph": bool(settings.graph_capture and settings.graph_capture.enabled),
             "lm_head_prepacked": settings.lm_head_prepacked,
-            "last_token_logits": settings.last_token_logits}
+            "last_token_logits": settings.last_token_logits, "left_padding": settings.left_padding}
     if graph is not None:
         made["requires"] = requirements(ir_nodes(graph), settings.ep, GENAI_TYPES.get(spec.model_type, "decoder"),
                                         genai_names(spec.state)[0])

@@ -147,6 +147,11 @@ OPTIONS: tuple[Option, ...] = (
            "symmetric, no lm_head bias, vocabulary and hidden size multiples of 64, and a head with its own table (a "
            "tied head sharing the embedding's table keeps the plain layout rather than a second copy). Such an export "
            "runs on the CUDA provider only.", quantized_only=True),
+    Option("left_padding", "bool", True,
+           "Batches padded on the left run exactly: the graph moves each row's real new tokens first and puts the "
+           "final hidden states back (builder/layers/padding.py; 9 small kernels per decode step on CUDA). false "
+           "leaves that reorder out, for callers that pad on the right (onnxruntime-genai) or not at all: those stay "
+           "exact and a decode step runs fewer kernels, but a left-padded batch gives wrong results."),
     Option("last_token_logits", "bool", False,
            "Output logits [batch, 1, vocab]: each row's last real token only (a right-padded row's last unpadded "
            "column), so a prompt pass runs the lm_head on one row instead of all of them (H200, a 1024-token prompt "

@@ -188,6 +188,8 @@ def describe(prepared, notes: bool = True) -> str:
         f"precision: {settings.precision}, ep: {settings.ep}, io dtype: {settings.io_dtype}",
         "logits: " + ("[batch, 1, vocab], each row's last real token (last_token_logits)"
                       if settings.last_token_logits else "[batch, sequence, vocab], every position"),
+        "padded batches: " + ("left or right, exact" if settings.left_padding else
+                              "right-padded or unpadded only (left_padding=false: no reorder)"),
     ]
     lines += [f"rope: {row}" for row in rope_rows(spec)]
     lines += [f"q/k norm: {row}" for row in qk_norm_rows(spec, settings)]

@@ -70,6 +70,11 @@ class ExportSettings:
         return FLOAT_DTYPES[self.io_dtype][1]
 
     @property
+    def left_padding(self) -> bool:
+        """Exact left-padded batches: the "real tokens first" reorder of builder/layers/padding.py."""
+        return bool(self.extra.get("left_padding", True))
+
+    @property
     def last_token_logits(self) -> bool:
         """Logits [batch, 1, vocab] of each row's last real token (builder/layers/padding.py's last_token_rows)."""
         return bool(self.extra.get("last_token_logits", False))

@@ -315,7 +315,7 @@ PROBES = {"dense": (("qwen3-0.6b", None), ("qwen3-0.6b", 2)),
 PROBE_ESTIMATES = {"dense": (15, 30), "gptoss": (90, 40), "gptoss_cmp": (30, 25)}
 BENCH_ESTIMATES = {"dense": (40, 40), "gptoss": (150, 60), "gptoss_cmp": (60, 50)}
 # exports whose padding-free twin is benched against them (bench-KEY-nopad), and that step's estimates
-NOPAD = ("ours-dense-int4", "ours-dense-fp16")
+NOPAD = ("ours-dense-int4", "ours-dense-fp16", "ours-gptoss_cmp-int4")
 NOPAD_ESTIMATES = (100, 40)
 # ours against the reference, interleaved (pair-KEY), and exports against a graph_twin.py twin (variant-KEY-REWRITE)
 PAIRS = {"ours-dense-int4": "ref-dense-int4", "ours-dense-fp16": "ref-dense-fp16",

@@ -30,9 +30,12 @@ from builder.layers import StepInputs
 INT64_MAX = np.iinfo(np.int64).max
 
 
-def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
-                ) -> tuple[ir.Value, StepInputs, ir.Value]:
-    """(input_ids in the aligned layout, the bundle every layer reads, rank).
+def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value, reorder: bool = True
+                ) -> tuple[ir.Value, StepInputs, ir.Value | None]:
+    """(input_ids in the aligned layout, the bundle every layer reads, rank; rank None without the reorder).
+
+    reorder=False (left_padding=false) writes no permutation: the layers run in the caller's layout, which is the
+    aligned one for unpadded and right-padded rows (onnxruntime-genai's padding) and wrong for left-padded ones.
 
     rank int64 [B, S]: the aligned column of the caller's column s. With m the new tokens' mask (the last S columns
     of attention_mask): a real token goes to the number of real tokens before it, a pad to s plus the number of real
@@ -50,28 +53,42 @@ def step_inputs(g: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value
         length = g.op("Gather", [g.op("Shape", [attention_mask]), g.constant("const.idx1", np.array(1, np.int64))],
                       axis=0)
         total_len = g.op("Cast", [length], to=ir.DataType.INT32)
-    with g.scope("padding"):
-        # Shape-derived values stay on the host and feed only host-side inputs (Slice starts, Range limit); everything
-        # else derives from device tensors, so a CUDA session needs no Memcpy node (CUDA-graph capture requires that).
-        new = g.op("Shape", [input_ids], start=1, end=2)  # [S]
-        columns = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)),
-                                 g.op("Squeeze", [new, g.ints("const.axis0", [0])]), one])  # [S]
-        mask = g.op("Slice", [attention_mask, g.op("Neg", [new]), g.ints("const.int64_max", [INT64_MAX]), axis1])
-        real_before = g.op("CumSum", [mask, one], exclusive=1)  # [B, S] real tokens left of each column
-        real_after = g.op("CumSum", [mask, one], exclusive=1, reverse=1)  # ... and right of it
-        rank = g.op("Where", [g.op("Cast", [mask], to=ir.DataType.BOOL), real_before,
-                              g.op("Add", [columns, real_after])])
-        aligned_ids = g.op("ScatterElements", [input_ids, rank, input_ids], axis=1)
+    built: dict = {}
+
+    def columns_and_mask() -> tuple[ir.Value, ir.Value]:
+        """(the new columns 0..S-1 [S], the new tokens' mask [B, S]), built once, where first needed."""
+        if not built:
+            with g.scope("padding"):
+                # Shape-derived values stay on the host and feed only host-side inputs (Slice starts, Range limit);
+                # everything else derives from device tensors, so a CUDA session needs no Memcpy node (CUDA-graph
+                # capture requires that).
+                new = g.op("Shape", [input_ids], start=1, end=2)  # [S]
+                built["columns"] = g.op("Range", [g.shared_constant("const.zero_i64", np.array(0, np.int64)),
+                                                  g.op("Squeeze", [new, g.ints("const.axis0", [0])]), one])  # [S]
+                built["mask"] = g.op("Slice", [attention_mask, g.op("Neg", [new]),
+                                               g.ints("const.int64_max", [INT64_MAX]), axis1])
+        return built["columns"], built["mask"]
+
+    aligned_ids, rank = input_ids, None
+    if reorder:
+        columns, mask = columns_and_mask()
+        with g.scope("padding"):
+            real_before = g.op("CumSum", [mask, one], exclusive=1)  # [B, S] real tokens left of each column
+            real_after = g.op("CumSum", [mask, one], exclusive=1, reverse=1)  # ... and right of it
+            rank = g.op("Where", [g.op("Cast", [mask], to=ir.DataType.BOOL), real_before,
+                                  g.op("Add", [columns, real_after])])
+            aligned_ids = g.op("ScatterElements", [input_ids, rank, input_ids], axis=1)
 
     def last_column() -> ir.Value:
         """int64 [1]: S - 1, on the device (a shape mixed into device values would need a Memcpy)."""
         if "last_column" not in step.derived:
-            step.derived["last_column"] = g.op("ReduceMax", [columns], keepdims=1)
+            step.derived["last_column"] = g.op("ReduceMax", [columns_and_mask()[0]], keepdims=1)
         return step.derived["last_column"]
 
     def token_state(name: str) -> ir.Value:
         """token_count / token_mask for layers with recurrent state, position_ids for layers that rotate or scale
         outside the op (built on first use, once)."""
+        columns, mask = columns_and_mask()
         if name == "position_ids":
             # GroupQueryAttention's numbering: the past length (seqlens_k + 1 - S, at least 0: rows of a padded
             # prompt start at 0) plus the column j, i.e. max(seqlens_k - (S - 1 - j), j), from device tensors only
