@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORT_TESTS = ("test_batched_generation.py", "test_consumption.py", "test_decoder_families.py", "test_deepseek.py",
              "test_dense.py", "test_factory.py", "test_family_sweep.py", "test_fp8.py", "test_gemma.py",
              "test_gpt_oss.py", "test_gpu_scripts.py", "test_granite_olmo_nemotron_ernie.py", "test_graph_twin.py",
-             "test_hybrid.py", "test_last_token_logits.py", "test_longrope.py",
+             "test_hybrid.py", "test_last_token_logits.py", "test_left_padding_option.py", "test_longrope.py",
              "test_moe_families.py", "test_plan_matches_model.py", "test_qmoe_cuda_routing.py",
              "test_quant_blockwise.py", "test_quant_moe.py", "test_recipes.py", "test_router_compute.py",
              "test_routing_families.py", "test_routing_graph.py", "test_routing_op.py", "test_runtime_requirements.py",
