@@ -88,6 +88,12 @@ def markdown(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_call(a: dict, b: dict, orders, mode: str, cell) -> list[str]:
+    """One cell per opening order of a paired run: cell(tok/s A, tok/s B) of that call, "-" where a side has none."""
+    values = [(_mode(a[order], mode, "decode_tok_s"), _mode(b[order], mode, "decode_tok_s")) for order in orders]
+    return [cell(x, y) if x and y else "-" for x, y in values]
+
+
 def _pooled(run: dict, mode: str) -> list[float]:
     """Every pass's decode tok/s of `mode` in one side of a padding-cost run (both orders pooled)."""
     return [x for order in run.values() for x in (_mode(order, mode, "decode_tok_s_passes") or [])]
@@ -123,10 +129,7 @@ def padding_cost_table(state: dict) -> list[str]:
             a = statistics.median(pa) if pa else None
             b = statistics.median(pb) if pb else None
             delta = f"{1e6 / a - 1e6 / b:+.1f} | {100 * (b - a) / b:+.2f}" if a and b else " | "
-            per_call = []
-            for order in orders:
-                x, y = _mode(with_[order], mode, "decode_tok_s"), _mode(without[order], mode, "decode_tok_s")
-                per_call.append(f"{1e6 / x - 1e6 / y:+.1f}" if x and y else "-")
+            per_call = _per_call(with_, without, orders, mode, lambda x, y: f"{1e6 / x - 1e6 / y:+.1f}")
             lines.append(f"| {key} | {mode} | {round(a, 1) if a else 'error'} | {round(b, 1) if b else 'error'} | "
                          f"{delta} | {' / '.join(per_call)} | {len(pa)} / {len(pb)} |")
         strip = r.get("strip", {})
@@ -177,10 +180,7 @@ def paired_table(state: dict) -> list[str]:
             if not (pa and pb):
                 continue
             a, b = statistics.median(pa), statistics.median(pb)
-            per_call = []
-            for order in orders:
-                x, y = _mode(side_a[order], mode, "decode_tok_s"), _mode(side_b[order], mode, "decode_tok_s")
-                per_call.append(f"{x / y:.3f}" if x and y else "-")
+            per_call = _per_call(side_a, side_b, orders, mode, lambda x, y: f"{x / y:.3f}")
             lines.append(f"| {name} | {mode} | {a:.1f} | {b:.1f} | {a / b:.3f} | {1e6 / a - 1e6 / b:+.1f} | "
                          f"{' / '.join(per_call)} | {kernel_us} | {launches} |")
     lines += _prefill_lines(rows)
