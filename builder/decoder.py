@@ -69,7 +69,8 @@ def build_decoder(spec: ModelSpec, settings: ExportSettings, weights: WeightMap,
     pasts = {(t.layer, t.kind): g.input(t.past_name, state_dtypes[t.dtype], list(t.past_shape)) for t in states}
     sharing = kv_sharing_layers(spec)
     kv_store: dict = {}  # source layer -> SharedKV, for KV-sharing consumers
-    # every layer runs with each row's real tokens first (builder/layers/padding.py); logits come back in order
+    # every layer runs with each row's real tokens first (builder/layers/padding.py; left_padding=false: in the
+    # caller's layout, the same for unpadded and right-padded rows); logits come back in the caller's order
     input_ids, step, rank = step_inputs(g, input_ids, attention_mask, reorder=settings.left_padding)
 
     hidden = embedding(ctx, input_ids)
