@@ -85,3 +85,20 @@ def test_inspect_says_which_padding(tiny_checkpoint):
              for flag, extra in ((True, []), (False, ["left_padding=false"]))}
     assert lines[True] == "padded batches: left or right, exact"
     assert lines[False] == "padded batches: right-padded or unpadded only (left_padding=false: no reorder)"
+
+
+@pytest.mark.parametrize("case", list(batching.FAMILIES))
+def test_every_family_without_the_reorder_and_with_last_token_logits(tiny_checkpoint, tmp_path, case):
+    """Both options together on every family of the batching suite: a right-padded batch through a shared cache
+    gives the default export's logits at each row's last real token and at each decode step, exactly."""
+    arch, overrides = batching.FAMILIES[case]
+    ckpt = tiny_checkpoint(arch, **overrides)
+    extra = list(batching.EXPORT_OPTIONS.get(case, ()))
+    default = parity.export(ckpt, tmp_path / "default", extra=extra)
+    both = parity.export(ckpt, tmp_path / "both", extra=extra + ["left_padding=false", "last_token_logits=true"])
+    ids, mask = batching.pad(batching.PROMPTS, "right", 3)
+    (full, full_steps), (last, last_steps) = [batching.run_onnx_masked(f, ids, mask, FEED, max_length=48)
+                                              for f in (default, both)]
+    for b, columns in enumerate(batching.real_columns(batching.PROMPTS, "right")):
+        assert np.array_equal(last[b, 0], full[b, columns[-1]])
+        assert all(np.array_equal(x, y) for x, y in zip(last_steps[b], full_steps[b]))
