@@ -83,9 +83,23 @@ def read_initializer(folder: Path, tensor):
     return np.frombuffer(data, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
 
 
+def _append_external(graph, sink, data_path: Path, name: str, array) -> None:
+    """Write `array` at the end of the open data file `sink` (data_path) and add an initializer `name` pointing there."""
+    from onnx import helper, TensorProto
+
+    offset = sink.tell()
+    sink.write(array.tobytes())  # (C order, whatever the array's own layout)
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    graph.initializer.append(tensor)
+
+
 def prepack(model, folder: Path, out: Path, select) -> dict:
     import numpy as np
-    from onnx import helper, TensorProto
+    from onnx import helper
 
     from builder.quant.cuda_layout import prepack_for_cuda
     from builder.quant.moe import QuantizedExperts
@@ -110,15 +124,8 @@ def prepack(model, folder: Path, out: Path, select) -> dict:
             raw = read_initializer(folder, tensor).reshape(1, n, k * bits // 8)
             q = QuantizedExperts(packed=raw, scales=np.zeros((1, n), np.float32), bits=bits, block_size=block)
             packed = prepack_for_cuda(q, arch=80).reshape(-1)
-            offset = sink.tell()
-            sink.write(packed.tobytes())
             name = f"{node.name.strip('/').replace('/', '.')}.prepacked_sm80"
-            init = TensorProto(name=name, data_type=TensorProto.UINT8, dims=[n, k // block, block * bits // 8])
-            init.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(packed.size))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
-            graph.initializer.append(init)
+            _append_external(graph, sink, data_path, name, packed.reshape(n, k // block, block * bits // 8))
             node.input[1] = name
             node.attribute.append(helper.make_attribute("weight_prepacked", 1))
             done.append(node.name)
@@ -127,24 +134,11 @@ def prepack(model, folder: Path, out: Path, select) -> dict:
 
 def unfuse_gate_up(model, folder: Path, out: Path) -> dict:
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph, done = model.graph, []
     inits = {i.name: i for i in graph.initializer}
     data_path = out / "unfused.data"
-
-    def external(sink, name: str, array) -> None:
-        offset = sink.tell()
-        sink.write(np.ascontiguousarray(array).tobytes())
-        tensor = numpy_helper.from_array(np.zeros(0, array.dtype), name)  # (type only; dims and data set below)
-        del tensor.dims[:]
-        tensor.dims.extend(array.shape)
-        tensor.ClearField("raw_data")
-        tensor.data_location = tensor.EXTERNAL
-        for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        graph.initializer.append(tensor)
 
     with open(data_path, "wb") as sink:
         for split in [n for n in graph.node if n.op_type == "Split" and "/mlp/" in n.name]:
@@ -166,7 +160,7 @@ def unfuse_gate_up(model, folder: Path, out: Path) -> dict:
                 node.attribute.extend(a for a in producer.attribute)
                 for slot, rows in enumerate(halves, start=1):
                     name = f"{node.name.strip('/').replace('/', '.')}.input{slot}"
-                    external(sink, name, rows[half])
+                    _append_external(graph, sink, data_path, name, rows[half])
                     node.input[slot] = name
                 if producer.op_type == "MatMulNBits":
                     for attr in node.attribute:
