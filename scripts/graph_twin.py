@@ -84,7 +84,7 @@ def read_initializer(folder: Path, tensor):
 
 
 def _append_external(graph, sink, data_path: Path, name: str, array) -> None:
-    """Write `array` at the end of the open data file `sink` (data_path) and add an initializer `name` pointing there."""
+    """Write `array` at the end of the open data file `sink` (data_path); add an initializer `name` pointing there."""
     from onnx import helper, TensorProto
 
     offset = sink.tell()
